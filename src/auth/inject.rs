@@ -1,0 +1,329 @@
+//! Turns an authenticated client request into the request the upstream gets.
+//!
+//! - The target becomes the upstream's absolute URI: its scheme and host, its
+//!   base path, the path below the mount, and the query byte for byte.
+//! - Hop-by-hop headers (RFC 9110 §7.6.1, plus any the client names in
+//!   `Connection`) and the client's credentials (`X-API-Key`, `Authorization`,
+//!   and the credential query parameter where the route uses one) are removed.
+//! - The team's upstream credential is added where the route's rule says:
+//!   a header, `Authorization: Bearer`, or a query parameter (Comfy's `/ws`).
+//! - `Host` is the upstream's; `X-Forwarded-For`, `X-Forwarded-Proto` and
+//!   `Via` are added unless the config turns them off.
+
+use std::borrow::Cow;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::task::{Context, Poll};
+
+use futures_util::future::{Either, Ready, ready};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::PathAndQuery;
+use http::{Request, Response, Uri, Version};
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, percent_decode_str, utf8_percent_encode};
+use tower::{Layer, Service};
+
+use super::{Authenticated, X_API_KEY};
+use crate::body::Body;
+use crate::config::{CredentialPlacement, ServerSettings};
+use crate::error::GatewayError;
+use crate::route::{RouteClass, RouteMatch};
+use crate::telemetry::RequestId;
+
+/// The client's address, attached by the listener.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientAddr(pub SocketAddr);
+
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// RFC 9110 §7.6.1 connection-specific fields, plus the legacy ones seen in the wild.
+fn hop_by_hop() -> [&'static HeaderName; 9] {
+    [
+        &header::CONNECTION,
+        &KEEP_ALIVE,
+        &PROXY_CONNECTION,
+        &header::TE,
+        &header::TRAILER,
+        &header::TRANSFER_ENCODING,
+        &header::UPGRADE,
+        &header::PROXY_AUTHORIZATION,
+        &header::PROXY_AUTHENTICATE,
+    ]
+}
+
+/// Removes hop-by-hop headers. On an upgrade, `Connection: upgrade` and
+/// `Upgrade` are the point of the request (or 101 answer) and are kept.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    let upgrade = keep_upgrade
+        .then(|| headers.get(header::UPGRADE).cloned())
+        .flatten();
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in hop_by_hop() {
+        headers.remove(name);
+    }
+    if let Some(upgrade) = upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(header::UPGRADE, upgrade);
+    }
+}
+
+/// Characters kept as-is in a query value: RFC 3986 unreserved.
+const QUERY_VALUE: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+/// Drops every `name=` parameter from a raw query (names compared decoded, so
+/// `tok%65n` cannot sneak past) and appends `name=<value>`. All other
+/// parameters stay byte for byte, in order.
+pub fn replace_query_param(query: Option<&str>, name: &str, value: &str) -> String {
+    let mut rewritten =
+        String::with_capacity(query.map_or(0, str::len) + name.len() + value.len() * 3 + 2);
+    for pair in query.into_iter().flat_map(|query| query.split('&')) {
+        let key = pair.split_once('=').map_or(pair, |(key, _)| key);
+        if pair.is_empty() || percent_decode_str(key).decode_utf8_lossy() == name {
+            continue;
+        }
+        rewritten.push_str(pair);
+        rewritten.push('&');
+    }
+    rewritten.push_str(name);
+    rewritten.push('=');
+    rewritten.extend(utf8_percent_encode(value, QUERY_VALUE));
+    rewritten
+}
+
+fn sensitive(value: &str) -> Result<HeaderValue, GatewayError> {
+    let mut value = HeaderValue::from_str(value).map_err(|_| GatewayError::Internal)?;
+    value.set_sensitive(true);
+    Ok(value)
+}
+
+/// Rewrites `request` in place into the upstream request.
+pub fn prepare_upstream_request(
+    request: &mut Request<Body>,
+    settings: &ServerSettings,
+) -> Result<(), GatewayError> {
+    let extensions = request.extensions();
+    let route = extensions
+        .get::<RouteMatch>()
+        .cloned()
+        .ok_or(GatewayError::Internal)?;
+    let auth = extensions
+        .get::<Authenticated>()
+        .cloned()
+        .ok_or(GatewayError::Internal)?;
+    let client_addr = extensions.get::<ClientAddr>().map(|addr| addr.0.ip());
+    let upstream = &route.upstream;
+    let secret = auth
+        .team
+        .credential_for(upstream)
+        .ok_or(GatewayError::NoUpstreamCredential)?
+        .clone();
+    let placement = &route.rule().credential;
+
+    let path = route.upstream_path(request.uri().path());
+    let query: Option<Cow<'_, str>> = match placement {
+        CredentialPlacement::QueryParam(name) => {
+            Some(replace_query_param(request.uri().query(), name, secret.expose()).into())
+        }
+        _ => request.uri().query().map(Cow::Borrowed),
+    };
+    let mut target = String::with_capacity(
+        upstream.base_path.len() + path.len() + query.as_ref().map_or(0, |q| q.len() + 1),
+    );
+    target.push_str(&upstream.base_path);
+    target.push_str(path);
+    if let Some(query) = &query {
+        target.push('?');
+        target.push_str(query);
+    }
+    let path_and_query = PathAndQuery::try_from(target).map_err(|_| GatewayError::Internal)?;
+    let uri = Uri::builder()
+        .scheme(upstream.scheme.clone())
+        .authority(upstream.authority.clone())
+        .path_and_query(path_and_query)
+        .build()
+        .map_err(|_| GatewayError::Internal)?;
+    let is_upgrade = route.class == RouteClass::Upgrade;
+    let host = upstream.host_header.clone();
+
+    let received_version = request.version();
+    *request.uri_mut() = uri;
+    // Upstreams are spoken to over HTTP/1.1, whatever the client used.
+    *request.version_mut() = Version::HTTP_11;
+
+    let headers = request.headers_mut();
+    strip_hop_by_hop(headers, is_upgrade);
+    headers.remove(&X_API_KEY);
+    headers.remove(header::AUTHORIZATION);
+    headers.insert(header::HOST, host);
+    if settings.forwarded_headers {
+        if let Some(ip) = client_addr {
+            append_list(headers, &X_FORWARDED_FOR, &ip.to_string());
+        }
+        headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    }
+    if settings.via {
+        let via = if received_version == Version::HTTP_2 {
+            "2 teamgate"
+        } else {
+            "1.1 teamgate"
+        };
+        append_list(headers, &header::VIA, via);
+    }
+    match placement {
+        CredentialPlacement::Header(name) => {
+            headers.insert(name.clone(), sensitive(secret.expose())?);
+        }
+        CredentialPlacement::Bearer => {
+            headers.insert(
+                header::AUTHORIZATION,
+                sensitive(&format!("Bearer {}", secret.expose()))?,
+            );
+        }
+        CredentialPlacement::QueryParam(_) => {}
+    }
+    Ok(())
+}
+
+/// Appends to a comma-separated list header, joining any existing values.
+fn append_list(headers: &mut HeaderMap, name: &HeaderName, item: &str) {
+    let mut joined = String::new();
+    for value in headers.get_all(name) {
+        if let Ok(value) = value.to_str() {
+            joined.push_str(value);
+            joined.push_str(", ");
+        }
+    }
+    joined.push_str(item);
+    if let Ok(value) = HeaderValue::from_str(&joined) {
+        headers.insert(name.clone(), value);
+    }
+}
+
+/// Tower layer for [`InjectCredentials`].
+#[derive(Debug, Clone)]
+pub struct InjectCredentialsLayer {
+    settings: ServerSettings,
+}
+
+impl InjectCredentialsLayer {
+    pub fn new(settings: ServerSettings) -> Self {
+        InjectCredentialsLayer { settings }
+    }
+}
+
+impl<S> Layer<S> for InjectCredentialsLayer {
+    type Service = InjectCredentials<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        InjectCredentials {
+            settings: self.settings.clone(),
+            inner,
+        }
+    }
+}
+
+/// Applies [`prepare_upstream_request`]; the last step before the wire.
+#[derive(Debug, Clone)]
+pub struct InjectCredentials<S> {
+    settings: ServerSettings,
+    inner: S,
+}
+
+impl<S> Service<Request<Body>> for InjectCredentials<S>
+where
+    S: Service<Request<Body>, Response = Response<Body>, Error = Infallible>,
+{
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = Either<Ready<Result<Response<Body>, Infallible>>, S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: Request<Body>) -> Self::Future {
+        match prepare_upstream_request(&mut request, &self.settings) {
+            Ok(()) => Either::Right(self.inner.call(request)),
+            Err(error) => {
+                let shape = request
+                    .extensions()
+                    .get::<RouteMatch>()
+                    .map_or(crate::error::ErrorShape::ComfyFlat, RouteMatch::error_shape);
+                tracing::error!(%error, "could not build the upstream request");
+                Either::Left(ready(Ok(
+                    error.into_response(shape, RequestId::of(&request))
+                )))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_rewrite_replaces_only_the_credential_and_keeps_bytes() {
+        assert_eq!(
+            replace_query_param(
+                Some("clientId=a%20b&token=tg_client&x=1,2"),
+                "token",
+                "k/+="
+            ),
+            "clientId=a%20b&x=1,2&token=k%2F%2B%3D"
+        );
+        assert_eq!(replace_query_param(None, "token", "k"), "token=k");
+        // An encoded name is the same parameter and is removed too.
+        assert_eq!(
+            replace_query_param(Some("tok%65n=tg_client&token=again"), "token", "k"),
+            "token=k"
+        );
+    }
+
+    #[test]
+    fn hop_by_hop_headers_and_the_ones_connection_names_are_removed() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONNECTION, "keep-alive, X-Hop".parse().unwrap());
+        headers.insert("x-hop", "1".parse().unwrap());
+        headers.insert("keep-alive", "timeout=5".parse().unwrap());
+        headers.insert(header::TE, "trailers".parse().unwrap());
+        headers.insert(header::PROXY_AUTHORIZATION, "Basic x".parse().unwrap());
+        headers.insert("x-end-to-end", "kept".parse().unwrap());
+        strip_hop_by_hop(&mut headers, false);
+        assert_eq!(headers.len(), 1);
+        assert_eq!(headers["x-end-to-end"], "kept");
+    }
+
+    #[test]
+    fn upgrade_headers_survive_on_an_upgrade() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONNECTION, "Upgrade".parse().unwrap());
+        headers.insert(header::UPGRADE, "websocket".parse().unwrap());
+        strip_hop_by_hop(&mut headers, true);
+        assert_eq!(headers[header::CONNECTION], "upgrade");
+        assert_eq!(headers[header::UPGRADE], "websocket");
+    }
+
+    #[test]
+    fn lists_are_appended_to() {
+        let mut headers = HeaderMap::new();
+        headers.insert(&X_FORWARDED_FOR, "10.0.0.1".parse().unwrap());
+        append_list(&mut headers, &X_FORWARDED_FOR, "127.0.0.1");
+        assert_eq!(headers[&X_FORWARDED_FOR], "10.0.0.1, 127.0.0.1");
+    }
+}

@@ -1,0 +1,154 @@
+//! Client authentication: gateway key → [`Team`], before anything goes upstream.
+//!
+//! The gateway key is read from `X-API-Key` (what existing Comfy clients
+//! already send), `Authorization: Bearer` (v2 clients), or — only on routes
+//! whose upstream credential itself travels in a query parameter, i.e. the
+//! Comfy `/ws` upgrade — from that parameter. The first of these present
+//! decides. A missing or unknown key, or a team without a credential for the
+//! routed upstream, is answered here and nothing is forwarded.
+//!
+//! [`inject`] then swaps the client's credential for the team's upstream one.
+
+pub mod inject;
+pub mod keys;
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use futures_util::future::{Either, Ready, ready};
+use http::{HeaderName, Request, Response, header};
+use percent_encoding::percent_decode_str;
+use tower::{Layer, Service};
+
+use crate::body::Body;
+use crate::config::{Config, CredentialPlacement, Team};
+use crate::error::GatewayError;
+use crate::route::RouteMatch;
+use crate::telemetry::RequestId;
+use keys::KeyDigest;
+
+/// The team a request was authenticated as; an extension set by [`Authenticate`].
+#[derive(Debug, Clone)]
+pub struct Authenticated {
+    pub team: Arc<Team>,
+    /// The hash of the client key that was used (never the key itself).
+    pub key: KeyDigest,
+}
+
+pub(crate) static X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
+
+/// Finds the client's gateway key in the request, if any.
+fn client_key<'r, B>(
+    request: &'r Request<B>,
+    route: &RouteMatch,
+) -> Option<std::borrow::Cow<'r, str>> {
+    let headers = request.headers();
+    if let Some(value) = headers.get(&X_API_KEY) {
+        return value.to_str().ok().map(|key| key.trim().into());
+    }
+    if let Some(value) = headers.get(header::AUTHORIZATION) {
+        let value = value.to_str().ok()?;
+        let (scheme, token) = value.split_once(' ')?;
+        return scheme
+            .eq_ignore_ascii_case("bearer")
+            .then(|| token.trim().into());
+    }
+    if let CredentialPlacement::QueryParam(name) = route.rule().credential {
+        return query_param(request.uri().query()?, name);
+    }
+    None
+}
+
+/// The percent-decoded value of the first `name=` parameter in a raw query.
+pub(crate) fn query_param<'q>(query: &'q str, name: &str) -> Option<std::borrow::Cow<'q, str>> {
+    query.split('&').find_map(|pair| {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        (percent_decode_str(key).decode_utf8().ok()? == name)
+            .then(|| percent_decode_str(value).decode_utf8().ok())
+            .flatten()
+    })
+}
+
+/// Resolves the gateway key to its team; the single decision this layer makes.
+fn authenticate<B>(config: &Config, request: &Request<B>) -> Result<Authenticated, GatewayError> {
+    let route = request
+        .extensions()
+        .get::<RouteMatch>()
+        .ok_or(GatewayError::Internal)?;
+    let key = client_key(request, route)
+        .filter(|key| !key.is_empty())
+        .ok_or(GatewayError::MissingKey)?;
+    let entry = config.keys.lookup(&key).ok_or(GatewayError::UnknownKey)?;
+    if entry.owner.credential_for(&route.upstream).is_none() {
+        return Err(GatewayError::NoUpstreamCredential);
+    }
+    Ok(Authenticated {
+        team: Arc::clone(&entry.owner),
+        key: entry.digest,
+    })
+}
+
+/// Tower layer for [`Authenticate`].
+#[derive(Debug, Clone)]
+pub struct AuthenticateLayer {
+    config: Arc<Config>,
+}
+
+impl AuthenticateLayer {
+    pub fn new(config: Arc<Config>) -> Self {
+        AuthenticateLayer { config }
+    }
+}
+
+impl<S> Layer<S> for AuthenticateLayer {
+    type Service = Authenticate<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Authenticate {
+            config: Arc::clone(&self.config),
+            inner,
+        }
+    }
+}
+
+/// Answers 401/403 itself, or passes the request on with [`Authenticated`] attached.
+#[derive(Debug, Clone)]
+pub struct Authenticate<S> {
+    config: Arc<Config>,
+    inner: S,
+}
+
+impl<S> Service<Request<Body>> for Authenticate<S>
+where
+    S: Service<Request<Body>, Response = Response<Body>, Error = Infallible>,
+{
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = Either<Ready<Result<Response<Body>, Infallible>>, S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: Request<Body>) -> Self::Future {
+        match authenticate(&self.config, &request) {
+            Ok(authenticated) => {
+                let span = tracing::Span::current();
+                span.record("team", authenticated.team.name.as_str());
+                span.record("key", authenticated.key.fingerprint());
+                request.extensions_mut().insert(authenticated);
+                Either::Right(self.inner.call(request))
+            }
+            Err(error) => {
+                let shape = request
+                    .extensions()
+                    .get::<RouteMatch>()
+                    .map_or(crate::error::ErrorShape::ComfyFlat, RouteMatch::error_shape);
+                let request_id = RequestId::of(&request);
+                tracing::debug!(%error, "request refused by authentication");
+                Either::Left(ready(Ok(error.into_response(shape, request_id))))
+            }
+        }
+    }
+}

@@ -1,0 +1,823 @@
+//! Typed configuration: the TOML file, environment overrides, validation.
+//!
+//! Loading happens in two passes so an operator sees every problem at once:
+//! 1. the TOML is parsed into the `File*` structs (a syntax or type error stops
+//!    here); unknown keys are collected rather than failing on the first;
+//! 2. [`validate`] turns that into the runtime [`Config`], collecting every
+//!    problem — bad URLs, unknown presets, unresolvable secrets, duplicate
+//!    client keys — each with the key it belongs to.
+//!
+//! Precedence: environment override > file > built-in default. The overrides
+//! (`TEAMGATE_LISTEN`, `TEAMGATE_ADMIN_LISTEN`, `TEAMGATE_UPSTREAM_<NAME>_BASE_URL`,
+//! `TEAMGATE_LOG_FORMAT`) cover the settings a deployment changes per environment.
+
+pub mod preset;
+pub mod secret;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::uri::{Authority, Scheme};
+use http::{HeaderValue, Uri};
+use serde::Deserialize;
+
+use crate::auth::keys::{KeyDigest, KeyStore};
+pub use preset::{CredentialPlacement, Preset, RouteRule};
+pub use secret::Secret;
+
+/// The validated configuration the gateway runs with.
+#[derive(Debug)]
+pub struct Config {
+    /// Where it came from (a path, or `<demo>`), for messages.
+    pub origin: String,
+    pub server: ServerSettings,
+    pub log: LogSettings,
+    /// In declaration order; `Upstream::index` is the position here.
+    pub upstreams: Vec<Arc<Upstream>>,
+    pub teams: Vec<Arc<Team>>,
+    /// Client key hash → team.
+    pub keys: KeyStore<Team>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerSettings {
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    /// How long in-flight requests may run on after SIGTERM/SIGINT.
+    pub shutdown_grace: Duration,
+    /// Add `X-Forwarded-For` and `X-Forwarded-Proto` to forwarded requests.
+    pub forwarded_headers: bool,
+    /// Add `Via: 1.1 teamgate` to forwarded requests.
+    pub via: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone)]
+pub struct LogSettings {
+    pub format: LogFormat,
+    /// An `EnvFilter` directive; `RUST_LOG` wins when set.
+    pub level: String,
+}
+
+/// One upstream API the gateway fronts.
+#[derive(Debug)]
+pub struct Upstream {
+    pub name: String,
+    pub index: usize,
+    pub scheme: Scheme,
+    pub authority: Authority,
+    /// The base URL's path without a trailing `/` (`""` for Comfy, `/v1` for Scenario).
+    pub base_path: String,
+    /// The value of `Host` on forwarded requests.
+    pub host_header: HeaderValue,
+    /// The gateway path prefix this upstream is served under (`/` or `/scenario`).
+    pub mount: String,
+    pub preset: Preset,
+    pub timeouts: UpstreamTimeouts,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct UpstreamTimeouts {
+    /// TCP (and TLS) connection establishment.
+    pub connect: Duration,
+    /// From the end of the request body to the response headers.
+    pub response: Duration,
+    /// How long an unused pooled connection is kept.
+    pub pool_idle: Duration,
+}
+
+/// A team: its upstream credentials. Client keys point here through `Config::keys`.
+#[derive(Debug)]
+pub struct Team {
+    pub name: String,
+    /// Indexed by `Upstream::index`; `None` where the team has no credential.
+    credentials: Vec<Option<Secret>>,
+}
+
+impl Team {
+    pub fn new(name: impl Into<String>, credentials: Vec<Option<Secret>>) -> Self {
+        Team {
+            name: name.into(),
+            credentials,
+        }
+    }
+
+    pub fn credential_for(&self, upstream: &Upstream) -> Option<&Secret> {
+        self.credentials
+            .get(upstream.index)
+            .and_then(Option::as_ref)
+    }
+}
+
+/// Everything wrong with a config file.
+#[derive(Debug)]
+pub struct ConfigError {
+    pub origin: String,
+    pub problems: Vec<Problem>,
+}
+
+/// One problem: the key it is about and what was expected.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let count = self.problems.len();
+        writeln!(
+            f,
+            "{}: {count} problem{}:",
+            self.origin,
+            if count == 1 { "" } else { "s" }
+        )?;
+        for problem in &self.problems {
+            writeln!(f, "  {}: {}: {}", self.origin, problem.key, problem.message)?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+// ---- The file format ------------------------------------------------------
+
+#[derive(Debug, Default, Deserialize)]
+struct FileConfig {
+    #[serde(default)]
+    server: FileServer,
+    #[serde(default)]
+    log: FileLog,
+    #[serde(default)]
+    upstreams: BTreeMap<String, FileUpstream>,
+    #[serde(default)]
+    teams: BTreeMap<String, FileTeam>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct FileServer {
+    listen: Option<String>,
+    admin_listen: Option<String>,
+    shutdown_grace: Option<String>,
+    forwarded_headers: Option<bool>,
+    via: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct FileLog {
+    format: Option<String>,
+    level: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct FileUpstream {
+    base_url: Option<String>,
+    preset: Option<String>,
+    mount: Option<String>,
+    connect_timeout: Option<String>,
+    response_timeout: Option<String>,
+    pool_idle_timeout: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct FileTeam {
+    #[serde(default)]
+    upstream_keys: BTreeMap<String, String>,
+    #[serde(default)]
+    client_keys: Vec<String>,
+}
+
+// ---- Loading ---------------------------------------------------------------
+
+/// Whether secret references are resolved at load, or only checked for form.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Secrets {
+    /// Read every `env:`/`file:` reference; a missing one is a problem. What `serve` does.
+    Resolve,
+    /// Check that every reference is well-formed, read none: `check-config --no-secrets`,
+    /// for validating a file on a machine that does not hold the secrets (CI).
+    FormOnly,
+}
+
+/// The process environment, for [`load_file`].
+pub fn process_env(name: &str) -> Option<String> {
+    std::env::var(name).ok()
+}
+
+/// Loads and validates a config file, resolving secrets and applying overrides from `env`.
+pub fn load_file(
+    path: &Path,
+    env: &dyn Fn(&str) -> Option<String>,
+    secrets: Secrets,
+) -> Result<Config, ConfigError> {
+    let origin = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|error| ConfigError {
+        origin: origin.clone(),
+        problems: vec![Problem {
+            key: "(file)".into(),
+            message: format!("cannot read: {error}"),
+        }],
+    })?;
+    load_str(&text, &origin, path.parent(), env, secrets)
+}
+
+/// Loads and validates config text. `dir` anchors relative `file:` secret paths.
+pub fn load_str(
+    text: &str,
+    origin: &str,
+    dir: Option<&Path>,
+    env: &dyn Fn(&str) -> Option<String>,
+    secrets: Secrets,
+) -> Result<Config, ConfigError> {
+    let mut problems = Vec::new();
+    let deserializer = toml::Deserializer::new(text);
+    let parsed: Result<FileConfig, _> = serde_ignored::deserialize(deserializer, |path| {
+        problems.push(Problem {
+            key: path.to_string(),
+            message: "unknown key".into(),
+        });
+    });
+    let file = match parsed {
+        Ok(file) => file,
+        Err(error) => {
+            // Syntax and type errors carry their own line, column and key.
+            return Err(ConfigError {
+                origin: origin.to_owned(),
+                problems: vec![Problem {
+                    key: "(toml)".into(),
+                    message: error.to_string().trim_end().to_owned(),
+                }],
+            });
+        }
+    };
+    let config = validate(file, origin, dir, env, secrets, &mut problems);
+    if problems.is_empty() {
+        Ok(config)
+    } else {
+        Err(ConfigError {
+            origin: origin.to_owned(),
+            problems,
+        })
+    }
+}
+
+fn validate(
+    file: FileConfig,
+    origin: &str,
+    dir: Option<&Path>,
+    env: &dyn Fn(&str) -> Option<String>,
+    secrets: Secrets,
+    problems: &mut Vec<Problem>,
+) -> Config {
+    let mut problem = |key: &str, message: String| {
+        problems.push(Problem {
+            key: key.to_owned(),
+            message,
+        })
+    };
+
+    // [server]
+    let listen = pick(
+        env,
+        "TEAMGATE_LISTEN",
+        file.server.listen.as_deref(),
+        "0.0.0.0:8080",
+    );
+    let listen = parse_addr(&listen.value).unwrap_or_else(|message| {
+        problem(&listen.key("server.listen"), message);
+        SocketAddr::from(([0, 0, 0, 0], 8080))
+    });
+    let admin = pick(
+        env,
+        "TEAMGATE_ADMIN_LISTEN",
+        file.server.admin_listen.as_deref(),
+        "127.0.0.1:9090",
+    );
+    let admin_listen = parse_addr(&admin.value).unwrap_or_else(|message| {
+        problem(&admin.key("server.admin_listen"), message);
+        SocketAddr::from(([127, 0, 0, 1], 9090))
+    });
+    let shutdown_grace = duration_or(
+        file.server.shutdown_grace.as_deref(),
+        Duration::from_secs(30),
+        "server.shutdown_grace",
+        &mut problem,
+    );
+    let server = ServerSettings {
+        listen,
+        admin_listen,
+        shutdown_grace,
+        forwarded_headers: file.server.forwarded_headers.unwrap_or(true),
+        via: file.server.via.unwrap_or(true),
+    };
+
+    // [log]
+    let format = pick(
+        env,
+        "TEAMGATE_LOG_FORMAT",
+        file.log.format.as_deref(),
+        "text",
+    );
+    let format = match format.value.as_str() {
+        "text" => LogFormat::Text,
+        "json" => LogFormat::Json,
+        other => {
+            problem(
+                &format.key("log.format"),
+                format!("`{other}` is not a log format; expected `text` or `json`"),
+            );
+            LogFormat::Text
+        }
+    };
+    let level = file.log.level.unwrap_or_else(|| "info".to_owned());
+    if let Err(error) = tracing_subscriber::EnvFilter::builder().parse(&level) {
+        problem(
+            "log.level",
+            format!("`{level}` is not a valid filter: {error}"),
+        );
+    }
+    let log = LogSettings { format, level };
+
+    // [upstreams.*]
+    if file.upstreams.is_empty() {
+        problem(
+            "upstreams",
+            "no upstream configured; add `[upstreams.comfy]` with `base_url` and `preset`".into(),
+        );
+    }
+    let mut upstreams: Vec<Arc<Upstream>> = Vec::new();
+    for (index, (name, upstream)) in file.upstreams.into_iter().enumerate() {
+        let key = |field: &str| format!("upstreams.{name}.{field}");
+        if !is_identifier(&name) {
+            problem(
+                &format!("upstreams.{name}"),
+                "upstream names use lowercase letters, digits, `-` and `_`".into(),
+            );
+        }
+        let env_name = format!("TEAMGATE_UPSTREAM_{}_BASE_URL", env_suffix(&name));
+        let base_url = match env(&env_name) {
+            Some(value) => Some((value, format!("{env_name} (environment)"))),
+            None => upstream.base_url.map(|value| (value, key("base_url"))),
+        };
+        let base = match base_url {
+            None => {
+                problem(&key("base_url"), "missing; expected an http(s) URL".into());
+                None
+            }
+            Some((value, source)) => parse_base_url(&value)
+                .map_err(|message| problem(&source, message))
+                .ok(),
+        };
+        let preset_name = upstream.preset.unwrap_or_else(|| "comfy-cloud".to_owned());
+        let preset = preset::by_name(&preset_name);
+        if preset.is_none() {
+            problem(
+                &key("preset"),
+                format!(
+                    "unknown preset `{preset_name}`; expected one of: {}",
+                    preset::PRESET_NAMES.join(", ")
+                ),
+            );
+        }
+        let mount = upstream.mount.unwrap_or_else(|| "/".to_owned());
+        if !mount.starts_with('/') || (mount.len() > 1 && mount.ends_with('/')) {
+            problem(
+                &key("mount"),
+                format!("`{mount}` must start with `/` and not end with one (e.g. `/scenario`)"),
+            );
+        } else if let Some(other) = upstreams.iter().find(|other| other.mount == mount) {
+            problem(
+                &key("mount"),
+                format!(
+                    "`{mount}` is already the mount of upstream `{}`",
+                    other.name
+                ),
+            );
+        }
+        let timeouts = UpstreamTimeouts {
+            connect: duration_or(
+                upstream.connect_timeout.as_deref(),
+                Duration::from_secs(5),
+                &key("connect_timeout"),
+                &mut problem,
+            ),
+            response: duration_or(
+                upstream.response_timeout.as_deref(),
+                Duration::from_secs(60),
+                &key("response_timeout"),
+                &mut problem,
+            ),
+            pool_idle: duration_or(
+                upstream.pool_idle_timeout.as_deref(),
+                Duration::from_secs(90),
+                &key("pool_idle_timeout"),
+                &mut problem,
+            ),
+        };
+        if let (Some((scheme, authority, base_path)), Some(preset)) = (base, preset) {
+            let host_header = HeaderValue::from_str(authority.as_str())
+                .expect("a parsed authority is a valid header value");
+            upstreams.push(Arc::new(Upstream {
+                name,
+                index,
+                scheme,
+                authority,
+                base_path,
+                host_header,
+                mount,
+                preset,
+                timeouts,
+            }));
+        } else {
+            // Keep indices aligned with declaration order for the team tables below.
+            upstreams.push(Arc::new(placeholder_upstream(name, index)));
+        }
+    }
+
+    // [teams.*]
+    let mut teams = Vec::new();
+    let mut keys = KeyStore::new();
+    for (name, team) in file.teams {
+        let key = |field: &str| format!("teams.{name}.{field}");
+        if !is_identifier(&name) {
+            problem(
+                &format!("teams.{name}"),
+                "team names use lowercase letters, digits, `-` and `_`".into(),
+            );
+        }
+        let mut credentials = vec![None; upstreams.len()];
+        for (upstream_name, reference) in &team.upstream_keys {
+            let field = key(&format!("upstream_keys.{upstream_name}"));
+            let Some(upstream) = upstreams.iter().find(|u| &u.name == upstream_name) else {
+                problem(
+                    &field,
+                    format!("no upstream named `{upstream_name}` is configured"),
+                );
+                continue;
+            };
+            let resolved = match secrets {
+                Secrets::Resolve => secret::resolve(reference, dir, env),
+                Secrets::FormOnly => secret::check_form(reference),
+            };
+            match resolved.and_then(secret::header_safe) {
+                Ok(secret) => credentials[upstream.index] = Some(secret),
+                Err(message) => problem(&field, message),
+            }
+        }
+        let team_arc = Arc::new(Team::new(name.clone(), credentials));
+        for (position, stored) in team.client_keys.iter().enumerate() {
+            let field = key(&format!("client_keys[{position}]"));
+            match KeyDigest::parse(stored) {
+                Ok(digest) => {
+                    if let Err(owner) = keys.insert(digest, Arc::clone(&team_arc)) {
+                        let message = if owner.name == name {
+                            format!("{} is listed twice for this team", digest.to_stored())
+                        } else {
+                            format!(
+                                "{} is already a key of team `{}`; a key belongs to one team",
+                                digest.to_stored(),
+                                owner.name
+                            )
+                        };
+                        problem(&field, message);
+                    }
+                }
+                Err(message) => problem(&field, message),
+            }
+        }
+        teams.push(team_arc);
+    }
+
+    Config {
+        origin: origin.to_owned(),
+        server,
+        log,
+        upstreams,
+        teams,
+        keys,
+    }
+}
+
+/// A value with where it came from, so a problem names the right source.
+struct Picked {
+    value: String,
+    env_name: Option<&'static str>,
+}
+
+impl Picked {
+    fn key(&self, file_key: &str) -> String {
+        match self.env_name {
+            Some(name) => format!("{name} (environment)"),
+            None => file_key.to_owned(),
+        }
+    }
+}
+
+fn pick(
+    env: &dyn Fn(&str) -> Option<String>,
+    env_name: &'static str,
+    file_value: Option<&str>,
+    default: &str,
+) -> Picked {
+    match env(env_name) {
+        Some(value) => Picked {
+            value,
+            env_name: Some(env_name),
+        },
+        None => Picked {
+            value: file_value.unwrap_or(default).to_owned(),
+            env_name: None,
+        },
+    }
+}
+
+fn parse_addr(value: &str) -> Result<SocketAddr, String> {
+    value.parse().map_err(|_| {
+        format!("`{value}` is not an address; expected `IP:PORT` such as `0.0.0.0:8080`")
+    })
+}
+
+fn duration_or(
+    value: Option<&str>,
+    default: Duration,
+    key: &str,
+    problem: &mut impl FnMut(&str, String),
+) -> Duration {
+    match value.map(parse_duration) {
+        None => default,
+        Some(Ok(duration)) => duration,
+        Some(Err(message)) => {
+            problem(key, message);
+            default
+        }
+    }
+}
+
+/// Parses `250ms`, `5s`, `2m`, `1h`.
+pub fn parse_duration(value: &str) -> Result<Duration, String> {
+    let value = value.trim();
+    let split = value
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(value.len());
+    let (number, unit) = value.split_at(split);
+    let bad = || format!("`{value}` is not a duration; expected e.g. `250ms`, `5s`, `2m`, `1h`");
+    let number: u64 = number.parse().map_err(|_| bad())?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(number)),
+        "s" => Ok(Duration::from_secs(number)),
+        "m" => Ok(Duration::from_secs(number * 60)),
+        "h" => Ok(Duration::from_secs(number * 3600)),
+        _ => Err(bad()),
+    }
+}
+
+fn parse_base_url(value: &str) -> Result<(Scheme, Authority, String), String> {
+    let expected = "expected an absolute http(s) URL such as `https://cloud.comfy.org`";
+    let uri: Uri = value
+        .parse()
+        .map_err(|_| format!("`{value}` is not a URL; {expected}"))?;
+    let scheme = uri
+        .scheme()
+        .filter(|scheme| **scheme == Scheme::HTTP || **scheme == Scheme::HTTPS)
+        .cloned()
+        .ok_or_else(|| format!("`{value}` has no http or https scheme; {expected}"))?;
+    let authority = uri
+        .authority()
+        .cloned()
+        .ok_or_else(|| format!("`{value}` has no host; {expected}"))?;
+    if authority.as_str().contains('@') {
+        return Err(format!(
+            "`{}` carries credentials in the URL; put the key in `teams.*.upstream_keys` instead",
+            authority.host()
+        ));
+    }
+    if uri.query().is_some() {
+        return Err(format!("`{value}` has a query string; {expected}"));
+    }
+    let base_path = uri.path().trim_end_matches('/').to_owned();
+    Ok((scheme, authority, base_path))
+}
+
+fn is_identifier(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+}
+
+/// `comfy-eu` → `COMFY_EU`, for `TEAMGATE_UPSTREAM_<NAME>_BASE_URL`.
+fn env_suffix(name: &str) -> String {
+    name.to_ascii_uppercase().replace('-', "_")
+}
+
+/// Stands in for an upstream whose section had problems, so later checks still run.
+/// A config with a placeholder always has problems and is never returned.
+fn placeholder_upstream(name: String, index: usize) -> Upstream {
+    Upstream {
+        name,
+        index,
+        scheme: Scheme::HTTP,
+        authority: Authority::from_static("invalid"),
+        base_path: String::new(),
+        host_header: HeaderValue::from_static("invalid"),
+        mount: String::new(),
+        preset: preset::by_name("comfy-cloud").expect("built in"),
+        timeouts: UpstreamTimeouts {
+            connect: Duration::ZERO,
+            response: Duration::ZERO,
+            pool_idle: Duration::ZERO,
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(name: &str) -> Option<String> {
+        match name {
+            "COMFY_KEY_DESIGN" => Some("upstream-design".into()),
+            "COMFY_KEY_RESEARCH" => Some("upstream-research".into()),
+            _ => None,
+        }
+    }
+
+    fn load(text: &str) -> Result<Config, ConfigError> {
+        load_str(text, "test.toml", None, &env, Secrets::Resolve)
+    }
+
+    fn problem_keys(text: &str) -> Vec<String> {
+        load(text)
+            .unwrap_err()
+            .problems
+            .into_iter()
+            .map(|problem| problem.key)
+            .collect()
+    }
+
+    const VALID: &str = r#"
+        [server]
+        listen = "127.0.0.1:8080"
+        [upstreams.comfy]
+        base_url = "https://cloud.comfy.org"
+        preset = "comfy-cloud"
+        [teams.design]
+        upstream_keys = { comfy = "env:COMFY_KEY_DESIGN" }
+        client_keys = ["sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"]
+    "#;
+
+    #[test]
+    fn a_valid_file_loads_with_defaults_filled_in() {
+        let config = load(VALID).unwrap();
+        assert_eq!(config.server.listen, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(
+            config.server.admin_listen,
+            "127.0.0.1:9090".parse().unwrap()
+        );
+        let comfy = &config.upstreams[0];
+        assert_eq!(comfy.authority.as_str(), "cloud.comfy.org");
+        assert_eq!(comfy.mount, "/");
+        assert_eq!(comfy.timeouts.connect, Duration::from_secs(5));
+        let team = &config.keys.lookup("abc").unwrap().owner;
+        assert_eq!(team.name, "design");
+        assert_eq!(
+            team.credential_for(comfy).unwrap().expose(),
+            "upstream-design"
+        );
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_key() {
+        let text = r#"
+            [server]
+            listen = "nowhere"
+            [upstreams.comfy]
+            base_url = "ftp://cloud.comfy.org"
+            preset = "comfy-clod"
+            colour = "blue"
+            [teams.design]
+            upstream_keys = { comfy = "sk-inline-secret", scenario = "env:X" }
+            client_keys = ["sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad", "nothex"]
+            [teams.research]
+            upstream_keys = { comfy = "env:MISSING_VAR" }
+            client_keys = ["sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"]
+        "#;
+        let error = load(text).unwrap_err();
+        let keys: Vec<&str> = error.problems.iter().map(|p| p.key.as_str()).collect();
+        for expected in [
+            "upstreams.comfy.colour",
+            "server.listen",
+            "upstreams.comfy.base_url",
+            "upstreams.comfy.preset",
+            "teams.design.upstream_keys.comfy",
+            "teams.design.upstream_keys.scenario",
+            "teams.design.client_keys[1]",
+            "teams.research.upstream_keys.comfy",
+            "teams.research.client_keys[0]",
+        ] {
+            assert!(keys.contains(&expected), "missing {expected} in {keys:?}");
+        }
+        let rendered = error.to_string();
+        assert!(
+            rendered.contains("test.toml: upstreams.comfy.preset: unknown preset `comfy-clod`")
+        );
+        assert!(rendered.contains("already a key of team `design`"));
+        assert!(rendered.contains("environment variable `MISSING_VAR` is not set"));
+        assert!(!rendered.contains("sk-inline-secret"), "secrets never echo");
+    }
+
+    #[test]
+    fn unreadable_secret_files_and_bad_urls_name_their_key() {
+        let text = VALID
+            .replace("env:COMFY_KEY_DESIGN", "file:/nonexistent/teamgate/key")
+            .replace("https://cloud.comfy.org", "https://user:pw@cloud.comfy.org");
+        let keys = problem_keys(&text);
+        assert_eq!(
+            keys,
+            [
+                "upstreams.comfy.base_url",
+                "teams.design.upstream_keys.comfy"
+            ]
+        );
+    }
+
+    #[test]
+    fn syntax_errors_point_at_the_line() {
+        let error = load("[server\nlisten = 1").unwrap_err();
+        assert_eq!(error.problems.len(), 1);
+        assert!(error.to_string().contains("line 1"), "{error}");
+    }
+
+    #[test]
+    fn environment_overrides_win_over_the_file() {
+        let overrides = |name: &str| match name {
+            "TEAMGATE_LISTEN" => Some("127.0.0.1:7000".to_owned()),
+            "TEAMGATE_UPSTREAM_COMFY_BASE_URL" => Some("http://127.0.0.1:8188".to_owned()),
+            other => env(other),
+        };
+        let config = load_str(VALID, "test.toml", None, &overrides, Secrets::Resolve).unwrap();
+        assert_eq!(config.server.listen, "127.0.0.1:7000".parse().unwrap());
+        assert_eq!(config.upstreams[0].authority.as_str(), "127.0.0.1:8188");
+        assert_eq!(config.upstreams[0].scheme, Scheme::HTTP);
+
+        let broken = |name: &str| match name {
+            "TEAMGATE_LISTEN" => Some("not-an-address".to_owned()),
+            other => env(other),
+        };
+        let error = load_str(VALID, "test.toml", None, &broken, Secrets::Resolve).unwrap_err();
+        assert_eq!(error.problems[0].key, "TEAMGATE_LISTEN (environment)");
+    }
+
+    #[test]
+    fn mounts_must_be_distinct_and_well_formed() {
+        let text = format!(
+            "{VALID}\n[upstreams.other]\nbase_url = \"http://127.0.0.1:1\"\nmount = \"/\"\n[upstreams.third]\nbase_url = \"http://127.0.0.1:2\"\nmount = \"scenario/\"\n"
+        );
+        let keys = problem_keys(&text);
+        assert!(
+            keys.contains(&"upstreams.other.mount".to_owned()),
+            "{keys:?}"
+        );
+        assert!(
+            keys.contains(&"upstreams.third.mount".to_owned()),
+            "{keys:?}"
+        );
+    }
+
+    #[test]
+    fn base_paths_are_kept_without_trailing_slash() {
+        let config =
+            load(&VALID.replace("https://cloud.comfy.org", "https://api.example.com/v1/")).unwrap();
+        assert_eq!(config.upstreams[0].base_path, "/v1");
+    }
+
+    #[test]
+    fn form_only_checks_references_without_reading_them() {
+        let text = VALID.replace("env:COMFY_KEY_DESIGN", "env:NOT_ON_THIS_MACHINE");
+        assert!(load(&text).is_err());
+        assert!(load_str(&text, "t", None, &env, Secrets::FormOnly).is_ok());
+        let inline = VALID.replace("env:COMFY_KEY_DESIGN", "sk-inline");
+        assert!(load_str(&inline, "t", None, &env, Secrets::FormOnly).is_err());
+    }
+
+    #[test]
+    fn durations_parse_in_every_unit() {
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("5s").unwrap(), Duration::from_secs(5));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_duration("1h").unwrap(), Duration::from_secs(3600));
+        for bad in ["", "5", "s", "1.5s", "5 days"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,161 @@
+//! teamgate: an authenticated caching reverse proxy for AI-generation cloud APIs.
+//!
+//! Team members call teamgate with their own gateway keys; teamgate holds the
+//! team's real upstream keys (Comfy Cloud, Scenario), injects them, and
+//! forwards everything else unchanged.
+//!
+//! # Layout
+//! - [`run`] is the one entry point: `main`, `demo`, the tests and the
+//!   benchmarks all call it with listeners they bound themselves.
+//! - [`config`] loads and validates the TOML file (secrets by reference).
+//! - [`stack`] assembles the request path; each layer lives in its own module:
+//!   [`telemetry`] (request id, span, access log), [`route`] (classification),
+//!   [`auth`] (client keys, credential injection), [`proxy`] (upstream clients).
+//! - [`error`] renders every answer the gateway makes itself.
+//! - [`admin`] serves `/healthz` and `/readyz` on a separate listener.
+//! - [`emulator`] is an in-memory Comfy Cloud for `demo`, tests and benches.
+
+#![doc(html_no_source)]
+
+pub mod admin;
+pub mod auth;
+pub mod body;
+pub mod config;
+pub mod demo;
+pub mod emulator;
+pub mod error;
+pub mod proxy;
+pub mod route;
+pub mod stack;
+pub mod telemetry;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::Request;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tower::ServiceExt;
+
+use crate::admin::Readiness;
+use crate::auth::inject::ClientAddr;
+use crate::body::Body;
+use crate::config::Config;
+
+/// The sockets the gateway serves on. The caller binds them (port 0 in tests).
+#[derive(Debug)]
+pub struct Listeners {
+    pub gateway: TcpListener,
+    pub admin: TcpListener,
+}
+
+impl Listeners {
+    /// Binds the addresses from the config.
+    pub async fn bind(config: &Config) -> anyhow::Result<Self> {
+        use anyhow::Context as _;
+        let gateway = TcpListener::bind(config.server.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", config.server.listen))?;
+        let admin = TcpListener::bind(config.server.admin_listen)
+            .await
+            .with_context(|| format!("cannot listen on {} (admin)", config.server.admin_listen))?;
+        Ok(Listeners { gateway, admin })
+    }
+}
+
+/// Serves until `shutdown` resolves, then stops accepting, lets in-flight
+/// requests finish for up to `server.shutdown_grace`, and returns.
+pub async fn run(
+    listeners: Listeners,
+    config: Arc<Config>,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let readiness = Readiness::default();
+    let service = stack::build(&config);
+    let (admin_stop, admin_stopped) = tokio::sync::watch::channel(false);
+    let admin = tokio::spawn(serve_admin(
+        listeners.admin,
+        readiness.clone(),
+        admin_stopped,
+    ));
+    let builder = auto::Builder::new(TokioExecutor::new());
+    let graceful = GracefulShutdown::new();
+    tracing::info!(
+        listen = %listeners.gateway.local_addr()?,
+        upstreams = config.upstreams.len(),
+        teams = config.teams.len(),
+        "teamgate serving"
+    );
+
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            accepted = listeners.gateway.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    let service = service.clone().map_request(move |request: Request<Incoming>| {
+                        let mut request = request.map(Body::Incoming);
+                        request.extensions_mut().insert(ClientAddr(peer));
+                        request
+                    });
+                    let connection = builder
+                        .serve_connection_with_upgrades(TokioIo::new(stream), TowerToHyperService::new(service))
+                        .into_owned();
+                    let connection = graceful.watch(connection);
+                    tokio::spawn(async move {
+                        if let Err(error) = connection.await {
+                            tracing::debug!(%error, %peer, "client connection ended with an error");
+                        }
+                    });
+                }
+                Err(error) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            () = &mut shutdown => break,
+        }
+    }
+
+    readiness.start_draining();
+    drop(listeners.gateway);
+    tracing::info!(grace = ?config.server.shutdown_grace, "shutting down: draining in-flight requests");
+    if tokio::time::timeout(config.server.shutdown_grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("shutdown grace period over; remaining connections are closed");
+    }
+    let _ = admin_stop.send(true);
+    let _ = admin.await;
+    tracing::info!("teamgate stopped");
+    Ok(())
+}
+
+async fn serve_admin(
+    listener: TcpListener,
+    readiness: Readiness,
+    mut stopped: tokio::sync::watch::Receiver<bool>,
+) {
+    let builder = auto::Builder::new(TokioExecutor::new());
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let Ok((stream, _)) = accepted else { continue };
+                let readiness = readiness.clone();
+                let service = hyper::service::service_fn(move |request| admin::handle(readiness.clone(), request));
+                let connection = builder.serve_connection(TokioIo::new(stream), service).into_owned();
+                tokio::spawn(async move {
+                    let _ = connection.await;
+                });
+            }
+            _ = stopped.changed() => return,
+        }
+    }
+}

@@ -1,0 +1,379 @@
+//! Upstream selection and request classification: pure functions, decided once.
+//!
+//! [`Router::classify`] looks at the method, target and headers of a request and
+//! answers which upstream it is for (by mount prefix), which rule of that
+//! upstream's preset applies (where the credential goes, which error shape the
+//! gateway answers in) and its [`RouteClass`]. The result travels with the
+//! request as an extension, so no later layer parses the path again.
+//!
+//! Paths are matched with [`PathPattern`], the small pattern language presets
+//! and config rules are written in: literal segments, `{name}` for any one
+//! segment, `{name:uuid}` for a UUID segment, and a trailing `**` for any rest.
+
+use std::sync::Arc;
+
+use http::{HeaderMap, Method, Request, Version, header};
+
+use crate::config::{RouteRule, Upstream};
+use crate::error::{ErrorShape, GatewayError};
+
+/// What kind of handling a request needs; the layers below branch on this only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RouteClass {
+    /// Forwarded unchanged, body streamed both ways.
+    Passthrough,
+    /// An HTTP/1.1 `Upgrade` (websocket): forwarded, then tunnelled both ways.
+    Upgrade,
+}
+
+/// The routing decision for one request, attached to it as an extension.
+#[derive(Debug, Clone)]
+pub struct RouteMatch {
+    pub upstream: Arc<Upstream>,
+    /// Byte offset in the request path where the upstream's path begins
+    /// (the mount prefix is stripped; the rest is forwarded byte for byte).
+    pub path_offset: usize,
+    /// Index into `upstream.preset.rules` of the rule that matched.
+    rule_index: usize,
+    pub class: RouteClass,
+}
+
+impl RouteMatch {
+    pub fn rule(&self) -> &RouteRule {
+        &self.upstream.preset.rules[self.rule_index]
+    }
+
+    pub fn error_shape(&self) -> ErrorShape {
+        self.rule().error_shape
+    }
+
+    /// The path to send upstream (before the upstream base path is prepended).
+    pub fn upstream_path<'a>(&self, request_path: &'a str) -> &'a str {
+        match &request_path[self.path_offset..] {
+            "" => "/",
+            rest => rest,
+        }
+    }
+}
+
+/// Picks the upstream and rule for a request. Built once from the config.
+#[derive(Debug, Clone)]
+pub struct Router {
+    /// Sorted by mount length, longest first, so `/scenario` wins over `/`.
+    upstreams: Vec<Arc<Upstream>>,
+    /// The shape used for rejections that happen before any upstream is known.
+    default_shape: ErrorShape,
+}
+
+impl Router {
+    pub fn new(upstreams: &[Arc<Upstream>]) -> Self {
+        let mut upstreams = upstreams.to_vec();
+        upstreams.sort_by_key(|upstream| std::cmp::Reverse(upstream.mount.len()));
+        // The upstream mounted at the root (the primary one) speaks for the gateway
+        // when no route is known yet.
+        let default_shape = upstreams
+            .iter()
+            .find(|upstream| upstream.mount == "/")
+            .or(upstreams.last())
+            .and_then(|upstream| upstream.preset.rules.last())
+            .map_or(ErrorShape::ComfyFlat, |rule| rule.error_shape);
+        Router {
+            upstreams,
+            default_shape,
+        }
+    }
+
+    pub fn default_shape(&self) -> ErrorShape {
+        self.default_shape
+    }
+
+    pub fn classify<B>(&self, request: &Request<B>) -> Result<RouteMatch, GatewayError> {
+        if request.method() == Method::CONNECT {
+            return Err(GatewayError::ConnectNotAllowed);
+        }
+        // HTTP/1 clients send origin-form (`/path`); an absolute-form target
+        // (`http://host/path`) is how forward proxies are asked to reach other hosts.
+        // HTTP/2 always carries :scheme and :authority, so only HTTP/1 is checked.
+        if request.version() <= Version::HTTP_11 && request.uri().authority().is_some() {
+            return Err(GatewayError::AbsoluteFormTarget);
+        }
+        let path = request.uri().path();
+        let (upstream, path_offset) = self
+            .upstreams
+            .iter()
+            .find_map(|upstream| mount_offset(&upstream.mount, path).map(|at| (upstream, at)))
+            .ok_or(GatewayError::NoRoute)?;
+        let upstream_path = match &path[path_offset..] {
+            "" => "/",
+            rest => rest,
+        };
+        let rule_index = upstream
+            .preset
+            .rules
+            .iter()
+            .position(|rule| rule.pattern.matches(upstream_path))
+            .ok_or(GatewayError::NoRoute)?;
+        let class = if is_upgrade(request.version(), request.headers()) {
+            RouteClass::Upgrade
+        } else {
+            RouteClass::Passthrough
+        };
+        Ok(RouteMatch {
+            upstream: Arc::clone(upstream),
+            path_offset,
+            rule_index,
+            class,
+        })
+    }
+}
+
+/// Where the upstream's part of `path` starts, if `mount` covers it.
+/// Mounts match whole segments: `/scenario` covers `/scenario/x`, not `/scenariox`.
+fn mount_offset(mount: &str, path: &str) -> Option<usize> {
+    if mount == "/" {
+        return path.starts_with('/').then_some(0);
+    }
+    let rest = path.strip_prefix(mount)?;
+    (rest.is_empty() || rest.starts_with('/')).then_some(mount.len())
+}
+
+/// An HTTP/1.1 upgrade request: `Connection: upgrade` plus an `Upgrade` header.
+pub fn is_upgrade(version: Version, headers: &HeaderMap) -> bool {
+    version == Version::HTTP_11
+        && headers.contains_key(header::UPGRADE)
+        && headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|value| value.to_str().ok())
+            .flat_map(|value| value.split(','))
+            .any(|token| token.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+/// A path pattern: `/api/assets/{id:uuid}`, `/api/v2/**`, `/ws`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PathPattern {
+    source: String,
+    segments: Vec<Segment>,
+    /// Ends in `**`: any number (zero included) of further segments.
+    open_tail: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Segment {
+    Literal(String),
+    Any,
+    Uuid,
+}
+
+impl PathPattern {
+    pub fn parse(source: &str) -> Result<Self, String> {
+        let rest = source
+            .strip_prefix('/')
+            .ok_or_else(|| format!("pattern `{source}` must start with `/`"))?;
+        let mut segments = Vec::new();
+        let mut open_tail = false;
+        let parts: Vec<&str> = if rest.is_empty() {
+            Vec::new()
+        } else {
+            rest.split('/').collect()
+        };
+        for part in &parts {
+            if open_tail {
+                return Err(format!("`**` must be the last segment of `{source}`"));
+            }
+            let segment = match *part {
+                "**" => {
+                    open_tail = true;
+                    continue;
+                }
+                "*" => Segment::Any,
+                part if part.starts_with('{') && part.ends_with('}') => {
+                    let inner = &part[1..part.len() - 1];
+                    match inner.split_once(':') {
+                        None if !inner.is_empty() => Segment::Any,
+                        Some((name, "uuid")) if !name.is_empty() => Segment::Uuid,
+                        _ => {
+                            return Err(format!(
+                                "bad placeholder `{part}` in `{source}` (use `{{name}}` or `{{name:uuid}}`)"
+                            ));
+                        }
+                    }
+                }
+                part if part.contains(['{', '}', '*']) => {
+                    return Err(format!("bad segment `{part}` in `{source}`"));
+                }
+                part => Segment::Literal(part.to_owned()),
+            };
+            segments.push(segment);
+        }
+        Ok(PathPattern {
+            source: source.to_owned(),
+            segments,
+            open_tail,
+        })
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.source
+    }
+
+    pub fn matches(&self, path: &str) -> bool {
+        let Some(rest) = path.strip_prefix('/') else {
+            return false;
+        };
+        // `/` has no segments; `split` on "" would yield one empty one.
+        let mut parts = (!rest.is_empty())
+            .then(|| rest.split('/'))
+            .into_iter()
+            .flatten();
+        for segment in &self.segments {
+            let Some(part) = parts.next() else {
+                return false;
+            };
+            let fits = match segment {
+                Segment::Literal(literal) => part == literal,
+                Segment::Any => !part.is_empty(),
+                Segment::Uuid => uuid::Uuid::try_parse(part).is_ok(),
+            };
+            if !fits {
+                return false;
+            }
+        }
+        self.open_tail || parts.next().is_none()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn patterns_match_whole_segments() {
+        let id = "3f2504e0-4f89-41d3-9a0c-0305e82c3301";
+        let cases: &[(&str, &str, bool)] = &[
+            ("/ws", "/ws", true),
+            ("/ws", "/ws/", false),
+            ("/ws", "/wss", false),
+            ("/api/v2/**", "/api/v2", true),
+            ("/api/v2/**", "/api/v2/jobs/1/events", true),
+            ("/api/v2/**", "/api/v2x/jobs", false),
+            ("/**", "/", true),
+            ("/**", "/anything/at/all", true),
+            ("/api/assets/{id:uuid}", &format!("/api/assets/{id}"), true),
+            ("/api/assets/{id:uuid}", "/api/assets/from-hash", false),
+            (
+                "/api/assets/{id:uuid}",
+                &format!("/api/assets/{id}/tags"),
+                false,
+            ),
+            ("/api/assets/{id}/tags", "/api/assets/x/tags", true),
+            ("/api/assets/{id}/tags", "/api/assets//tags", false),
+            ("/api/assets/*", "/api/assets/remote-metadata", true),
+            ("/", "/", true),
+            ("/", "/x", false),
+        ];
+        for (pattern, path, expected) in cases {
+            let parsed = PathPattern::parse(pattern).unwrap();
+            assert_eq!(parsed.matches(path), *expected, "{pattern} vs {path}");
+        }
+    }
+
+    #[test]
+    fn malformed_patterns_are_rejected_with_the_reason() {
+        for bad in ["api", "/a/**/b", "/{}", "/{id:int}", "/a{b}", "/x*"] {
+            assert!(PathPattern::parse(bad).is_err(), "{bad} should not parse");
+        }
+    }
+
+    #[test]
+    fn mounts_cover_whole_segments_only() {
+        assert_eq!(mount_offset("/", "/api/assets"), Some(0));
+        assert_eq!(mount_offset("/scenario", "/scenario/assets"), Some(9));
+        assert_eq!(mount_offset("/scenario", "/scenario"), Some(9));
+        assert_eq!(mount_offset("/scenario", "/scenarios"), None);
+        assert_eq!(mount_offset("/", "*"), None);
+    }
+
+    #[test]
+    fn upgrade_needs_both_headers_on_http_1_1() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::UPGRADE, "websocket".parse().unwrap());
+        assert!(!is_upgrade(Version::HTTP_11, &headers));
+        headers.insert(header::CONNECTION, "keep-alive, Upgrade".parse().unwrap());
+        assert!(is_upgrade(Version::HTTP_11, &headers));
+        assert!(!is_upgrade(Version::HTTP_10, &headers));
+    }
+}
+
+/// Tower layer for [`Classify`].
+#[derive(Debug, Clone)]
+pub struct ClassifyLayer {
+    router: Arc<Router>,
+}
+
+impl ClassifyLayer {
+    pub fn new(router: Router) -> Self {
+        ClassifyLayer {
+            router: Arc::new(router),
+        }
+    }
+}
+
+impl<S> tower::Layer<S> for ClassifyLayer {
+    type Service = Classify<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Classify {
+            router: Arc::clone(&self.router),
+            inner,
+        }
+    }
+}
+
+/// Attaches the [`RouteMatch`], or answers 400/404/405 for targets no upstream serves.
+#[derive(Debug, Clone)]
+pub struct Classify<S> {
+    router: Arc<Router>,
+    inner: S,
+}
+
+impl<S> tower::Service<Request<crate::body::Body>> for Classify<S>
+where
+    S: tower::Service<
+            Request<crate::body::Body>,
+            Response = http::Response<crate::body::Body>,
+            Error = std::convert::Infallible,
+        >,
+{
+    type Response = http::Response<crate::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = futures_util::future::Either<
+        futures_util::future::Ready<Result<Self::Response, Self::Error>>,
+        S::Future,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: Request<crate::body::Body>) -> Self::Future {
+        use futures_util::future::{Either, ready};
+        match self.router.classify(&request) {
+            Ok(route) => {
+                tracing::Span::current().record("upstream", route.upstream.name.as_str());
+                request.extensions_mut().insert(route);
+                Either::Right(self.inner.call(request))
+            }
+            Err(error) => {
+                let request_id = crate::telemetry::RequestId::of(&request);
+                tracing::debug!(%error, "request refused by routing");
+                Either::Left(ready(Ok(
+                    error.into_response(self.router.default_shape(), request_id)
+                )))
+            }
+        }
+    }
+}

@@ -1,0 +1,189 @@
+//! Request ids, the per-request span, the access log, and logging set-up.
+//!
+//! [`ObserveLayer`] is the outermost layer: it keeps a client's `X-Request-Id`
+//! (or makes one), opens the request span every inner layer records into
+//! (`team`, `upstream`, …), sets the id on the answer, and writes one access-log
+//! line per request, rejections included. The span records the path but never
+//! the query: Comfy's `/ws` carries a key in `token=`.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use http::header::{HeaderName, HeaderValue};
+use http::{Request, Response};
+use pin_project_lite::pin_project;
+use tokio::time::Instant;
+use tower::{Layer, Service};
+use tracing::Span;
+use tracing_subscriber::EnvFilter;
+
+use crate::body::Body;
+use crate::config::{LogFormat, LogSettings};
+
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// The request id, as an extension; also sent upstream and back to the client.
+#[derive(Debug, Clone)]
+pub struct RequestId(pub HeaderValue);
+
+impl RequestId {
+    /// The id of a request that went through [`Observe`], for error bodies.
+    pub fn of<B>(request: &Request<B>) -> Option<&str> {
+        request
+            .extensions()
+            .get::<RequestId>()
+            .and_then(|id| id.0.to_str().ok())
+    }
+
+    /// Keeps a sane client-supplied id; anything else is replaced by a fresh UUID.
+    fn for_request<B>(request: &Request<B>) -> RequestId {
+        let supplied = request.headers().get(&X_REQUEST_ID).filter(|value| {
+            let bytes = value.as_bytes();
+            !bytes.is_empty()
+                && bytes.len() <= 128
+                && bytes
+                    .iter()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(b))
+        });
+        match supplied {
+            Some(value) => RequestId(value.clone()),
+            None => {
+                let mut buffer = uuid::Uuid::encode_buffer();
+                let id = uuid::Uuid::new_v4()
+                    .as_hyphenated()
+                    .encode_lower(&mut buffer);
+                RequestId(HeaderValue::from_str(id).expect("a UUID is a valid header value"))
+            }
+        }
+    }
+}
+
+/// Tower layer for [`Observe`].
+#[derive(Debug, Clone, Default)]
+pub struct ObserveLayer;
+
+impl<S> Layer<S> for ObserveLayer {
+    type Service = Observe<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Observe { inner }
+    }
+}
+
+/// Request id, span and access log around everything else.
+#[derive(Debug, Clone)]
+pub struct Observe<S> {
+    inner: S,
+}
+
+impl<S> Service<Request<Body>> for Observe<S>
+where
+    S: Service<Request<Body>, Response = Response<Body>, Error = Infallible>,
+{
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = ObserveFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: Request<Body>) -> Self::Future {
+        let request_id = RequestId::for_request(&request);
+        let span = tracing::info_span!(
+            "request",
+            request_id = %request_id.0.to_str().unwrap_or_default(),
+            method = %request.method(),
+            path = %request.uri().path(),
+            upstream = tracing::field::Empty,
+            team = tracing::field::Empty,
+            key = tracing::field::Empty,
+        );
+        request
+            .headers_mut()
+            .insert(X_REQUEST_ID.clone(), request_id.0.clone());
+        request.extensions_mut().insert(request_id.clone());
+        // Inner layers' synchronous work (routing, auth) runs inside the span too.
+        let inner = span.in_scope(|| self.inner.call(request));
+        ObserveFuture {
+            inner,
+            span,
+            request_id: Some(request_id),
+            started: Instant::now(),
+        }
+    }
+}
+
+pin_project! {
+    /// Completes the request span: sets `X-Request-Id` and logs the outcome.
+    pub struct ObserveFuture<F> {
+        #[pin]
+        inner: F,
+        span: Span,
+        request_id: Option<RequestId>,
+        started: Instant,
+    }
+}
+
+impl<F> Future for ObserveFuture<F>
+where
+    F: Future<Output = Result<Response<Body>, Infallible>>,
+{
+    type Output = Result<Response<Body>, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let _entered = this.span.enter();
+        let Ok(mut response) = std::task::ready!(this.inner.poll(cx));
+        if let Some(id) = this.request_id.take() {
+            response.headers_mut().insert(X_REQUEST_ID.clone(), id.0);
+        }
+        tracing::info!(
+            target: "teamgate::access",
+            status = response.status().as_u16(),
+            latency_us = this.started.elapsed().as_micros() as u64,
+            "served"
+        );
+        Poll::Ready(Ok(response))
+    }
+}
+
+/// Installs the global subscriber: `RUST_LOG` if set, else the configured level.
+pub fn init_logging(settings: &LogSettings) {
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&settings.level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    // `try_init`: a second call (tests, demo after serve) keeps the first subscriber.
+    let _ = match settings.format {
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sane_client_request_ids_are_kept_and_others_replaced() {
+        let keep = Request::builder()
+            .header("x-request-id", "abc-123.4:5")
+            .body(())
+            .unwrap();
+        assert_eq!(RequestId::for_request(&keep).0, "abc-123.4:5");
+        for bad in ["has space", "quote\"", ""] {
+            let request = Request::builder()
+                .header("x-request-id", bad)
+                .body(())
+                .unwrap();
+            let id = RequestId::for_request(&request);
+            assert_eq!(id.0.len(), 36, "{bad:?} should be replaced by a UUID");
+        }
+    }
+}
