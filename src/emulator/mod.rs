@@ -45,6 +45,9 @@ pub enum FaultAction {
     Status(StatusCode),
     /// Close the connection without answering.
     Drop,
+    /// Park the request until the test adds a permit to the semaphore, then
+    /// answer normally: lets a test hold a request in flight deterministically.
+    Hold(Arc<tokio::sync::Semaphore>),
 }
 
 /// A fault applied to requests matching `method` (any if `None`) and `path` (exact).
@@ -203,6 +206,11 @@ impl Emulator {
                 ));
             }
             Some(FaultAction::Drop) => return Err(ConnectionDropped),
+            Some(FaultAction::Hold(gate)) => {
+                if let Ok(permit) = gate.acquire().await {
+                    permit.forget();
+                }
+            }
             None => {}
         }
         let request = match self.authenticate(request) {

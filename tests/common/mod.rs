@@ -1,0 +1,246 @@
+//! The test harness: the Comfy emulator and the gateway, in-process, on
+//! 127.0.0.1:0, talking real HTTP. Each test gets its own pair.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use teamgate::config::{self, Secrets};
+use teamgate::emulator::{Account, Emulator};
+use teamgate::{Listeners, run};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// Client (gateway) keys of the test teams; their hashes are in the config below.
+pub const DESIGN_KEY: &str = "tg_test_design_key_0123456789abcdef";
+pub const RESEARCH_KEY: &str = "tg_test_research_key_0123456789abcdef";
+pub const NO_CREDENTIAL_KEY: &str = "tg_test_nocred_key_0123456789abcdef";
+/// The teams' Comfy keys, as the emulator knows them.
+pub const DESIGN_UPSTREAM_KEY: &str = "comfy-upstream-design-5ecret";
+pub const RESEARCH_UPSTREAM_KEY: &str = "comfy-upstream-research-5ecret";
+
+pub fn hash(key: &str) -> String {
+    teamgate::auth::keys::KeyDigest::of_key(key).to_stored()
+}
+
+/// The config every harness runs; `upstream_extra` lands in `[upstreams.comfy]`.
+pub fn config_text(base_url: &str, upstream_extra: &str) -> String {
+    format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+shutdown_grace = "5s"
+
+[upstreams.comfy]
+base_url = "{base_url}"
+preset = "comfy-cloud"
+{upstream_extra}
+
+[teams.design]
+upstream_keys = {{ comfy = "env:DESIGN_COMFY_KEY" }}
+client_keys = ["{design}"]
+
+[teams.research]
+upstream_keys = {{ comfy = "env:RESEARCH_COMFY_KEY" }}
+client_keys = ["{research}"]
+
+[teams.nocred]
+client_keys = ["{nocred}"]
+"#,
+        design = hash(DESIGN_KEY),
+        research = hash(RESEARCH_KEY),
+        nocred = hash(NO_CREDENTIAL_KEY),
+    )
+}
+
+pub fn test_env(name: &str) -> Option<String> {
+    match name {
+        "DESIGN_COMFY_KEY" => Some(DESIGN_UPSTREAM_KEY.into()),
+        "RESEARCH_COMFY_KEY" => Some(RESEARCH_UPSTREAM_KEY.into()),
+        _ => None,
+    }
+}
+
+pub struct Harness {
+    pub emulator: Emulator,
+    pub emulator_addr: SocketAddr,
+    pub gateway: SocketAddr,
+    pub admin: SocketAddr,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<anyhow::Result<()>>>,
+    pub client: Client<HttpConnector, Full<Bytes>>,
+}
+
+pub struct Answer {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Answer {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|_| panic!("not JSON: {}", String::from_utf8_lossy(&self.body)))
+    }
+}
+
+pub fn accounts() -> Vec<Account> {
+    vec![
+        Account {
+            name: "design".into(),
+            api_key: DESIGN_UPSTREAM_KEY.into(),
+        },
+        Account {
+            name: "research".into(),
+            api_key: RESEARCH_UPSTREAM_KEY.into(),
+        },
+    ]
+}
+
+impl Harness {
+    pub async fn start() -> Self {
+        Self::start_with("").await
+    }
+
+    /// Starts with extra settings in `[upstreams.comfy]`.
+    pub async fn start_with(upstream_extra: &str) -> Self {
+        let emulator =
+            Emulator::with_event_interval(accounts(), std::time::Duration::from_millis(50));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let emulator_addr = listener.local_addr().unwrap();
+        emulator.spawn(listener);
+        Self::start_in_front_of(
+            emulator,
+            emulator_addr,
+            &format!("http://{emulator_addr}"),
+            upstream_extra,
+        )
+        .await
+    }
+
+    /// Starts a gateway whose upstream is `base_url` (which may point nowhere).
+    pub async fn start_in_front_of(
+        emulator: Emulator,
+        emulator_addr: SocketAddr,
+        base_url: &str,
+        upstream_extra: &str,
+    ) -> Self {
+        let text = config_text(base_url, upstream_extra);
+        let config = config::load_str(&text, "test.toml", None, &test_env, Secrets::Resolve)
+            .unwrap_or_else(|error| panic!("{error}"));
+        let listeners = Listeners {
+            gateway: TcpListener::bind("127.0.0.1:0").await.unwrap(),
+            admin: TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        };
+        let gateway = listeners.gateway.local_addr().unwrap();
+        let admin = listeners.admin.local_addr().unwrap();
+        let (shutdown, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(run(listeners, Arc::new(config), async {
+            let _ = stopped.await;
+        }));
+        Harness {
+            emulator,
+            emulator_addr,
+            gateway,
+            admin,
+            shutdown: Some(shutdown),
+            task: Some(task),
+            client: Client::builder(TokioExecutor::new()).build_http(),
+        }
+    }
+
+    pub fn url(&self, path_and_query: &str) -> String {
+        format!("http://{}{path_and_query}", self.gateway)
+    }
+
+    pub async fn send(&self, request: Request<Full<Bytes>>) -> Answer {
+        let response = self
+            .client
+            .request(request)
+            .await
+            .expect("the gateway answers");
+        let (parts, body) = response.into_parts();
+        let body = body.collect().await.expect("the body arrives").to_bytes();
+        Answer {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+        }
+    }
+
+    /// A request with the design team's key in `X-API-Key`.
+    pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        key: Option<&str>,
+        json: Option<serde_json::Value>,
+    ) -> Answer {
+        let mut builder = Request::builder().method(method).uri(self.url(path));
+        if let Some(key) = key {
+            builder = builder.header("x-api-key", key);
+        }
+        let body = match json {
+            Some(json) => {
+                builder = builder.header("content-type", "application/json");
+                Full::new(Bytes::from(json.to_string()))
+            }
+            None => Full::new(Bytes::new()),
+        };
+        self.send(builder.body(body).unwrap()).await
+    }
+
+    pub async fn get(&self, path: &str, key: &str) -> Answer {
+        self.call(Method::GET, path, Some(key), None).await
+    }
+
+    pub async fn admin_get(&self, path: &str) -> Answer {
+        let request = Request::get(format!("http://{}{path}", self.admin))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        self.send(request).await
+    }
+
+    /// Triggers shutdown and waits for `run` to return, which must be `Ok`.
+    pub async fn stop(mut self) {
+        let _ = self.shutdown.take().unwrap().send(());
+        self.task
+            .take()
+            .unwrap()
+            .await
+            .unwrap()
+            .expect("run returns Ok");
+    }
+
+    pub fn trigger_shutdown(&mut self) {
+        let _ = self.shutdown.take().unwrap().send(());
+    }
+
+    pub async fn stopped(mut self) -> anyhow::Result<()> {
+        self.task.take().unwrap().await.unwrap()
+    }
+}
+
+/// Every byte the upstream received for all recorded requests, headers and targets.
+pub fn everything_upstream_saw(emulator: &Emulator) -> String {
+    let mut seen = String::new();
+    for request in emulator.recorded() {
+        seen.push_str(&request.target);
+        seen.push('\n');
+        for (name, value) in &request.headers {
+            seen.push_str(name.as_str());
+            seen.push_str(": ");
+            seen.push_str(&String::from_utf8_lossy(value.as_bytes()));
+            seen.push('\n');
+        }
+    }
+    seen
+}

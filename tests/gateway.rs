@@ -1,0 +1,532 @@
+//! The gateway core (issue #2), end to end: emulator + gateway on 127.0.0.1:0.
+//! Spec references are to shared/upstream/comfy-cloud-openapi.yaml (v1) and
+//! comfy-api-v2-openapi.yaml (v2).
+
+mod common;
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use common::*;
+use futures_util::{SinkExt, StreamExt};
+use http::{Method, Request, StatusCode};
+use http_body_util::Full;
+use serde_json::json;
+use teamgate::emulator::{Fault, FaultAction, demo_blob_hash};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_tungstenite::tungstenite::Message;
+
+#[tokio::test]
+async fn forwards_with_the_team_upstream_key_and_never_the_client_key() {
+    let h = Harness::start().await;
+    let answer = h.get("/api/assets?limit=5", DESIGN_KEY).await;
+    assert_eq!(answer.status, StatusCode::OK);
+    // ListAssetsResponse: {assets, total, has_more}.
+    let body = answer.json();
+    assert!(body["assets"].is_array() && body["total"].is_u64() && body["has_more"].is_boolean());
+    assert_eq!(h.emulator.count(Method::GET, "/api/assets"), 1);
+
+    let seen = h.emulator.recorded().pop().unwrap();
+    assert_eq!(seen.headers["x-api-key"], DESIGN_UPSTREAM_KEY);
+    assert_eq!(seen.headers.get_all("x-api-key").iter().count(), 1);
+    assert!(seen.headers.get("authorization").is_none());
+    assert!(!everything_upstream_saw(&h.emulator).contains(DESIGN_KEY));
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn bearer_client_keys_work_and_are_removed_too() {
+    let h = Harness::start().await;
+    let request = Request::get(h.url("/api/jobs"))
+        .header("authorization", format!("Bearer {DESIGN_KEY}"))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    assert_eq!(h.send(request).await.status, StatusCode::OK);
+    let seen = h.emulator.recorded().pop().unwrap();
+    assert_eq!(seen.headers["x-api-key"], DESIGN_UPSTREAM_KEY);
+    assert!(seen.headers.get("authorization").is_none());
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn missing_and_unknown_keys_get_401_in_comfy_shape_and_nothing_goes_upstream() {
+    let h = Harness::start().await;
+    for key in [None, Some("tg_not_a_key_of_anyone"), Some("")] {
+        let answer = h.call(Method::GET, "/api/assets", key, None).await;
+        assert_eq!(answer.status, StatusCode::UNAUTHORIZED, "{key:?}");
+        // ErrorResponse: {code, message}; plus the request id to quote.
+        let body = answer.json();
+        assert_eq!(body["code"], "unauthorized");
+        assert!(body["message"].is_string());
+        assert_eq!(
+            body["request_id"],
+            answer.headers["x-request-id"].to_str().unwrap()
+        );
+        assert!(
+            !answer.body.windows(9).any(|w| w == b"tg_not_a_"),
+            "the key is not echoed"
+        );
+    }
+    let bearer = Request::get(h.url("/api/assets"))
+        .header("authorization", "Bearer tg_wrong")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    assert_eq!(h.send(bearer).await.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(h.emulator.total(), 0, "a 401 sends nothing upstream");
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_team_without_a_credential_for_the_upstream_gets_403() {
+    let h = Harness::start().await;
+    let answer = h.get("/api/assets", NO_CREDENTIAL_KEY).await;
+    assert_eq!(answer.status, StatusCode::FORBIDDEN);
+    assert_eq!(answer.json()["code"], "forbidden");
+    assert_eq!(h.emulator.total(), 0);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn v2_routes_get_the_key_as_bearer_and_gateway_errors_in_the_v2_envelope() {
+    let h = Harness::start().await;
+    // A job to stream events for (v1 submit, v2 events, same account).
+    let submitted = h
+        .call(
+            Method::POST,
+            "/api/prompt",
+            Some(DESIGN_KEY),
+            Some(json!({"prompt": {"3": {}}})),
+        )
+        .await;
+    let job = submitted.json()["prompt_id"].as_str().unwrap().to_owned();
+    let events = h
+        .get(&format!("/api/v2/jobs/{job}/events"), DESIGN_KEY)
+        .await;
+    assert_eq!(events.status, StatusCode::OK);
+    assert_eq!(events.headers["content-type"], "text/event-stream");
+    let text = String::from_utf8(events.body.to_vec()).unwrap();
+    assert!(
+        text.starts_with("event: status\n") && text.contains("\"completed\""),
+        "{text}"
+    );
+    let seen = h.emulator.recorded().pop().unwrap();
+    assert_eq!(
+        seen.headers["authorization"],
+        format!("Bearer {DESIGN_UPSTREAM_KEY}")
+    );
+    assert!(seen.headers.get("x-api-key").is_none());
+
+    let refused = h
+        .call(Method::GET, "/api/v2/jobs/x/events", None, None)
+        .await;
+    assert_eq!(refused.status, StatusCode::UNAUTHORIZED);
+    // v2 ErrorEnvelope: {error: {code, message, details}}.
+    assert_eq!(refused.json()["error"]["code"], "unauthorized");
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn two_teams_each_get_their_own_upstream_key_and_see_their_own_assets() {
+    let h = Harness::start().await;
+    let created = h
+        .call(
+            Method::POST,
+            "/api/assets/from-hash",
+            Some(DESIGN_KEY),
+            Some(json!({"hash": demo_blob_hash(), "name": "only-design.png", "tags": ["input"]})),
+        )
+        .await;
+    assert_eq!(created.status, StatusCode::CREATED);
+    let id = created.json()["id"].as_str().unwrap().to_owned();
+
+    assert_eq!(
+        h.get(&format!("/api/assets/{id}"), DESIGN_KEY).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        h.get(&format!("/api/assets/{id}"), RESEARCH_KEY)
+            .await
+            .status,
+        StatusCode::NOT_FOUND
+    );
+    let research_list = h.get("/api/assets?limit=500", RESEARCH_KEY).await.json();
+    assert!(!research_list.to_string().contains("only-design.png"));
+
+    let keys: Vec<String> = h
+        .emulator
+        .recorded()
+        .iter()
+        .map(|r| r.headers["x-api-key"].to_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            DESIGN_UPSTREAM_KEY,
+            DESIGN_UPSTREAM_KEY,
+            RESEARCH_UPSTREAM_KEY,
+            RESEARCH_UPSTREAM_KEY
+        ]
+    );
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn path_and_query_bytes_are_preserved() {
+    let h = Harness::start().await;
+    // Comma-joined tags (style: form, explode: false), a repeated parameter,
+    // percent-escapes of every kind, an empty value and a bare flag.
+    let target = "/api/assets?include_tags=models,checkpoint&include_tags=x&name_contains=a%2Fb%20c%2bd&metadata_filter=%7B%22k%22%3A1%7D&empty=&flag&order=desc";
+    let answer = h.get(target, DESIGN_KEY).await;
+    assert_eq!(answer.status, StatusCode::OK);
+    assert_eq!(h.emulator.recorded().pop().unwrap().target, target);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn redirects_are_passed_through_never_followed() {
+    let h = Harness::start().await;
+    let answer = h
+        .get(
+            "/api/view?filename=ComfyUI_00004_.png&type=output",
+            DESIGN_KEY,
+        )
+        .await;
+    assert_eq!(answer.status, StatusCode::FOUND);
+    let location = answer.headers["location"].to_str().unwrap();
+    assert!(
+        location.starts_with("https://storage.emulator.invalid/"),
+        "{location}"
+    );
+    assert_eq!(
+        h.emulator.total(),
+        1,
+        "exactly the one request, no follow-up"
+    );
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn delete_with_a_json_body_is_forwarded() {
+    let h = Harness::start().await;
+    let created = h
+        .call(
+            Method::POST,
+            "/api/assets/from-hash",
+            Some(DESIGN_KEY),
+            Some(json!({"hash": demo_blob_hash(), "tags": ["input", "keep", "drop"]})),
+        )
+        .await
+        .json();
+    let id = created["id"].as_str().unwrap();
+    // removeAssetTags: DELETE /api/assets/{id}/tags with {"tags": [...]}.
+    let removed = h
+        .call(
+            Method::DELETE,
+            &format!("/api/assets/{id}/tags"),
+            Some(DESIGN_KEY),
+            Some(json!({"tags": ["drop"]})),
+        )
+        .await;
+    assert_eq!(removed.status, StatusCode::OK);
+    let body = removed.json();
+    assert_eq!(body["removed"], json!(["drop"]));
+    assert_eq!(body["total_tags"], json!(["input", "keep"]));
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn every_method_is_forwarded() {
+    let h = Harness::start().await;
+    for method in [
+        "PATCH", "OPTIONS", "PUT", "DELETE", "HEAD", "POST", "GET", "PROPFIND",
+    ] {
+        let method = Method::from_bytes(method.as_bytes()).unwrap();
+        let answer = h
+            .call(
+                method.clone(),
+                "/api/some/other/route",
+                Some(DESIGN_KEY),
+                None,
+            )
+            .await;
+        assert_ne!(answer.status, StatusCode::UNAUTHORIZED);
+        assert_eq!(
+            h.emulator.count(method.clone(), "/api/some/other/route"),
+            1,
+            "{method}"
+        );
+    }
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn hop_by_hop_headers_are_stripped_and_forwarding_headers_added() {
+    let h = Harness::start().await;
+    let request = Request::get(h.url("/api/jobs"))
+        .header("x-api-key", DESIGN_KEY)
+        .header("connection", "keep-alive, x-private-hop")
+        .header("x-private-hop", "secret-hop-value")
+        .header("keep-alive", "timeout=5")
+        .header("proxy-authorization", "Basic Zm9vOmJhcg==")
+        .header("x-forwarded-for", "203.0.113.7")
+        .header("x-end-to-end", "kept")
+        .header("x-request-id", "client-chosen-id-1")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let answer = h.send(request).await;
+    assert_eq!(answer.status, StatusCode::OK);
+    assert_eq!(answer.headers["x-request-id"], "client-chosen-id-1");
+    let seen = h.emulator.recorded().pop().unwrap().headers;
+    for gone in ["x-private-hop", "keep-alive", "proxy-authorization"] {
+        assert!(seen.get(gone).is_none(), "{gone} must not be forwarded");
+    }
+    assert_eq!(seen["x-end-to-end"], "kept");
+    assert_eq!(seen["host"], h.emulator_addr.to_string());
+    assert_eq!(seen["x-forwarded-for"], "203.0.113.7, 127.0.0.1");
+    assert_eq!(seen["x-forwarded-proto"], "http");
+    assert_eq!(seen["via"], "1.1 teamgate");
+    assert_eq!(seen["x-request-id"], "client-chosen-id-1");
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn websocket_token_is_rewritten_to_the_team_key_and_frames_flow_both_ways() {
+    let h = Harness::start().await;
+    let url = format!("ws://{}/ws?clientId=client-1&token={DESIGN_KEY}", h.gateway);
+    let (mut socket, response) = tokio_tungstenite::connect_async(url)
+        .await
+        .expect("upgrade through the gateway");
+    assert_eq!(response.status(), StatusCode::SWITCHING_PROTOCOLS);
+
+    // WebSocketStatusMessage first, with our client id as sid.
+    let Some(Ok(Message::Text(first))) = socket.next().await else {
+        panic!("no status message")
+    };
+    let first: serde_json::Value = serde_json::from_str(&first).unwrap();
+    assert_eq!(first["type"], "status");
+    assert_eq!(first["data"]["sid"], "client-1");
+
+    socket.send(Message::Text("hello".into())).await.unwrap();
+    socket
+        .send(Message::Binary(Bytes::from_static(&[0, 1, 2, 255])))
+        .await
+        .unwrap();
+    let mut progress = 0;
+    let mut echoes = Vec::new();
+    while echoes.len() < 2 {
+        match socket.next().await.expect("the tunnel stays open").unwrap() {
+            Message::Text(text) if text.as_str().contains("\"progress\"") => progress += 1,
+            other => echoes.push(other),
+        }
+    }
+    assert_eq!(progress, 3);
+    assert_eq!(echoes[0], Message::Text("hello".into()));
+    assert_eq!(
+        echoes[1],
+        Message::Binary(Bytes::from_static(&[0, 1, 2, 255]))
+    );
+    socket.close(None).await.unwrap();
+    while let Some(Ok(message)) = socket.next().await {
+        if message.is_close() {
+            break;
+        }
+    }
+
+    let upgrade = h
+        .emulator
+        .recorded()
+        .into_iter()
+        .find(|r| r.target.starts_with("/ws"))
+        .unwrap();
+    assert_eq!(
+        upgrade.target,
+        format!("/ws?clientId=client-1&token={DESIGN_UPSTREAM_KEY}")
+    );
+    assert!(!everything_upstream_saw(&h.emulator).contains(DESIGN_KEY));
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn refused_upstream_gives_502_in_comfy_shape_and_the_gateway_keeps_serving() {
+    let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let closed_addr = closed.local_addr().unwrap();
+    drop(closed);
+    let emulator = teamgate::emulator::Emulator::new(accounts());
+    let h = Harness::start_in_front_of(emulator, closed_addr, &format!("http://{closed_addr}"), "")
+        .await;
+    for _ in 0..3 {
+        let answer = h.get("/api/assets", DESIGN_KEY).await;
+        assert_eq!(answer.status, StatusCode::BAD_GATEWAY);
+        let body = answer.json();
+        assert_eq!(body["code"], "bad_gateway");
+        assert_eq!(
+            body["request_id"],
+            answer.headers["x-request-id"].to_str().unwrap()
+        );
+        assert!(
+            !answer.body.windows(5).any(|w| w == b"127.0"),
+            "no internals in the body"
+        );
+    }
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_dropped_upstream_connection_gives_502_and_others_are_still_served() {
+    let h = Harness::start().await;
+    h.emulator
+        .inject(Fault::new(Some(Method::GET), "/api/jobs", FaultAction::Drop).times(1));
+    let answer = h.get("/api/jobs", DESIGN_KEY).await;
+    assert_eq!(answer.status, StatusCode::BAD_GATEWAY);
+    assert_eq!(answer.json()["code"], "bad_gateway");
+    assert_eq!(h.get("/api/jobs", DESIGN_KEY).await.status, StatusCode::OK);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn an_upstream_5xx_passes_through_untouched() {
+    let h = Harness::start().await;
+    h.emulator.inject(
+        Fault::new(
+            None,
+            "/api/jobs",
+            FaultAction::Status(StatusCode::SERVICE_UNAVAILABLE),
+        )
+        .times(1),
+    );
+    let answer = h.get("/api/jobs", DESIGN_KEY).await;
+    assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        answer.json()["code"],
+        "injected_fault",
+        "the upstream's own body"
+    );
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_slow_upstream_gives_504_and_the_gateway_keeps_serving() {
+    let h = Harness::start_with(r#"response_timeout = "200ms""#).await;
+    // Held forever: the answer can only come from the gateway's timeout.
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    h.emulator
+        .inject(Fault::new(None, "/api/jobs", FaultAction::Hold(Arc::clone(&gate))).times(1));
+    let answer = h.get("/api/jobs", DESIGN_KEY).await;
+    assert_eq!(answer.status, StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(answer.json()["code"], "gateway_timeout");
+    assert_eq!(
+        h.get("/api/assets", DESIGN_KEY).await.status,
+        StatusCode::OK
+    );
+    gate.add_permits(1);
+    h.stop().await;
+}
+
+async fn raw_exchange(addr: std::net::SocketAddr, request: &str) -> String {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).await.unwrap();
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+#[tokio::test]
+async fn absolute_form_targets_and_connect_are_refused_without_any_upstream_request() {
+    let h = Harness::start().await;
+    let absolute = raw_exchange(
+        h.gateway,
+        &format!("GET http://169.254.169.254/latest/meta-data HTTP/1.1\r\nHost: 169.254.169.254\r\nX-API-Key: {DESIGN_KEY}\r\nConnection: close\r\n\r\n"),
+    )
+    .await;
+    assert!(absolute.starts_with("HTTP/1.1 400"), "{absolute}");
+    assert!(absolute.contains("\"code\":\"bad_request\""), "{absolute}");
+
+    let connect = raw_exchange(
+        h.gateway,
+        &format!("CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\nX-API-Key: {DESIGN_KEY}\r\nConnection: close\r\n\r\n"),
+    )
+    .await;
+    assert!(connect.starts_with("HTTP/1.1 405"), "{connect}");
+    assert_eq!(h.emulator.total(), 0);
+    // And the gateway still serves normal requests.
+    assert_eq!(
+        h.get("/api/assets", DESIGN_KEY).await.status,
+        StatusCode::OK
+    );
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn health_readiness_and_graceful_shutdown_let_in_flight_requests_finish() {
+    let mut h = Harness::start().await;
+    assert_eq!(h.admin_get("/healthz").await.status, StatusCode::OK);
+    assert_eq!(h.admin_get("/readyz").await.status, StatusCode::OK);
+
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    h.emulator.inject(Fault::new(
+        None,
+        "/api/jobs",
+        FaultAction::Hold(Arc::clone(&gate)),
+    ));
+    let client = h.client.clone();
+    let url = h.url("/api/jobs");
+    let in_flight = tokio::spawn(async move {
+        let request = Request::get(url)
+            .header("x-api-key", DESIGN_KEY)
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        client
+            .request(request)
+            .await
+            .map(|response| response.status())
+    });
+    // Wait (bounded) until the request is parked at the upstream.
+    for _ in 0..500 {
+        if h.emulator.count(Method::GET, "/api/jobs") == 1 {
+            break;
+        }
+        tokio::task::yield_now().await;
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    assert_eq!(h.emulator.count(Method::GET, "/api/jobs"), 1);
+
+    h.trigger_shutdown();
+    let mut readiness = StatusCode::OK;
+    for _ in 0..500 {
+        readiness = h.admin_get("/readyz").await.status;
+        if readiness != StatusCode::OK {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    assert_eq!(
+        readiness,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "draining is not ready"
+    );
+    assert_eq!(h.admin_get("/healthz").await.status, StatusCode::OK);
+    // New connections are refused once draining.
+    assert!(tokio::net::TcpStream::connect(h.gateway).await.is_err());
+
+    gate.add_permits(1);
+    assert_eq!(
+        in_flight.await.unwrap().unwrap(),
+        StatusCode::OK,
+        "the in-flight request completes"
+    );
+    h.stopped().await.expect("run returns Ok after draining");
+}
+
+#[tokio::test]
+async fn unknown_paths_outside_any_mount_get_404_in_shape() {
+    let h = Harness::start().await;
+    let answer = raw_exchange(
+        h.gateway,
+        "OPTIONS * HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 404"), "{answer}");
+    assert!(answer.contains("\"code\":\"not_found\""));
+    assert_eq!(h.emulator.total(), 0);
+    h.stop().await;
+}
