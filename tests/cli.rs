@@ -1,0 +1,310 @@
+//! The `teamgate` binary: every command, as a user runs it.
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+const BIN: &str = env!("CARGO_BIN_EXE_teamgate");
+
+fn teamgate(args: &[&str]) -> std::process::Output {
+    Command::new(BIN)
+        .args(args)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[test]
+fn version_and_help_on_every_command() {
+    let version = teamgate(&["--version"]);
+    assert!(version.status.success());
+    assert_eq!(
+        text(&version.stdout).trim(),
+        format!("teamgate {}", env!("CARGO_PKG_VERSION"))
+    );
+    for command in [
+        vec![],
+        vec!["serve"],
+        vec!["demo"],
+        vec!["check-config"],
+        vec!["keys"],
+        vec!["keys", "new"],
+        vec!["keys", "hash"],
+        vec!["emulator"],
+    ] {
+        let mut args = command.clone();
+        args.push("--help");
+        let help = teamgate(&args);
+        assert!(help.status.success(), "{command:?} --help");
+        assert!(
+            text(&help.stdout).contains("Usage: teamgate"),
+            "{command:?}"
+        );
+    }
+}
+
+#[test]
+fn keys_new_makes_a_strong_prefixed_key_and_its_hash() {
+    let output = teamgate(&["keys", "new"]);
+    assert!(output.status.success());
+    let stdout = text(&output.stdout);
+    let key = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("key:"))
+        .unwrap()
+        .trim()
+        .to_owned();
+    let hash = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("hash:"))
+        .unwrap()
+        .trim()
+        .to_owned();
+    assert!(key.starts_with("tg_"));
+    // base64url: 6 bits a character; at least 128 bits after the prefix.
+    assert!((key.len() - 3) * 6 >= 128, "{key}");
+    assert!(
+        key[3..]
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    );
+
+    let hashed = teamgate(&["keys", "hash", &key]);
+    assert!(hashed.status.success());
+    assert_eq!(
+        text(&hashed.stdout),
+        format!("{hash}\n"),
+        "one line, ALGORITHM:VALUE"
+    );
+    assert!(hash.starts_with("sha256:") && hash.len() == 7 + 64);
+
+    let other = teamgate(&["keys", "new"]);
+    assert_ne!(text(&other.stdout), stdout, "keys are random");
+}
+
+#[test]
+fn keys_hash_reads_stdin_so_keys_stay_out_of_shell_history() {
+    use std::io::Write;
+    let mut child = Command::new(BIN)
+        .args(["keys", "hash"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(b"abc\n").unwrap();
+    let output = child.wait_with_output().unwrap();
+    // SHA-256("abc"), FIPS 180-2 appendix B.1.
+    assert_eq!(
+        text(&output.stdout),
+        "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad\n"
+    );
+}
+
+#[test]
+fn shipped_configs_are_valid() {
+    let files: Vec<String> = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/config"))
+        .unwrap()
+        .map(|entry| entry.unwrap().path().display().to_string())
+        .filter(|path| path.ends_with(".toml"))
+        .collect();
+    assert!(files.len() >= 2);
+    let mut args = vec!["check-config", "--no-secrets"];
+    args.extend(files.iter().map(String::as_str));
+    let output = teamgate(&args);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+
+    // With its secrets present, demo.toml passes the full check too.
+    let demo = Command::new(BIN)
+        .args([
+            "check-config",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/config/demo.toml"),
+        ])
+        .env("TEAMGATE_DEMO_COMFY_KEY_DESIGN", "k1")
+        .env("TEAMGATE_DEMO_COMFY_KEY_RESEARCH", "k2")
+        .output()
+        .unwrap();
+    assert!(demo.status.success(), "{}", text(&demo.stderr));
+}
+
+#[test]
+fn check_config_prints_every_problem_with_file_and_key() {
+    let dir = std::env::temp_dir().join(format!("teamgate-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("broken.toml");
+    std::fs::write(
+        &path,
+        r#"
+[server]
+listen = "localhost"
+[upstreams.comfy]
+base_url = "cloud.comfy.org"
+preset = "comfy"
+[teams.design]
+upstream_keys = { comfy = "sk-live-inline" }
+client_keys = ["sha256:nothex"]
+typo = 1
+"#,
+    )
+    .unwrap();
+    let output = teamgate(&["check-config", path.to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = text(&output.stderr);
+    for key in [
+        "server.listen",
+        "upstreams.comfy.base_url",
+        "upstreams.comfy.preset",
+        "teams.design.upstream_keys.comfy",
+        "teams.design.client_keys[0]",
+        "teams.design.typo",
+    ] {
+        assert!(
+            stderr.contains(&format!("broken.toml: {key}: ")),
+            "missing {key} in:\n{stderr}"
+        );
+    }
+    assert!(!stderr.contains("sk-live-inline"));
+
+    let serve = teamgate(&["serve", "--config", path.to_str().unwrap()]);
+    assert_eq!(
+        serve.status.code(),
+        Some(2),
+        "serve refuses a broken config"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// `teamgate demo` as a user runs it: read the banner, use the curl lines'
+/// requests, then Ctrl-C (SIGINT) and a clean exit.
+#[tokio::test]
+async fn demo_runs_without_an_account_and_stops_cleanly_on_sigint() {
+    let mut child = tokio::process::Command::new(BIN)
+        .args([
+            "demo",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ])
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut banner = Vec::new();
+    let ready = tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            let done = line.starts_with("Ctrl-C");
+            banner.push(line);
+            if done {
+                break;
+            }
+        }
+    })
+    .await;
+    assert!(ready.is_ok(), "the demo printed its banner: {banner:?}");
+    let field = |name: &str| {
+        banner
+            .iter()
+            .find_map(|line| line.strip_prefix(name))
+            .map(|rest| rest.split_whitespace().next().unwrap().to_owned())
+            .unwrap_or_else(|| panic!("no `{name}` in {banner:?}"))
+    };
+    let gateway = field("gateway URL:");
+    let key = field("client key:");
+    let hash = banner
+        .iter()
+        .find_map(|line| line.split("\"hash\":\"").nth(1))
+        .map(|rest| rest.split('"').next().unwrap().to_owned())
+        .expect("the from-hash curl line");
+
+    let client = reqwest_like::Client::new();
+    let (status, _) = client
+        .get(&format!("{gateway}/api/assets?limit=5"), Some(&key))
+        .await;
+    assert_eq!(status, 200);
+    let (status, _) = client.get(&format!("{gateway}/api/assets"), None).await;
+    assert_eq!(status, 401);
+    let (status, body) = client
+        .post_json(
+            &format!("{gateway}/api/assets/from-hash"),
+            &key,
+            &format!(r#"{{"hash":"{hash}","name":"demo.png","tags":["input"]}}"#),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let id = serde_json::from_str::<serde_json::Value>(&body).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (status, body) = client
+        .get(&format!("{gateway}/api/assets/{id}"), Some(&key))
+        .await;
+    assert_eq!(status, 200);
+    assert!(body.contains("demo.png"));
+
+    let pid = child.id().unwrap().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-INT", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .expect("the demo stops")
+        .unwrap();
+    assert!(status.success(), "exit status {status:?}");
+}
+
+/// A tiny HTTP client over hyper, enough for the demo test.
+mod reqwest_like {
+    use bytes::Bytes;
+    use http::Request;
+    use http_body_util::{BodyExt, Full};
+    use hyper_util::client::legacy::Client as Hyper;
+    use hyper_util::client::legacy::connect::HttpConnector;
+    use hyper_util::rt::TokioExecutor;
+
+    pub struct Client(Hyper<HttpConnector, Full<Bytes>>);
+
+    impl Client {
+        pub fn new() -> Self {
+            Client(Hyper::builder(TokioExecutor::new()).build_http())
+        }
+
+        async fn send(&self, request: Request<Full<Bytes>>) -> (u16, String) {
+            let response = self.0.request(request).await.unwrap();
+            let status = response.status().as_u16();
+            let body = response.into_body().collect().await.unwrap().to_bytes();
+            (status, String::from_utf8_lossy(&body).into_owned())
+        }
+
+        pub async fn get(&self, url: &str, key: Option<&str>) -> (u16, String) {
+            let mut request = Request::get(url);
+            if let Some(key) = key {
+                request = request.header("x-api-key", key);
+            }
+            self.send(request.body(Full::new(Bytes::new())).unwrap())
+                .await
+        }
+
+        pub async fn post_json(&self, url: &str, key: &str, json: &str) -> (u16, String) {
+            let request = Request::post(url)
+                .header("x-api-key", key)
+                .header("content-type", "application/json")
+                .body(Full::new(Bytes::from(json.to_owned())))
+                .unwrap();
+            self.send(request).await
+        }
+    }
+}

@@ -1,0 +1,112 @@
+//! No client key and no upstream key ever appears in the gateway's logs, at
+//! any level, across a traffic mix of successes, refusals and failures.
+//! Its own binary: it installs a global subscriber that captures everything.
+
+mod common;
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+
+use common::*;
+use futures_util::StreamExt;
+use http::{Method, StatusCode};
+use teamgate::emulator::{Fault, FaultAction};
+use tracing_subscriber::fmt::MakeWriter;
+
+#[derive(Clone, Default)]
+struct Capture(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Capture {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> MakeWriter<'a> for Capture {
+    type Writer = Capture;
+    fn make_writer(&'a self) -> Capture {
+        self.clone()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_key_appears_in_any_log_line() {
+    let capture = Capture::default();
+    // Everything the gateway process logs, at trace. The emulator is the
+    // upstream (a different party that legitimately sees the upstream keys),
+    // and the websocket client is the test's, so those two are left out.
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            "trace,teamgate::emulator=off,axum=off,tungstenite=off,tokio_tungstenite=off",
+        )
+        .with_writer(capture.clone())
+        .with_ansi(false)
+        .init();
+
+    let h = Harness::start().await;
+    let wrong_key = "tg_wrong_key_that_must_not_be_logged";
+    assert_eq!(
+        h.get("/api/assets", DESIGN_KEY).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        h.get("/api/jobs", RESEARCH_KEY).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        h.get("/api/assets", wrong_key).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        h.call(Method::GET, "/api/assets", None, None).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    h.emulator
+        .inject(Fault::new(None, "/api/tags", FaultAction::Drop).times(1));
+    assert_eq!(
+        h.get("/api/tags", DESIGN_KEY).await.status,
+        StatusCode::BAD_GATEWAY
+    );
+    h.emulator.inject(
+        Fault::new(
+            None,
+            "/api/tags",
+            FaultAction::Status(StatusCode::INTERNAL_SERVER_ERROR),
+        )
+        .times(1),
+    );
+    assert_eq!(
+        h.get("/api/tags", DESIGN_KEY).await.status,
+        StatusCode::INTERNAL_SERVER_ERROR
+    );
+    let url = format!("ws://{}/ws?clientId=c&token={DESIGN_KEY}", h.gateway);
+    let (mut socket, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    let _ = socket.next().await;
+    drop(socket);
+    let bad_ws = format!("ws://{}/ws?clientId=c&token={wrong_key}", h.gateway);
+    assert!(tokio_tungstenite::connect_async(bad_ws).await.is_err());
+    h.stop().await;
+
+    let logs = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
+    assert!(
+        logs.contains("served"),
+        "the access log was captured: {logs}"
+    );
+    assert!(
+        logs.contains("team=\"design\""),
+        "lines carry the team: {logs}"
+    );
+    for secret in [
+        DESIGN_KEY,
+        RESEARCH_KEY,
+        wrong_key,
+        DESIGN_UPSTREAM_KEY,
+        RESEARCH_UPSTREAM_KEY,
+    ] {
+        assert!(!logs.contains(secret), "{secret} leaked into the logs");
+    }
+}

@@ -1,0 +1,109 @@
+//! Bodies stream through the gateway; nothing buffers them whole.
+//! Alone in its own test binary so the process's peak RSS is this test's.
+
+mod common;
+
+use std::convert::Infallible;
+
+use bytes::Bytes;
+use common::*;
+use http::{Request, StatusCode};
+use http_body::Frame;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, StreamBody};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+
+/// VmHWM (peak resident set) of this process, in bytes.
+fn peak_rss() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status
+        .lines()
+        .find(|line| line.starts_with("VmHWM:"))
+        .unwrap();
+    line.split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse::<u64>()
+        .unwrap()
+        * 1024
+}
+
+fn current_rss() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status
+        .lines()
+        .find(|line| line.starts_with("VmRSS:"))
+        .unwrap();
+    line.split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse::<u64>()
+        .unwrap()
+        * 1024
+}
+
+/// Resets VmHWM to the current RSS (Linux `clear_refs` value 5).
+fn reset_peak_rss() {
+    std::fs::write("/proc/self/clear_refs", "5")
+        .expect("clear_refs is writable for our own process");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_100_mb_upload_streams_through_with_bounded_memory() {
+    const TOTAL: u64 = 100 * 1024 * 1024;
+    const CHUNK: usize = 64 * 1024;
+    let h = Harness::start().await;
+
+    let boundary = "teamgate-test-boundary";
+    let head = Bytes::from(format!(
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"tags\"\r\n\r\ninput\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"big.bin\"\r\nContent-Type: application/octet-stream\r\n\r\n"
+    ));
+    let tail = Bytes::from(format!("\r\n--{boundary}--\r\n"));
+    // One chunk, shared: the test itself holds 64 KiB, whatever the total.
+    let chunk = Bytes::from(vec![0x5au8; CHUNK]);
+    let chunks = (TOTAL / CHUNK as u64) as usize;
+    let frames = std::iter::once(head.clone())
+        .chain(std::iter::repeat_n(chunk, chunks))
+        .chain(std::iter::once(tail.clone()))
+        .map(|bytes| Ok::<_, Infallible>(Frame::data(bytes)));
+    let body = BoxBody::new(StreamBody::new(futures_util::stream::iter(frames)));
+    let length = head.len() as u64 + TOTAL + tail.len() as u64;
+
+    let client: Client<_, BoxBody<Bytes, Infallible>> =
+        Client::builder(TokioExecutor::new()).build_http();
+    let request = Request::post(h.url("/api/assets"))
+        .header("x-api-key", DESIGN_KEY)
+        .header(
+            "content-type",
+            format!("multipart/form-data; boundary={boundary}"),
+        )
+        .header("content-length", length)
+        .body(body)
+        .unwrap();
+
+    let baseline = current_rss();
+    reset_peak_rss();
+    let response = client.request(request).await.unwrap();
+    let status = response.status();
+    let answer = response.into_body().collect().await.unwrap().to_bytes();
+    let peak = peak_rss();
+
+    assert_eq!(
+        status,
+        StatusCode::CREATED,
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+    let asset: serde_json::Value = serde_json::from_slice(&answer).unwrap();
+    assert_eq!(asset["size"], TOTAL, "every byte arrived upstream");
+    let grown = peak.saturating_sub(baseline);
+    eprintln!("peak RSS growth during the upload: {} KiB", grown / 1024);
+    // Gateway + emulator + client in one process: far below the 100 MiB body.
+    assert!(
+        grown < 24 * 1024 * 1024,
+        "peak RSS grew by {} MiB",
+        grown / (1024 * 1024)
+    );
+    h.stop().await;
+}
