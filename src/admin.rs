@@ -1,16 +1,28 @@
-//! The admin listener: `GET /healthz` and `GET /readyz`.
+//! The admin listener: health, readiness, and the cache admin API.
 //!
-//! It listens on its own address (loopback by default) so probes and, later,
-//! `/metrics` and the admin API never share a port with client traffic.
+//! It listens on its own address (loopback by default) so probes and admin
+//! calls never share a port with client traffic.
+//!
+//! | route | what |
+//! |---|---|
+//! | `GET /healthz` | the process is up |
+//! | `GET /readyz` | 200 when serving; 503 while draining |
+//! | `GET /admin/cache` | entries, bytes and bounds of the cache |
+//! | `DELETE /admin/cache[?team=T][&upstream=U]` | purge all, one team's, one upstream's (bearer `admin.token`) |
 
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use http::header::{CONTENT_TYPE, HeaderValue};
+use http::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
+use serde_json::json;
+use subtle::ConstantTimeEq;
 
 use crate::body::Body;
+use crate::cache::Store;
+use crate::cache::policy::Partition;
+use crate::config::Config;
 
 /// Whether the gateway should receive traffic; false once shutdown has begun.
 #[derive(Debug, Clone, Default)]
@@ -28,8 +40,16 @@ impl Readiness {
     }
 }
 
-fn json(status: StatusCode, body: &'static str) -> Response<Body> {
-    let mut response = Response::new(Body::full(body));
+/// What the admin handlers read.
+#[derive(Debug, Clone)]
+pub struct AdminState {
+    pub readiness: Readiness,
+    pub cache: Arc<Store>,
+    pub config: Arc<Config>,
+}
+
+fn json_response(status: StatusCode, body: serde_json::Value) -> Response<Body> {
+    let mut response = Response::new(Body::full(body.to_string()));
     *response.status_mut() = status;
     response
         .headers_mut()
@@ -37,24 +57,108 @@ fn json(status: StatusCode, body: &'static str) -> Response<Body> {
     response
 }
 
+fn error(status: StatusCode, code: &str, message: &str) -> Response<Body> {
+    json_response(status, json!({ "code": code, "message": message }))
+}
+
 /// Answers one admin request.
 pub async fn handle<B>(
-    readiness: Readiness,
+    state: AdminState,
     request: Request<B>,
 ) -> Result<Response<Body>, Infallible> {
-    let is_read = matches!(*request.method(), Method::GET | Method::HEAD);
-    Ok(match (is_read, request.uri().path()) {
+    let method = request.method().clone();
+    let is_read = method == Method::GET || method == Method::HEAD;
+    Ok(match request.uri().path() {
         // The process is up and answering: no dependency is checked on purpose.
-        (true, "/healthz") => json(StatusCode::OK, r#"{"status":"ok"}"#),
-        (true, "/readyz") if readiness.is_ready() => json(StatusCode::OK, r#"{"status":"ready"}"#),
-        (true, "/readyz") => json(StatusCode::SERVICE_UNAVAILABLE, r#"{"status":"draining"}"#),
-        (false, "/healthz" | "/readyz") => json(
-            StatusCode::METHOD_NOT_ALLOWED,
-            r#"{"code":"method_not_allowed","message":"use GET"}"#,
+        "/healthz" if is_read => json_response(StatusCode::OK, json!({ "status": "ok" })),
+        "/readyz" if is_read && state.readiness.is_ready() => {
+            json_response(StatusCode::OK, json!({ "status": "ready" }))
+        }
+        "/readyz" if is_read => json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({ "status": "draining" }),
         ),
-        _ => json(
+        "/admin/cache" if is_read => json_response(StatusCode::OK, json!(state.cache.stats())),
+        "/admin/cache" if method == Method::DELETE => purge(&state, &request),
+        "/healthz" | "/readyz" | "/admin/cache" => error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "see the admin API in the README",
+        ),
+        _ => error(
             StatusCode::NOT_FOUND,
-            r#"{"code":"not_found","message":"admin endpoints: /healthz, /readyz"}"#,
+            "not_found",
+            "admin endpoints: /healthz, /readyz, /admin/cache",
         ),
     })
+}
+
+/// `DELETE /admin/cache[?team=T][&upstream=U]`, bearer-authenticated with `admin.token`.
+fn purge<B>(state: &AdminState, request: &Request<B>) -> Response<Body> {
+    let Some(token) = &state.config.admin.token else {
+        return error(
+            StatusCode::FORBIDDEN,
+            "admin_disabled",
+            "the admin API is off: set admin.token in the config",
+        );
+    };
+    let presented = request
+        .headers()
+        .get(AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer "))
+        .unwrap_or_default();
+    if !bool::from(presented.as_bytes().ct_eq(token.expose().as_bytes())) {
+        return error(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "a valid admin bearer token is required",
+        );
+    }
+    let query = request.uri().query().unwrap_or_default();
+    let team_name = crate::auth::query_param(query, "team");
+    let upstream_name = crate::auth::query_param(query, "upstream");
+    let upstream = match upstream_name.as_deref() {
+        None => None,
+        Some(name) => match state.config.upstreams.iter().find(|u| u.name == name) {
+            Some(upstream) => Some(upstream),
+            None => return error(StatusCode::NOT_FOUND, "not_found", "no such upstream"),
+        },
+    };
+    let team = match team_name.as_deref() {
+        None => None,
+        Some(name) => match state.config.teams.iter().find(|t| t.name == name) {
+            Some(team) => Some(team),
+            None => return error(StatusCode::NOT_FOUND, "not_found", "no such team"),
+        },
+    };
+    let purged = match (team, upstream) {
+        (None, None) => {
+            state.cache.purge_all();
+            json!({ "purged": "all" })
+        }
+        (None, Some(upstream)) => {
+            state.cache.purge_upstream(upstream.index);
+            json!({ "purged": { "upstream": upstream.name } })
+        }
+        (Some(team), only) => {
+            let partitions = state
+                .config
+                .upstreams
+                .iter()
+                .filter(|upstream| only.is_none_or(|only| only.index == upstream.index))
+                .filter_map(|upstream| {
+                    team.credential_id_for(upstream)
+                        .map(|credential| Partition::Team {
+                            upstream: upstream.index,
+                            credential,
+                        })
+                })
+                .collect();
+            state.cache.purge_partitions(partitions);
+            json!({ "purged": { "team": team.name, "upstream": only.map(|u| u.name.clone()) } })
+        }
+    };
+    tracing::info!(%purged, "cache purged through the admin API");
+    json_response(StatusCode::OK, purged)
 }

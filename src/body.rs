@@ -26,6 +26,12 @@ pub enum Body {
     /// No body at all (`Content-Length: 0` is implied).
     #[default]
     Empty,
+    /// Bytes already read, then the rest of a stream: a response the cache
+    /// began to buffer and found too big to store is passed on this way.
+    Chained {
+        head: Option<Bytes>,
+        tail: Box<Body>,
+    },
 }
 
 impl Body {
@@ -59,6 +65,10 @@ impl http_body::Body for Body {
             Body::Incoming(incoming) => Pin::new(incoming).poll_frame(cx).map_err(Into::into),
             Body::Full(chunk) => Poll::Ready(chunk.take().map(|bytes| Ok(Frame::data(bytes)))),
             Body::Empty => Poll::Ready(None),
+            Body::Chained { head, tail } => match head.take() {
+                Some(bytes) => Poll::Ready(Some(Ok(Frame::data(bytes)))),
+                None => Pin::new(tail.as_mut()).poll_frame(cx),
+            },
         }
     }
 
@@ -67,6 +77,7 @@ impl http_body::Body for Body {
             Body::Incoming(incoming) => incoming.is_end_stream(),
             Body::Full(chunk) => chunk.is_none(),
             Body::Empty => true,
+            Body::Chained { head, tail } => head.is_none() && tail.is_end_stream(),
         }
     }
 
@@ -75,6 +86,16 @@ impl http_body::Body for Body {
             Body::Incoming(incoming) => incoming.size_hint(),
             Body::Full(Some(bytes)) => SizeHint::with_exact(bytes.len() as u64),
             Body::Full(None) | Body::Empty => SizeHint::with_exact(0),
+            Body::Chained { head, tail } => {
+                let head = head.as_ref().map_or(0, |bytes| bytes.len() as u64);
+                let tail = tail.size_hint();
+                let mut hint = SizeHint::new();
+                hint.set_lower(tail.lower() + head);
+                if let Some(upper) = tail.upper() {
+                    hint.set_upper(upper + head);
+                }
+                hint
+            }
         }
     }
 }
@@ -91,6 +112,16 @@ mod tests {
         assert_eq!(body.size_hint().exact(), Some(5));
         let collected = body.collect().await.unwrap().to_bytes();
         assert_eq!(collected, Bytes::from_static(b"hello"));
+    }
+
+    #[tokio::test]
+    async fn a_chained_body_yields_its_head_then_its_tail() {
+        let body = Body::Chained {
+            head: Some(Bytes::from_static(b"he")),
+            tail: Box::new(Body::full("llo")),
+        };
+        assert_eq!(body.size_hint().exact(), Some(5));
+        assert_eq!(body.collect().await.unwrap().to_bytes(), "hello");
     }
 
     #[test]

@@ -82,6 +82,22 @@ impl GatewayError {
 
     /// Renders the answer. `request_id` is echoed so a user can quote it to an operator.
     pub fn into_response(self, shape: ErrorShape, request_id: Option<&str>) -> Response<Body> {
+        let mut response = Response::new(Body::full(self.json_body(shape, request_id)));
+        *response.status_mut() = self.status();
+        response
+            .headers_mut()
+            .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        if self == GatewayError::ConnectNotAllowed {
+            response.headers_mut().insert(
+                http::header::ALLOW,
+                HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),
+            );
+        }
+        response
+    }
+
+    /// The JSON body alone, in `shape`.
+    pub fn json_body(self, shape: ErrorShape, request_id: Option<&str>) -> bytes::Bytes {
         let message = self.to_string();
         let body = match shape {
             ErrorShape::ComfyFlat => json!({
@@ -97,18 +113,7 @@ impl GatewayError {
                 }
             }),
         };
-        let mut response = Response::new(Body::full(body.to_string()));
-        *response.status_mut() = self.status();
-        response
-            .headers_mut()
-            .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        if self == GatewayError::ConnectNotAllowed {
-            response.headers_mut().insert(
-                http::header::ALLOW,
-                HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),
-            );
-        }
-        response
+        bytes::Bytes::from(body.to_string())
     }
 }
 

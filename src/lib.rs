@@ -20,6 +20,7 @@
 pub mod admin;
 pub mod auth;
 pub mod body;
+pub mod cache;
 pub mod config;
 pub mod demo;
 pub mod emulator;
@@ -76,13 +77,18 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let readiness = Readiness::default();
-    let service = stack::build(&config);
-    let (admin_stop, admin_stopped) = tokio::sync::watch::channel(false);
-    let admin = tokio::spawn(serve_admin(
-        listeners.admin,
-        readiness.clone(),
-        admin_stopped,
+    let cache = Arc::new(cache::Store::new(
+        config.cache.max_bytes,
+        config.cache.max_entry_bytes,
     ));
+    let service = stack::build(&config, &cache);
+    let (admin_stop, admin_stopped) = tokio::sync::watch::channel(false);
+    let admin_state = admin::AdminState {
+        readiness: readiness.clone(),
+        cache,
+        config: Arc::clone(&config),
+    };
+    let admin = tokio::spawn(serve_admin(listeners.admin, admin_state, admin_stopped));
     let builder = auto::Builder::new(TokioExecutor::new());
     let graceful = GracefulShutdown::new();
     tracing::info!(
@@ -140,7 +146,7 @@ pub async fn run(
 
 async fn serve_admin(
     listener: TcpListener,
-    readiness: Readiness,
+    state: admin::AdminState,
     mut stopped: tokio::sync::watch::Receiver<bool>,
 ) {
     let builder = auto::Builder::new(TokioExecutor::new());
@@ -148,8 +154,8 @@ async fn serve_admin(
         tokio::select! {
             accepted = listener.accept() => {
                 let Ok((stream, _)) = accepted else { continue };
-                let readiness = readiness.clone();
-                let service = hyper::service::service_fn(move |request| admin::handle(readiness.clone(), request));
+                let state = state.clone();
+                let service = hyper::service::service_fn(move |request| admin::handle(state.clone(), request));
                 let connection = builder.serve_connection(TokioIo::new(stream), service).into_owned();
                 tokio::spawn(async move {
                     let _ = connection.await;

@@ -14,6 +14,7 @@ use std::sync::Arc;
 
 use http::{HeaderMap, Method, Request, Version, header};
 
+use crate::cache::policy::CacheRoute;
 use crate::config::{RouteRule, Upstream};
 use crate::error::{ErrorShape, GatewayError};
 
@@ -36,6 +37,8 @@ pub struct RouteMatch {
     /// Index into `upstream.preset.rules` of the rule that matched.
     rule_index: usize,
     pub class: RouteClass,
+    /// What the cache does with it: a cacheable read, an invalidating write, or nothing.
+    pub cache: Option<CacheRoute>,
 }
 
 impl RouteMatch {
@@ -113,16 +116,18 @@ impl Router {
             .iter()
             .position(|rule| rule.pattern.matches(upstream_path))
             .ok_or(GatewayError::NoRoute)?;
-        let class = if is_upgrade(request.version(), request.headers()) {
-            RouteClass::Upgrade
+        let (class, cache) = if is_upgrade(request.version(), request.headers()) {
+            (RouteClass::Upgrade, None)
         } else {
-            RouteClass::Passthrough
+            let cache = upstream.cache.classify(request.method(), upstream_path);
+            (RouteClass::Passthrough, cache)
         };
         Ok(RouteMatch {
             upstream: Arc::clone(upstream),
             path_offset,
             rule_index,
             class,
+            cache,
         })
     }
 }
@@ -161,8 +166,10 @@ pub struct PathPattern {
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Segment {
     Literal(String),
-    Any,
-    Uuid,
+    /// `{name}` (named) or `*` (anonymous): any one non-empty segment.
+    Any(Option<String>),
+    /// `{name:uuid}`.
+    Uuid(String),
 }
 
 impl PathPattern {
@@ -186,12 +193,12 @@ impl PathPattern {
                     open_tail = true;
                     continue;
                 }
-                "*" => Segment::Any,
+                "*" => Segment::Any(None),
                 part if part.starts_with('{') && part.ends_with('}') => {
                     let inner = &part[1..part.len() - 1];
                     match inner.split_once(':') {
-                        None if !inner.is_empty() => Segment::Any,
-                        Some((name, "uuid")) if !name.is_empty() => Segment::Uuid,
+                        None if !inner.is_empty() => Segment::Any(Some(inner.to_owned())),
+                        Some((name, "uuid")) if !name.is_empty() => Segment::Uuid(name.to_owned()),
                         _ => {
                             return Err(format!(
                                 "bad placeholder `{part}` in `{source}` (use `{{name}}` or `{{name:uuid}}`)"
@@ -218,6 +225,30 @@ impl PathPattern {
     }
 
     pub fn matches(&self, path: &str) -> bool {
+        self.walk(path, |_, _| {})
+    }
+
+    /// The value of the `{name}` segment in `path`, if the pattern matches.
+    pub fn capture<'p>(&self, path: &'p str, name: &str) -> Option<&'p str> {
+        let mut found = None;
+        let matched = self.walk(path, |segment, value| {
+            if segment == name {
+                found = Some(value);
+            }
+        });
+        if matched { found } else { None }
+    }
+
+    /// Whether the pattern has a `{name}` placeholder.
+    pub fn has_capture(&self, name: &str) -> bool {
+        self.segments.iter().any(|segment| match segment {
+            Segment::Any(Some(own)) | Segment::Uuid(own) => own == name,
+            _ => false,
+        })
+    }
+
+    /// Matches `path`, reporting each named placeholder's value.
+    fn walk<'p>(&self, path: &'p str, mut on_capture: impl FnMut(&str, &'p str)) -> bool {
         let Some(rest) = path.strip_prefix('/') else {
             return false;
         };
@@ -232,11 +263,14 @@ impl PathPattern {
             };
             let fits = match segment {
                 Segment::Literal(literal) => part == literal,
-                Segment::Any => !part.is_empty(),
-                Segment::Uuid => uuid::Uuid::try_parse(part).is_ok(),
+                Segment::Any(_) => !part.is_empty(),
+                Segment::Uuid(_) => uuid::Uuid::try_parse(part).is_ok(),
             };
             if !fits {
                 return false;
+            }
+            if let Segment::Any(Some(name)) | Segment::Uuid(name) = segment {
+                on_capture(name, part);
             }
         }
         self.open_tail || parts.next().is_none()
@@ -276,6 +310,23 @@ mod tests {
             let parsed = PathPattern::parse(pattern).unwrap();
             assert_eq!(parsed.matches(path), *expected, "{pattern} vs {path}");
         }
+    }
+
+    #[test]
+    fn named_placeholders_capture_their_segment() {
+        let id = "3f2504e0-4f89-41d3-9a0c-0305e82c3301";
+        let pattern = PathPattern::parse("/api/assets/{id:uuid}/tags").unwrap();
+        assert_eq!(
+            pattern.capture(&format!("/api/assets/{id}/tags"), "id"),
+            Some(id)
+        );
+        assert_eq!(pattern.capture("/api/assets/nope/tags", "id"), None);
+        assert!(pattern.has_capture("id") && !pattern.has_capture("other"));
+        let any = PathPattern::parse("/collections/{collection}/assets").unwrap();
+        assert_eq!(
+            any.capture("/collections/c1/assets", "collection"),
+            Some("c1")
+        );
     }
 
     #[test]

@@ -26,6 +26,9 @@ use http::{HeaderValue, Uri};
 use serde::Deserialize;
 
 use crate::auth::keys::{KeyDigest, KeyStore};
+use crate::cache::policy::{
+    CachePolicy, CredentialId, MethodMatch, ReadRule, ScopeTemplate, WriteRule, parse_match,
+};
 pub use preset::{CredentialPlacement, Preset, RouteRule};
 pub use secret::Secret;
 
@@ -41,6 +44,22 @@ pub struct Config {
     pub teams: Vec<Arc<Team>>,
     /// Client key hash → team.
     pub keys: KeyStore<Team>,
+    pub cache: CacheSettings,
+    pub admin: AdminSettings,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct CacheSettings {
+    /// Total bytes of cached responses (keys, headers, bodies).
+    pub max_bytes: u64,
+    /// A response bigger than this streams through uncached.
+    pub max_entry_bytes: usize,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct AdminSettings {
+    /// Bearer token for the admin API's writes (cache purge); `None` disables them.
+    pub token: Option<Secret>,
 }
 
 #[derive(Debug, Clone)]
@@ -83,6 +102,8 @@ pub struct Upstream {
     pub mount: String,
     pub preset: Preset,
     pub timeouts: UpstreamTimeouts,
+    /// Config rules first, then the preset's (unless `preset_rules = false`); empty when disabled.
+    pub cache: CachePolicy,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -100,14 +121,22 @@ pub struct UpstreamTimeouts {
 pub struct Team {
     pub name: String,
     /// Indexed by `Upstream::index`; `None` where the team has no credential.
-    credentials: Vec<Option<Secret>>,
+    credentials: Vec<Option<(Secret, CredentialId)>>,
 }
 
 impl Team {
     pub fn new(name: impl Into<String>, credentials: Vec<Option<Secret>>) -> Self {
         Team {
             name: name.into(),
-            credentials,
+            credentials: credentials
+                .into_iter()
+                .map(|secret| {
+                    secret.map(|secret| {
+                        let id = CredentialId::of(secret.expose());
+                        (secret, id)
+                    })
+                })
+                .collect(),
         }
     }
 
@@ -115,6 +144,15 @@ impl Team {
         self.credentials
             .get(upstream.index)
             .and_then(Option::as_ref)
+            .map(|(secret, _)| secret)
+    }
+
+    /// The cache partition identity of this team's credential for `upstream`.
+    pub fn credential_id_for(&self, upstream: &Upstream) -> Option<CredentialId> {
+        self.credentials
+            .get(upstream.index)
+            .and_then(Option::as_ref)
+            .map(|(_, id)| *id)
     }
 }
 
@@ -162,6 +200,49 @@ struct FileConfig {
     upstreams: BTreeMap<String, FileUpstream>,
     #[serde(default)]
     teams: BTreeMap<String, FileTeam>,
+    #[serde(default)]
+    cache: FileCache,
+    #[serde(default)]
+    admin: FileAdmin,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct FileCache {
+    max_bytes: Option<String>,
+    max_entry_bytes: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct FileAdmin {
+    token: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct FileUpstreamCache {
+    enabled: Option<bool>,
+    preset_rules: Option<bool>,
+    #[serde(default)]
+    rules: Vec<FileReadRule>,
+    #[serde(default)]
+    invalidate: Vec<FileWriteRule>,
+}
+
+#[derive(Debug, Deserialize)]
+struct FileReadRule {
+    #[serde(rename = "match")]
+    matches: String,
+    ttl: String,
+    scope: String,
+    shared: Option<bool>,
+    stale_while_revalidate: Option<String>,
+    stale_if_error: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct FileWriteRule {
+    #[serde(rename = "match")]
+    matches: String,
+    scopes: Vec<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -187,6 +268,8 @@ struct FileUpstream {
     connect_timeout: Option<String>,
     response_timeout: Option<String>,
     pool_idle_timeout: Option<String>,
+    #[serde(default)]
+    cache: FileUpstreamCache,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -424,6 +507,12 @@ fn validate(
                 &mut problem,
             ),
         };
+        let cache = cache_policy(
+            &upstream.cache,
+            preset.as_ref(),
+            &key("cache"),
+            &mut problem,
+        );
         if let (Some((scheme, authority, base_path)), Some(preset)) = (base, preset) {
             let host_header = HeaderValue::from_str(authority.as_str())
                 .expect("a parsed authority is a valid header value");
@@ -437,6 +526,7 @@ fn validate(
                 mount,
                 preset,
                 timeouts,
+                cache,
             }));
         } else {
             // Keep indices aligned with declaration order for the team tables below.
@@ -498,6 +588,45 @@ fn validate(
         teams.push(team_arc);
     }
 
+    // [cache]
+    let cache = CacheSettings {
+        max_bytes: size_or(
+            file.cache.max_bytes.as_deref(),
+            256 << 20,
+            "cache.max_bytes",
+            &mut problem,
+        ),
+        max_entry_bytes: size_or(
+            file.cache.max_entry_bytes.as_deref(),
+            8 << 20,
+            "cache.max_entry_bytes",
+            &mut problem,
+        ) as usize,
+    };
+    if cache.max_entry_bytes as u64 > cache.max_bytes {
+        problem(
+            "cache.max_entry_bytes",
+            format!(
+                "{} is larger than cache.max_bytes ({})",
+                cache.max_entry_bytes, cache.max_bytes
+            ),
+        );
+    }
+
+    // [admin]
+    let admin = AdminSettings {
+        token: file.admin.token.as_deref().and_then(|reference| {
+            let resolved = match secrets {
+                Secrets::Resolve => secret::resolve(reference, dir, env),
+                Secrets::FormOnly => secret::check_form(reference),
+            };
+            resolved
+                .and_then(secret::header_safe)
+                .map_err(|message| problem("admin.token", message))
+                .ok()
+        }),
+    };
+
     Config {
         origin: origin.to_owned(),
         server,
@@ -505,7 +634,134 @@ fn validate(
         upstreams,
         teams,
         keys,
+        cache,
+        admin,
     }
+}
+
+/// The upstream's cache rules: config rules first, then the preset's.
+fn cache_policy(
+    file: &FileUpstreamCache,
+    preset: Option<&Preset>,
+    key: &str,
+    problem: &mut impl FnMut(&str, String),
+) -> CachePolicy {
+    if file.enabled == Some(false) {
+        return CachePolicy::default();
+    }
+    let mut policy = CachePolicy::default();
+    for (index, rule) in file.rules.iter().enumerate() {
+        let field = format!("{key}.rules[{index}]");
+        let (methods, pattern) = match parse_match(&rule.matches) {
+            Ok(parsed) => parsed,
+            Err(message) => {
+                problem(&format!("{field}.match"), message);
+                continue;
+            }
+        };
+        if methods != MethodMatch::Listed(vec![http::Method::GET]) {
+            problem(
+                &format!("{field}.match"),
+                "cache rules are for reads: use `GET /path` (HEAD is answered from GET)".into(),
+            );
+            continue;
+        }
+        let scope = match ScopeTemplate::parse(&rule.scope, &pattern) {
+            Ok(scope) => scope,
+            Err(message) => {
+                problem(&format!("{field}.scope"), message);
+                continue;
+            }
+        };
+        let mut duration = |value: Option<&str>, name: &str| {
+            value
+                .map_or(Ok(Duration::ZERO), parse_duration)
+                .unwrap_or_else(|message| {
+                    problem(&format!("{field}.{name}"), message);
+                    Duration::ZERO
+                })
+        };
+        let ttl = duration(Some(&rule.ttl), "ttl");
+        let stale_while_revalidate = duration(
+            rule.stale_while_revalidate.as_deref(),
+            "stale_while_revalidate",
+        );
+        let stale_if_error = duration(rule.stale_if_error.as_deref(), "stale_if_error");
+        policy.reads.push(ReadRule {
+            pattern,
+            ttl,
+            scope,
+            shared: rule.shared.unwrap_or(false),
+            stale_while_revalidate,
+            stale_if_error,
+        });
+    }
+    for (index, rule) in file.invalidate.iter().enumerate() {
+        let field = format!("{key}.invalidate[{index}]");
+        let (methods, pattern) = match parse_match(&rule.matches) {
+            Ok(parsed) => parsed,
+            Err(message) => {
+                problem(&format!("{field}.match"), message);
+                continue;
+            }
+        };
+        let scopes: Result<Vec<_>, _> = rule
+            .scopes
+            .iter()
+            .map(|scope| ScopeTemplate::parse(scope, &pattern))
+            .collect();
+        match scopes {
+            Ok(scopes) => policy.writes.push(WriteRule {
+                methods,
+                pattern,
+                scopes,
+            }),
+            Err(message) => problem(&format!("{field}.scopes"), message),
+        }
+    }
+    if file.preset_rules != Some(false) {
+        if let Some(preset) = preset {
+            policy.reads.extend(preset.cache.reads.iter().cloned());
+            policy.writes.extend(preset.cache.writes.iter().cloned());
+        }
+    }
+    policy
+}
+
+fn size_or(
+    value: Option<&str>,
+    default: u64,
+    key: &str,
+    problem: &mut impl FnMut(&str, String),
+) -> u64 {
+    match value.map(parse_size) {
+        None => default,
+        Some(Ok(size)) => size,
+        Some(Err(message)) => {
+            problem(key, message);
+            default
+        }
+    }
+}
+
+/// Parses `1048576`, `512KiB`, `64MiB`, `1GiB`.
+pub fn parse_size(value: &str) -> Result<u64, String> {
+    let value = value.trim();
+    let split = value
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(value.len());
+    let (number, unit) = value.split_at(split);
+    let bad =
+        || format!("`{value}` is not a size; expected e.g. `65536`, `512KiB`, `64MiB`, `1GiB`");
+    let number: u64 = number.parse().map_err(|_| bad())?;
+    let multiplier = match unit {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        _ => return Err(bad()),
+    };
+    number.checked_mul(multiplier).ok_or_else(bad)
 }
 
 /// A value with where it came from, so a problem names the right source.
@@ -637,6 +893,7 @@ fn placeholder_upstream(name: String, index: usize) -> Upstream {
             response: Duration::ZERO,
             pool_idle: Duration::ZERO,
         },
+        cache: CachePolicy::default(),
     }
 }
 
@@ -808,6 +1065,75 @@ mod tests {
         assert!(load_str(&text, "t", None, &env, Secrets::FormOnly).is_ok());
         let inline = VALID.replace("env:COMFY_KEY_DESIGN", "sk-inline");
         assert!(load_str(&inline, "t", None, &env, Secrets::FormOnly).is_err());
+    }
+
+    #[test]
+    fn cache_rules_from_config_come_before_the_preset_and_are_validated() {
+        let text = format!(
+            "{VALID}
+[upstreams.comfy.cache]
+[[upstreams.comfy.cache.rules]]
+match = \"GET /api/jobs\"
+ttl = \"5s\"
+scope = \"jobs\"
+[[upstreams.comfy.cache.invalidate]]
+match = \"POST /api/prompt\"
+scopes = [\"jobs\"]
+"
+        );
+        let config = load(&text).unwrap();
+        let cache = &config.upstreams[0].cache;
+        assert_eq!(cache.reads[0].pattern.as_str(), "/api/jobs");
+        assert_eq!(
+            cache.reads.len(),
+            1 + preset::by_name("comfy-cloud").unwrap().cache.reads.len()
+        );
+        assert_eq!(cache.writes[0].pattern.as_str(), "/api/prompt");
+
+        let bad = format!(
+            "{VALID}
+[cache]
+max_bytes = \"lots\"
+[[upstreams.comfy.cache.rules]]
+match = \"POST /api/jobs\"
+ttl = \"5s\"
+scope = \"jobs\"
+[[upstreams.comfy.cache.rules]]
+match = \"GET /api/jobs/{{id}}\"
+ttl = \"forever\"
+scope = \"job:{{nope}}\"
+"
+        );
+        let keys = problem_keys(&bad);
+        for expected in [
+            "cache.max_bytes",
+            "upstreams.comfy.cache.rules[0].match",
+            "upstreams.comfy.cache.rules[1].scope",
+        ] {
+            assert!(
+                keys.contains(&expected.to_owned()),
+                "{expected} in {keys:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_disabled_cache_has_no_rules() {
+        let text = format!("{VALID}\n[upstreams.comfy.cache]\nenabled = false\n");
+        let config = load(&text).unwrap();
+        assert!(config.upstreams[0].cache.reads.is_empty());
+        assert!(config.upstreams[0].cache.writes.is_empty());
+    }
+
+    #[test]
+    fn sizes_parse_in_every_unit() {
+        assert_eq!(parse_size("65536").unwrap(), 65536);
+        assert_eq!(parse_size("512KiB").unwrap(), 512 * 1024);
+        assert_eq!(parse_size("64MiB").unwrap(), 64 << 20);
+        assert_eq!(parse_size("1GiB").unwrap(), 1 << 30);
+        for bad in ["", "MiB", "1.5MiB", "10MB", "99999999999999GiB"] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

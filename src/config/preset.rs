@@ -5,8 +5,11 @@
 //! credential goes and in which JSON shape the gateway answers errors there.
 //! Facts come from the specs in `shared/upstream/` (cited per rule).
 
+use std::time::Duration;
+
 use http::HeaderName;
 
+use crate::cache::policy::{CachePolicy, ReadRule, ScopeTemplate, WriteRule, parse_match};
 use crate::error::ErrorShape;
 use crate::route::PathPattern;
 
@@ -34,6 +37,45 @@ pub struct RouteRule {
 pub struct Preset {
     pub name: &'static str,
     pub rules: Vec<RouteRule>,
+    /// The built-in cache rules; config rules are matched before these.
+    pub cache: CachePolicy,
+}
+
+/// One built-in read rule: match, TTL, scope, stale-while-revalidate, stale-if-error.
+type ReadRow = (&'static str, u64, &'static str, u64, u64);
+
+fn reads(rows: &[ReadRow]) -> Vec<ReadRule> {
+    rows.iter()
+        .map(|&(source, ttl, scope, swr, sie)| {
+            let (_, pattern) = parse_match(source).expect("built-in rules are valid");
+            ReadRule {
+                scope: ScopeTemplate::parse(scope, &pattern).expect("built-in scopes are valid"),
+                pattern,
+                ttl: Duration::from_secs(ttl),
+                shared: false,
+                stale_while_revalidate: Duration::from_secs(swr),
+                stale_if_error: Duration::from_secs(sie),
+            }
+        })
+        .collect()
+}
+
+fn writes(rows: &[(&'static str, &[&'static str])]) -> Vec<WriteRule> {
+    rows.iter()
+        .map(|&(source, scopes)| {
+            let (methods, pattern) = parse_match(source).expect("built-in rules are valid");
+            WriteRule {
+                scopes: scopes
+                    .iter()
+                    .map(|scope| {
+                        ScopeTemplate::parse(scope, &pattern).expect("built-in scopes are valid")
+                    })
+                    .collect(),
+                methods,
+                pattern,
+            }
+        })
+        .collect()
 }
 
 /// The names `preset = "…"` accepts.
@@ -78,6 +120,56 @@ fn comfy_cloud() -> Preset {
                 ErrorShape::ComfyFlat,
             ),
         ],
+        cache: comfy_cloud_cache(),
+    }
+}
+
+/// Comfy Cloud's asset reads and the writes that change them (v1 spec, tag `asset`).
+/// Literal routes come before `{id:uuid}`; scopes: `assets` (lists), `tags`
+/// (tag lists and histograms), `asset:{id}` (one detail; `asset` is all of
+/// them), `remote-metadata`.
+fn comfy_cloud_cache() -> CachePolicy {
+    const MINUTE: u64 = 60;
+    CachePolicy {
+        reads: reads(&[
+            // (match, ttl s, scope, stale-while-revalidate s, stale-if-error s)
+            ("GET /api/assets", 30, "assets", 0, 5 * MINUTE),
+            (
+                "GET /api/assets/remote-metadata",
+                60 * MINUTE,
+                "remote-metadata",
+                0,
+                60 * MINUTE,
+            ),
+            ("GET /api/assets/tags/refine", 30, "tags", 0, 5 * MINUTE),
+            ("GET /api/tags", 30, "tags", 0, 5 * MINUTE),
+            (
+                "GET /api/assets/{id:uuid}",
+                5 * MINUTE,
+                "asset:{id}",
+                0,
+                10 * MINUTE,
+            ),
+        ]),
+        writes: writes(&[
+            ("POST /api/assets/from-hash", &["assets", "tags"]),
+            (
+                "PUT|DELETE /api/assets/{id:uuid}",
+                &["asset:{id}", "assets", "tags"],
+            ),
+            (
+                "POST|DELETE /api/assets/{id:uuid}/tags",
+                &["asset:{id}", "assets", "tags"],
+            ),
+            ("POST /api/assets", &["assets", "tags"]),
+            ("POST /api/assets/download", &["assets", "tags"]),
+            ("POST /api/upload/**", &["assets", "tags"]),
+            // The safe default: any other write under /api/assets touches every asset scope.
+            (
+                "* /api/assets/**",
+                &["assets", "tags", "asset", "remote-metadata"],
+            ),
+        ]),
     }
 }
 

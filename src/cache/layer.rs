@@ -1,0 +1,601 @@
+//! The cache as a tower layer: hits answered from memory, misses filled once.
+//!
+//! For a cacheable read (decided at classification) the layer:
+//! 1. bypasses the cache on `no-store` or `Range`;
+//! 2. answers a fresh, still-valid entry itself (`304` for a matching
+//!    `If-None-Match`, headers only for `HEAD`), with `Age` and `Cache-Status`;
+//! 3. within `stale-while-revalidate`, answers the stale entry and starts one
+//!    background refresh for the key;
+//! 4. otherwise joins the fill in progress for the key or starts one. The fill
+//!    runs in its own task — it completes for the waiters even if the client
+//!    that started it goes away — and always asks upstream for a full `GET`.
+//!    Its answer is shared with every waiter; a `200` is stored if cacheable;
+//!    a 5xx is replaced by a stale entry still within `stale-if-error`.
+//!
+//! For a write matching a write rule, a 2xx answer invalidates the scopes the
+//! rule names, in the writer's partition, before the answer reaches the client.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures_util::future::Either;
+use http::header::{self, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use tokio::sync::{oneshot, watch};
+use tokio::time::Instant;
+use tower::{Layer, Service, ServiceExt};
+use tracing::Instrument;
+
+use super::policy::{
+    CACHE_STATUS, CacheKey, CacheRoute, Partition, RequestMode, Scope, cache_status, if_none_match,
+    request_mode, storable, strong_etag,
+};
+use super::store::{CachedResponse, Freshness, Join, Outcome, Store};
+use crate::auth::Authenticated;
+use crate::auth::inject::ClientAddr;
+use crate::body::Body;
+use crate::error::{ErrorShape, GatewayError};
+use crate::route::RouteMatch;
+use crate::telemetry::RequestId;
+
+/// Tower layer for [`CacheService`].
+#[derive(Debug, Clone)]
+pub struct CacheLayer {
+    store: Arc<Store>,
+}
+
+impl CacheLayer {
+    pub fn new(store: Arc<Store>) -> Self {
+        CacheLayer { store }
+    }
+}
+
+impl<S> Layer<S> for CacheLayer {
+    type Service = CacheService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        CacheService {
+            store: Arc::clone(&self.store),
+            inner,
+        }
+    }
+}
+
+/// See the module documentation.
+#[derive(Debug, Clone)]
+pub struct CacheService<S> {
+    store: Arc<Store>,
+    inner: S,
+}
+
+type BoxFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
+
+/// How long an entry of one rule stays useful.
+#[derive(Debug, Clone, Copy)]
+struct Lifetimes {
+    ttl: Duration,
+    stale_while_revalidate: Duration,
+    stale_if_error: Duration,
+}
+
+impl<S> Service<Request<Body>> for CacheService<S>
+where
+    S: Service<Request<Body>, Response = Response<Body>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send,
+{
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = Either<S::Future, BoxFuture>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<Body>) -> Self::Future {
+        let Some(route) = request.extensions().get::<RouteMatch>() else {
+            return Either::Left(self.inner.call(request));
+        };
+        let Some(cache_route) = route.cache.clone() else {
+            return Either::Left(self.inner.call(request));
+        };
+        let upstream = route.upstream.index;
+        let credential = request
+            .extensions()
+            .get::<Authenticated>()
+            .and_then(|auth| auth.team.credential_id_for(&route.upstream));
+        let store = Arc::clone(&self.store);
+        // The ready service goes into the future; `self` keeps a fresh clone (tower's contract).
+        let inner = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, inner);
+
+        match cache_route {
+            CacheRoute::Write { scopes } => {
+                let Some(credential) = credential else {
+                    return Either::Left(inner.call(request));
+                };
+                let partition = Partition::Team {
+                    upstream,
+                    credential,
+                };
+                Either::Right(Box::pin(async move {
+                    let response = inner.oneshot(request).await?;
+                    // Before the client sees the 2xx: any later read misses these scopes.
+                    if response.status().is_success() {
+                        store.invalidate(partition, &scopes);
+                        tracing::debug!(scopes = scopes.len(), "write invalidated cache scopes");
+                    }
+                    Ok(response)
+                }))
+            }
+            CacheRoute::Read { rule, scope } => {
+                let rule = &route.upstream.cache.reads[rule];
+                let lifetimes = Lifetimes {
+                    ttl: rule.ttl,
+                    stale_while_revalidate: rule.stale_while_revalidate,
+                    stale_if_error: rule.stale_if_error,
+                };
+                let partition = match (rule.shared, credential) {
+                    (true, _) => Partition::Shared { upstream },
+                    (false, Some(credential)) => Partition::Team {
+                        upstream,
+                        credential,
+                    },
+                    (false, None) => return Either::Left(inner.call(request)),
+                };
+                let target = match request.uri().query() {
+                    Some(query) => format!("{}?{query}", route.upstream_path(request.uri().path())),
+                    None => route.upstream_path(request.uri().path()).to_owned(),
+                };
+                let key = CacheKey::new(partition, &target, request.headers());
+                Either::Right(Box::pin(read(store, inner, request, key, scope, lifetimes)))
+            }
+        }
+    }
+}
+
+/// The read path; see the module documentation.
+async fn read<S>(
+    store: Arc<Store>,
+    inner: S,
+    request: Request<Body>,
+    key: CacheKey,
+    scope: Scope,
+    lifetimes: Lifetimes,
+) -> Result<Response<Body>, Infallible>
+where
+    S: Service<Request<Body>, Response = Response<Body>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send,
+{
+    let mode = request_mode(request.headers());
+    if mode == RequestMode::Bypass {
+        let mut response = inner.oneshot(request).await?;
+        response
+            .headers_mut()
+            .insert(&CACHE_STATUS, cache_status::BYPASS);
+        return Ok(response);
+    }
+    let head_only = request.method() == Method::HEAD;
+    let condition = request.headers().get(header::IF_NONE_MATCH).cloned();
+    let answer = |entry: &CachedResponse, status: HeaderValue, with_age: bool| {
+        respond(
+            entry,
+            head_only,
+            condition.as_ref(),
+            status,
+            with_age.then(|| entry.age(Instant::now())),
+        )
+    };
+
+    let mut fallback = None;
+    if mode == RequestMode::Normal {
+        if let Some(entry) = store.get(&key, &scope) {
+            let now = Instant::now();
+            match entry.freshness(now) {
+                Freshness::Fresh(left) => return Ok(answer(&entry, cache_status::hit(left), true)),
+                Freshness::Revalidatable => {
+                    refresh_in_background(&store, &inner, &request, &key, &scope, lifetimes);
+                    let status = cache_status::stale_while_revalidate(entry.ttl_left(now));
+                    return Ok(answer(&entry, status, true));
+                }
+                Freshness::ErrorFallback => fallback = Some(entry),
+                Freshness::Dead => {}
+            }
+        }
+    }
+
+    let stamp = store.stamp(key.partition, &scope);
+    match store.join(&key, stamp, mode == RequestMode::Normal) {
+        Join::Leader { id, outcome } => {
+            let (leader, led) = oneshot::channel();
+            let fill = fill(
+                Arc::clone(&store),
+                inner,
+                fill_request(&request),
+                key,
+                scope,
+                lifetimes,
+                stamp,
+                id,
+                outcome,
+                Some(leader),
+            );
+            tokio::spawn(fill.instrument(tracing::Span::current()));
+            let (stored_status, unstored_status) = match mode {
+                RequestMode::Refresh => (cache_status::REFRESH_STORED, cache_status::REFRESH),
+                _ => (cache_status::MISS_STORED, cache_status::MISS),
+            };
+            Ok(match led.await {
+                Ok(LeaderOutcome::Shared { response, stored }) => {
+                    if let Some(stale) = usable_fallback(&response, fallback.as_deref()) {
+                        answer(
+                            stale,
+                            cache_status::stale_if_error(
+                                stale.ttl_left(Instant::now()),
+                                response.status.as_u16(),
+                            ),
+                            true,
+                        )
+                    } else {
+                        answer(
+                            &response,
+                            if stored {
+                                stored_status
+                            } else {
+                                unstored_status
+                            },
+                            false,
+                        )
+                    }
+                }
+                Ok(LeaderOutcome::Streamed(mut response)) => {
+                    response
+                        .headers_mut()
+                        .insert(&CACHE_STATUS, cache_status::MISS);
+                    response
+                }
+                Err(_) => GatewayError::Internal
+                    .into_response(shape_of(&request), RequestId::of(&request)),
+            })
+        }
+        Join::Waiter(mut outcome) => {
+            let shared = loop {
+                if let Some(done) = outcome.borrow_and_update().clone() {
+                    break Some(done);
+                }
+                if outcome.changed().await.is_err() {
+                    break None;
+                }
+            };
+            match shared {
+                Some(Outcome::Shared { response, .. }) => {
+                    if let Some(stale) = usable_fallback(&response, fallback.as_deref()) {
+                        let status = cache_status::stale_if_error(
+                            stale.ttl_left(Instant::now()),
+                            response.status.as_u16(),
+                        );
+                        return Ok(answer(stale, status, true));
+                    }
+                    Ok(answer(&response, cache_status::COLLAPSED, false))
+                }
+                // Too big to share, or the fill died: go upstream alone.
+                Some(Outcome::Refetch) | None => {
+                    let mut response = inner.oneshot(request).await?;
+                    response
+                        .headers_mut()
+                        .insert(&CACHE_STATUS, cache_status::MISS);
+                    Ok(response)
+                }
+            }
+        }
+    }
+}
+
+fn shape_of(request: &Request<Body>) -> ErrorShape {
+    request
+        .extensions()
+        .get::<RouteMatch>()
+        .map_or(ErrorShape::ComfyFlat, RouteMatch::error_shape)
+}
+
+/// The stale entry to serve instead of a failed fill, if the rule allows it.
+fn usable_fallback<'a>(
+    fresh: &CachedResponse,
+    fallback: Option<&'a CachedResponse>,
+) -> Option<&'a CachedResponse> {
+    fallback.filter(|stale| {
+        fresh.status.is_server_error() && stale.freshness(Instant::now()) != Freshness::Dead
+    })
+}
+
+/// Starts a background fill for `key` unless one is already running.
+fn refresh_in_background<S>(
+    store: &Arc<Store>,
+    inner: &S,
+    request: &Request<Body>,
+    key: &CacheKey,
+    scope: &Scope,
+    lifetimes: Lifetimes,
+) where
+    S: Service<Request<Body>, Response = Response<Body>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send,
+{
+    let stamp = store.stamp(key.partition, scope);
+    if let Join::Leader { id, outcome } = store.join(key, stamp, true) {
+        let fill = fill(
+            Arc::clone(store),
+            inner.clone(),
+            fill_request(request),
+            key.clone(),
+            scope.clone(),
+            lifetimes,
+            stamp,
+            id,
+            outcome,
+            None,
+        );
+        tokio::spawn(fill.instrument(tracing::Span::current()));
+    }
+}
+
+/// What the client that started a fill gets.
+enum LeaderOutcome {
+    Shared {
+        response: Arc<CachedResponse>,
+        stored: bool,
+    },
+    Streamed(Response<Body>),
+}
+
+/// One upstream fetch for a key, shared by everyone waiting on it.
+#[allow(clippy::too_many_arguments)]
+async fn fill<S>(
+    store: Arc<Store>,
+    inner: S,
+    request: Request<Body>,
+    key: CacheKey,
+    scope: Scope,
+    lifetimes: Lifetimes,
+    stamp: super::store::Stamp,
+    id: u64,
+    outcome: watch::Sender<Option<Outcome>>,
+    leader: Option<oneshot::Sender<LeaderOutcome>>,
+) where
+    S: Service<Request<Body>, Response = Response<Body>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send,
+{
+    let request_id = RequestId::of(&request).map(str::to_owned);
+    let shape = shape_of(&request);
+    let Ok(response) = inner.oneshot(request).await;
+    let (parts, body) = response.into_parts();
+    let declared_length = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse::<usize>().ok());
+    let collected = if declared_length.is_some_and(|length| length > store.max_entry_bytes) {
+        Collected::TooBig(body)
+    } else {
+        collect_capped(body, store.max_entry_bytes).await
+    };
+    match collected {
+        Collected::Complete(bytes) => {
+            let cacheable = storable(parts.status, &parts.headers).is_ok();
+            let mut headers = parts.headers;
+            let etag = match headers.get(header::ETAG) {
+                Some(etag) => Some(etag.clone()),
+                None if cacheable => {
+                    let etag = strong_etag(&bytes);
+                    headers.insert(header::ETAG, etag.clone());
+                    Some(etag)
+                }
+                None => None,
+            };
+            let response = Arc::new(CachedResponse {
+                status: parts.status,
+                headers,
+                body: bytes,
+                etag,
+                stored_at: Instant::now(),
+                ttl: lifetimes.ttl,
+                stale_while_revalidate: lifetimes.stale_while_revalidate,
+                stale_if_error: lifetimes.stale_if_error,
+                stamp,
+            });
+            let stored = cacheable && store.insert(key.clone(), &scope, Arc::clone(&response));
+            outcome.send_replace(Some(Outcome::Shared {
+                response: Arc::clone(&response),
+                stored,
+            }));
+            if let Some(leader) = leader {
+                let _ = leader.send(LeaderOutcome::Shared { response, stored });
+            }
+        }
+        Collected::TooBig(body) => {
+            outcome.send_replace(Some(Outcome::Refetch));
+            if let Some(leader) = leader {
+                let _ = leader.send(LeaderOutcome::Streamed(Response::from_parts(parts, body)));
+            }
+        }
+        Collected::Failed => {
+            // The upstream broke off mid-body: every waiter gets the gateway's 502.
+            let error = GatewayError::UpstreamReset;
+            let mut headers = http::HeaderMap::new();
+            headers.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            let response = Arc::new(CachedResponse {
+                status: error.status(),
+                headers,
+                body: error.json_body(shape, request_id.as_deref()),
+                etag: None,
+                stored_at: Instant::now(),
+                ttl: Duration::ZERO,
+                stale_while_revalidate: Duration::ZERO,
+                stale_if_error: Duration::ZERO,
+                stamp,
+            });
+            outcome.send_replace(Some(Outcome::Shared {
+                response: Arc::clone(&response),
+                stored: false,
+            }));
+            if let Some(leader) = leader {
+                let _ = leader.send(LeaderOutcome::Shared {
+                    response,
+                    stored: false,
+                });
+            }
+        }
+    }
+    store.finish(&key, id);
+}
+
+enum Collected {
+    Complete(Bytes),
+    /// Over the per-entry cap: what was read so far, chained to the rest.
+    TooBig(Body),
+    Failed,
+}
+
+async fn collect_capped(mut body: Body, cap: usize) -> Collected {
+    let mut chunks: Vec<Bytes> = Vec::new();
+    let mut total = 0usize;
+    loop {
+        match body.frame().await {
+            None => break,
+            Some(Err(_)) => return Collected::Failed,
+            Some(Ok(frame)) => {
+                // Trailers are not stored; Comfy's JSON answers carry none.
+                let Ok(data) = frame.into_data() else {
+                    continue;
+                };
+                total += data.len();
+                chunks.push(data);
+                if total > cap {
+                    return Collected::TooBig(Body::Chained {
+                        head: Some(concat(chunks)),
+                        tail: Box::new(body),
+                    });
+                }
+            }
+        }
+    }
+    Collected::Complete(concat(chunks))
+}
+
+fn concat(mut chunks: Vec<Bytes>) -> Bytes {
+    match chunks.len() {
+        0 => Bytes::new(),
+        1 => chunks.pop().expect("one chunk"),
+        _ => {
+            let mut joined = BytesMut::with_capacity(chunks.iter().map(Bytes::len).sum());
+            for chunk in chunks {
+                joined.extend_from_slice(&chunk);
+            }
+            joined.freeze()
+        }
+    }
+}
+
+/// The request a fill sends: a plain `GET` for the same target, unconditional
+/// (so the upstream answers in full), carrying what the layers below need.
+fn fill_request(request: &Request<Body>) -> Request<Body> {
+    let mut fill = Request::new(Body::Empty);
+    *fill.method_mut() = Method::GET;
+    *fill.uri_mut() = request.uri().clone();
+    *fill.version_mut() = request.version();
+    let mut headers = request.headers().clone();
+    for name in [
+        header::IF_NONE_MATCH,
+        header::IF_MODIFIED_SINCE,
+        header::IF_MATCH,
+        header::IF_UNMODIFIED_SINCE,
+        header::IF_RANGE,
+        header::CONTENT_LENGTH,
+        header::TRANSFER_ENCODING,
+        header::EXPECT,
+    ] {
+        headers.remove(name);
+    }
+    *fill.headers_mut() = headers;
+    let from = request.extensions();
+    let to = fill.extensions_mut();
+    if let Some(route) = from.get::<RouteMatch>() {
+        to.insert(route.clone());
+    }
+    if let Some(auth) = from.get::<Authenticated>() {
+        to.insert(auth.clone());
+    }
+    if let Some(id) = from.get::<RequestId>() {
+        to.insert(id.clone());
+    }
+    if let Some(addr) = from.get::<ClientAddr>() {
+        to.insert(*addr);
+    }
+    fill
+}
+
+/// An answer from a complete response: `304` if the client's `If-None-Match`
+/// matches, headers only for `HEAD`, the body otherwise.
+fn respond(
+    entry: &CachedResponse,
+    head_only: bool,
+    condition: Option<&HeaderValue>,
+    status: HeaderValue,
+    age: Option<Duration>,
+) -> Response<Body> {
+    let not_modified = entry.status == StatusCode::OK
+        && matches!((condition, &entry.etag), (Some(condition), Some(etag)) if if_none_match(condition, etag));
+    let mut response = if not_modified {
+        let mut response = Response::new(Body::Empty);
+        *response.status_mut() = StatusCode::NOT_MODIFIED;
+        // RFC 9110 §15.4.5: the fields a 200 would have carried that describe the representation.
+        for name in [
+            header::ETAG,
+            header::CACHE_CONTROL,
+            header::VARY,
+            header::DATE,
+            header::EXPIRES,
+            header::CONTENT_LOCATION,
+        ] {
+            for value in entry.headers.get_all(&name) {
+                response.headers_mut().append(name.clone(), value.clone());
+            }
+        }
+        response
+    } else {
+        let body = if head_only {
+            Body::Empty
+        } else {
+            Body::Full(Some(entry.body.clone()))
+        };
+        let mut response = Response::new(body);
+        *response.status_mut() = entry.status;
+        *response.headers_mut() = entry.headers.clone();
+        response
+    };
+    let headers = response.headers_mut();
+    headers.insert(&CACHE_STATUS, status);
+    if let Some(age) = age {
+        headers.insert(header::AGE, HeaderValue::from(age.as_secs()));
+    }
+    response
+}

@@ -1,0 +1,563 @@
+//! Where cached responses live, and the bookkeeping that keeps them correct.
+//!
+//! - Entries sit in a moka cache bounded in bytes (weigher over key, headers
+//!   and body; TinyLFU admission and eviction). moka's own expiry only frees
+//!   memory (TTL + grace); freshness is judged against tokio's clock, so
+//!   tests can pause and advance time.
+//! - [`Generations`] closes the fill-versus-invalidate race. A fill is stamped
+//!   with the generations of its scope *before* it goes upstream; a write that
+//!   returns 2xx bumps the generations of the scopes it touched before its
+//!   answer reaches the client. An entry (or an in-flight fill) whose stamp is
+//!   no longer current is neither stored, nor served, nor joined.
+//! - The in-flight map coalesces concurrent misses for one key into one fill.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, Hash};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, StatusCode};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use super::policy::{CacheKey, Partition, Scope};
+
+/// A complete response, as stored (or as shared with coalesced waiters).
+#[derive(Debug)]
+pub struct CachedResponse {
+    pub status: StatusCode,
+    /// End-to-end headers as the upstream sent them (plus a generated `ETag` if it sent none).
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    pub etag: Option<HeaderValue>,
+    pub stored_at: Instant,
+    pub ttl: Duration,
+    pub stale_while_revalidate: Duration,
+    pub stale_if_error: Duration,
+    /// The generations current when the fill began.
+    pub stamp: Stamp,
+}
+
+/// How usable an entry is at a moment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Freshness {
+    /// Within its TTL; the value is the whole seconds left.
+    Fresh(u64),
+    /// Expired, but within `stale-while-revalidate`.
+    Revalidatable,
+    /// Expired, but within `stale-if-error`.
+    ErrorFallback,
+    /// Of no further use.
+    Dead,
+}
+
+impl CachedResponse {
+    pub fn age(&self, now: Instant) -> Duration {
+        now.saturating_duration_since(self.stored_at)
+    }
+
+    /// Seconds of freshness left; negative once expired.
+    pub fn ttl_left(&self, now: Instant) -> i64 {
+        let age = self.age(now);
+        if age <= self.ttl {
+            (self.ttl - age).as_secs() as i64
+        } else {
+            -((age - self.ttl).as_secs() as i64) - 1
+        }
+    }
+
+    pub fn freshness(&self, now: Instant) -> Freshness {
+        let age = self.age(now);
+        if age < self.ttl {
+            Freshness::Fresh((self.ttl - age).as_secs())
+        } else if age < self.ttl + self.stale_while_revalidate {
+            Freshness::Revalidatable
+        } else if age < self.ttl + self.stale_if_error {
+            Freshness::ErrorFallback
+        } else {
+            Freshness::Dead
+        }
+    }
+
+    /// Bytes this entry costs: body, headers and bookkeeping.
+    fn weight(&self) -> usize {
+        let headers: usize = self
+            .headers
+            .iter()
+            .map(|(name, value)| name.as_str().len() + value.len() + 32)
+            .sum();
+        self.body.len() + headers + std::mem::size_of::<Self>()
+    }
+}
+
+/// The generations an entry was filled under: global, upstream, partition,
+/// scope family, scope member. Valid while all five are unchanged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stamp([u64; 5]);
+
+/// Monotonic generation counters for every level a purge or write can touch.
+///
+/// Counters are keyed by a hash of the level's identity. Two identities that
+/// collide share a counter, which can only cause extra misses, never a stale hit.
+#[derive(Debug)]
+struct Generations {
+    /// Source of new generation values: each bump takes a never-used value, so
+    /// a stamp can never become valid again.
+    next: AtomicU64,
+    counters: Mutex<HashMap<u64, u64>>,
+    hasher: std::collections::hash_map::RandomState,
+}
+
+#[derive(Hash)]
+enum Level<'a> {
+    Global,
+    Upstream(usize),
+    Partition(Partition),
+    Family(Partition, &'a str),
+    Member(Partition, &'a str, &'a str),
+}
+
+impl Generations {
+    fn new() -> Self {
+        Generations {
+            next: AtomicU64::new(1),
+            counters: Mutex::new(HashMap::new()),
+            hasher: std::collections::hash_map::RandomState::new(),
+        }
+    }
+
+    fn id(&self, level: Level<'_>) -> u64 {
+        self.hasher.hash_one(level)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<u64, u64>> {
+        self.counters
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn levels(&self, partition: Partition, scope: &Scope) -> [u64; 5] {
+        let family = &*scope.family;
+        [
+            self.id(Level::Global),
+            self.id(Level::Upstream(partition.upstream())),
+            self.id(Level::Partition(partition)),
+            self.id(Level::Family(partition, family)),
+            // An entry without a member still gets a distinct (never bumped) level.
+            self.id(Level::Member(
+                partition,
+                family,
+                scope.member.as_deref().unwrap_or(""),
+            )),
+        ]
+    }
+
+    fn stamp_locked(counters: &HashMap<u64, u64>, levels: &[u64; 5]) -> Stamp {
+        Stamp(levels.map(|level| counters.get(&level).copied().unwrap_or(0)))
+    }
+
+    fn bump_locked(&self, counters: &mut HashMap<u64, u64>, level: u64) {
+        let generation = self.next.fetch_add(1, Ordering::Relaxed);
+        counters.insert(level, generation);
+    }
+}
+
+/// One fill in progress, that concurrent misses for the same key can wait on.
+#[derive(Debug)]
+struct Inflight {
+    id: u64,
+    stamp: Stamp,
+    outcome: watch::Receiver<Option<Outcome>>,
+}
+
+/// What a fill produced, for everyone who waited on it.
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    /// A complete response: stored if `stored`, else only shared (errors, uncacheable).
+    Shared {
+        response: Arc<CachedResponse>,
+        stored: bool,
+    },
+    /// The response streamed to the fill's leader (too big to buffer); every
+    /// waiter must go upstream on its own.
+    Refetch,
+}
+
+/// The caller's role for a key: fill it, or wait for the fill in progress.
+#[derive(Debug)]
+pub enum Join {
+    Leader {
+        id: u64,
+        outcome: watch::Sender<Option<Outcome>>,
+    },
+    Waiter(watch::Receiver<Option<Outcome>>),
+}
+
+/// The cache's storage: entries, generations, fills in progress.
+pub struct Store {
+    entries: moka::sync::Cache<CacheKey, Arc<CachedResponse>>,
+    generations: Generations,
+    inflight: Mutex<HashMap<CacheKey, Inflight>>,
+    next_fill: AtomicU64,
+    max_bytes: u64,
+    pub max_entry_bytes: usize,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("entries", &self.entries.entry_count())
+            .field("max_bytes", &self.max_bytes)
+            .field("max_entry_bytes", &self.max_entry_bytes)
+            .finish()
+    }
+}
+
+/// moka expiry: free an entry once even its stale windows are over.
+struct UntilUseless;
+
+impl moka::Expiry<CacheKey, Arc<CachedResponse>> for UntilUseless {
+    fn expire_after_create(
+        &self,
+        _key: &CacheKey,
+        value: &Arc<CachedResponse>,
+        _created_at: std::time::Instant,
+    ) -> Option<Duration> {
+        Some(value.ttl + value.stale_while_revalidate.max(value.stale_if_error))
+    }
+}
+
+/// Numbers for the admin API and metrics.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct Stats {
+    pub entries: u64,
+    pub bytes: u64,
+    pub max_bytes: u64,
+    pub max_entry_bytes: usize,
+}
+
+impl Store {
+    pub fn new(max_bytes: u64, max_entry_bytes: usize) -> Self {
+        let entries = moka::sync::Cache::builder()
+            .max_capacity(max_bytes)
+            .weigher(|key: &CacheKey, value: &Arc<CachedResponse>| {
+                u32::try_from(key.weight() + value.weight()).unwrap_or(u32::MAX)
+            })
+            .expire_after(UntilUseless)
+            .support_invalidation_closures()
+            .build();
+        Store {
+            entries,
+            generations: Generations::new(),
+            inflight: Mutex::new(HashMap::new()),
+            next_fill: AtomicU64::new(1),
+            max_bytes,
+            max_entry_bytes,
+        }
+    }
+
+    /// The generations a fill for `scope` in `partition` starts under.
+    pub fn stamp(&self, partition: Partition, scope: &Scope) -> Stamp {
+        let levels = self.generations.levels(partition, scope);
+        Generations::stamp_locked(&self.generations.lock(), &levels)
+    }
+
+    /// A stored entry that is still valid (not invalidated since its fill began).
+    /// Invalidated entries are removed on sight.
+    pub fn get(&self, key: &CacheKey, scope: &Scope) -> Option<Arc<CachedResponse>> {
+        let entry = self.entries.get(key)?;
+        if entry.stamp == self.stamp(key.partition, scope) {
+            Some(entry)
+        } else {
+            self.entries.invalidate(key);
+            None
+        }
+    }
+
+    /// Stores `response` unless its stamp went out of date while it was fetched.
+    /// Returns whether it was stored.
+    pub fn insert(&self, key: CacheKey, scope: &Scope, response: Arc<CachedResponse>) -> bool {
+        let levels = self.generations.levels(key.partition, scope);
+        // Under the generations lock, so no invalidation can slip between check and insert.
+        let counters = self.generations.lock();
+        if Generations::stamp_locked(&counters, &levels) != response.stamp {
+            return false;
+        }
+        self.entries.insert(key, response);
+        true
+    }
+
+    /// A write answered 2xx: every entry of these scopes (in this partition) is now stale.
+    pub fn invalidate(&self, partition: Partition, scopes: &[Scope]) {
+        let mut counters = self.generations.lock();
+        for scope in scopes {
+            let level = match &scope.member {
+                None => self.generations.id(Level::Family(partition, &scope.family)),
+                Some(member) => {
+                    self.generations
+                        .id(Level::Member(partition, &scope.family, member))
+                }
+            };
+            self.generations.bump_locked(&mut counters, level);
+        }
+    }
+
+    /// Purges everything.
+    pub fn purge_all(&self) {
+        let level = self.generations.id(Level::Global);
+        self.generations
+            .bump_locked(&mut self.generations.lock(), level);
+        self.entries.invalidate_all();
+    }
+
+    /// Purges one upstream's entries, every team's and the shared ones.
+    pub fn purge_upstream(&self, upstream: usize) {
+        let level = self.generations.id(Level::Upstream(upstream));
+        self.generations
+            .bump_locked(&mut self.generations.lock(), level);
+        let _ = self
+            .entries
+            .invalidate_entries_if(move |key, _| key.partition.upstream() == upstream);
+    }
+
+    /// Purges the given partitions (one team's, across upstreams).
+    pub fn purge_partitions(&self, partitions: Vec<Partition>) {
+        {
+            let mut counters = self.generations.lock();
+            for partition in &partitions {
+                let level = self.generations.id(Level::Partition(*partition));
+                self.generations.bump_locked(&mut counters, level);
+            }
+        }
+        let _ = self
+            .entries
+            .invalidate_entries_if(move |key, _| partitions.contains(&key.partition));
+    }
+
+    /// Become the filler for `key`, or wait on the fill already running under
+    /// the same (still current) stamp. `coalesce: false` always leads.
+    pub fn join(&self, key: &CacheKey, stamp: Stamp, coalesce: bool) -> Join {
+        let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
+        if coalesce {
+            if let Some(fill) = inflight.get(key).filter(|fill| fill.stamp == stamp) {
+                return Join::Waiter(fill.outcome.clone());
+            }
+        }
+        let id = self.next_fill.fetch_add(1, Ordering::Relaxed);
+        let (sender, receiver) = watch::channel(None);
+        inflight.insert(
+            key.clone(),
+            Inflight {
+                id,
+                stamp,
+                outcome: receiver,
+            },
+        );
+        Join::Leader {
+            id,
+            outcome: sender,
+        }
+    }
+
+    /// The fill `id` is over: later misses start a new one.
+    pub fn finish(&self, key: &CacheKey, id: u64) {
+        let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
+        if inflight.get(key).is_some_and(|fill| fill.id == id) {
+            inflight.remove(key);
+        }
+    }
+
+    pub fn stats(&self) -> Stats {
+        self.entries.run_pending_tasks();
+        Stats {
+            entries: self.entries.entry_count(),
+            bytes: self.entries.weighted_size(),
+            max_bytes: self.max_bytes,
+            max_entry_bytes: self.max_entry_bytes,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::policy::CredentialId;
+    use super::*;
+
+    fn team(name: &str) -> Partition {
+        Partition::Team {
+            upstream: 0,
+            credential: CredentialId::of(name),
+        }
+    }
+
+    fn scope(family: &str, member: Option<&str>) -> Scope {
+        Scope {
+            family: family.into(),
+            member: member.map(Into::into),
+        }
+    }
+
+    fn key(partition: Partition, target: &str) -> CacheKey {
+        CacheKey::new(partition, target, &HeaderMap::new())
+    }
+
+    fn response(stamp: Stamp, body: &'static [u8], ttl: u64) -> Arc<CachedResponse> {
+        Arc::new(CachedResponse {
+            status: StatusCode::OK,
+            headers: HeaderMap::new(),
+            body: Bytes::from_static(body),
+            etag: None,
+            stored_at: Instant::now(),
+            ttl: Duration::from_secs(ttl),
+            stale_while_revalidate: Duration::from_secs(5),
+            stale_if_error: Duration::from_secs(60),
+            stamp,
+        })
+    }
+
+    #[test]
+    fn a_fill_that_started_before_an_invalidation_is_not_stored() {
+        let store = Store::new(1 << 20, 1 << 16);
+        let lists = scope("assets", None);
+        let before = store.stamp(team("a"), &lists);
+        store.invalidate(team("a"), std::slice::from_ref(&lists));
+        assert!(!store.insert(key(team("a"), "/l"), &lists, response(before, b"old", 30)));
+        assert!(store.get(&key(team("a"), "/l"), &lists).is_none());
+        let after = store.stamp(team("a"), &lists);
+        assert!(store.insert(key(team("a"), "/l"), &lists, response(after, b"new", 30)));
+        assert_eq!(
+            store.get(&key(team("a"), "/l"), &lists).unwrap().body,
+            "new"
+        );
+    }
+
+    #[test]
+    fn invalidation_is_per_partition_and_per_scope_and_families_cover_members() {
+        let store = Store::new(1 << 20, 1 << 16);
+        let lists = scope("assets", None);
+        let one = scope("asset", Some("1"));
+        let two = scope("asset", Some("2"));
+        for (partition, s, target) in [
+            (team("a"), &lists, "/l"),
+            (team("b"), &lists, "/l"),
+            (team("a"), &one, "/1"),
+            (team("a"), &two, "/2"),
+        ] {
+            let stamp = store.stamp(partition, s);
+            assert!(store.insert(key(partition, target), s, response(stamp, b"x", 30)));
+        }
+        store.invalidate(team("a"), std::slice::from_ref(&one));
+        assert!(
+            store.get(&key(team("a"), "/1"), &one).is_none(),
+            "the member"
+        );
+        assert!(
+            store.get(&key(team("a"), "/2"), &two).is_some(),
+            "not its sibling"
+        );
+        assert!(
+            store.get(&key(team("a"), "/l"), &lists).is_some(),
+            "not another family"
+        );
+        store.invalidate(team("a"), &[scope("asset", None)]);
+        assert!(
+            store.get(&key(team("a"), "/2"), &two).is_none(),
+            "the family covers members"
+        );
+        store.invalidate(team("a"), std::slice::from_ref(&lists));
+        assert!(store.get(&key(team("a"), "/l"), &lists).is_none());
+        assert!(
+            store.get(&key(team("b"), "/l"), &lists).is_some(),
+            "other teams keep theirs"
+        );
+    }
+
+    #[test]
+    fn purges_by_team_upstream_and_all() {
+        let store = Store::new(1 << 20, 1 << 16);
+        let lists = scope("assets", None);
+        let shared = Partition::Shared { upstream: 0 };
+        let other_upstream = Partition::Team {
+            upstream: 1,
+            credential: CredentialId::of("a"),
+        };
+        let insert = |partition| {
+            let stamp = store.stamp(partition, &lists);
+            assert!(store.insert(key(partition, "/l"), &lists, response(stamp, b"x", 30)));
+        };
+        for partition in [team("a"), team("b"), shared, other_upstream] {
+            insert(partition);
+        }
+        store.purge_partitions(vec![team("a")]);
+        assert!(store.get(&key(team("a"), "/l"), &lists).is_none());
+        assert!(store.get(&key(team("b"), "/l"), &lists).is_some());
+        store.purge_upstream(0);
+        assert!(store.get(&key(team("b"), "/l"), &lists).is_none());
+        assert!(store.get(&key(shared, "/l"), &lists).is_none());
+        assert!(store.get(&key(other_upstream, "/l"), &lists).is_some());
+        store.purge_all();
+        assert!(store.get(&key(other_upstream, "/l"), &lists).is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn freshness_follows_the_tokio_clock() {
+        let entry = response(Stamp([0; 5]), b"x", 30);
+        assert_eq!(entry.freshness(Instant::now()), Freshness::Fresh(30));
+        tokio::time::advance(Duration::from_secs(29)).await;
+        assert_eq!(entry.freshness(Instant::now()), Freshness::Fresh(1));
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(entry.freshness(Instant::now()), Freshness::Revalidatable);
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert_eq!(entry.freshness(Instant::now()), Freshness::ErrorFallback);
+        tokio::time::advance(Duration::from_secs(55)).await;
+        assert_eq!(entry.freshness(Instant::now()), Freshness::Dead);
+    }
+
+    #[test]
+    fn coalescing_joins_only_fills_under_the_current_stamp() {
+        let store = Store::new(1 << 20, 1 << 16);
+        let lists = scope("assets", None);
+        let k = key(team("a"), "/l");
+        let stamp = store.stamp(team("a"), &lists);
+        let Join::Leader { id, .. } = store.join(&k, stamp, true) else {
+            panic!("first is leader")
+        };
+        assert!(matches!(store.join(&k, stamp, true), Join::Waiter(_)));
+        assert!(
+            matches!(store.join(&k, stamp, false), Join::Leader { .. }),
+            "no-cache leads"
+        );
+        store.invalidate(team("a"), std::slice::from_ref(&lists));
+        let newer = store.stamp(team("a"), &lists);
+        assert!(
+            matches!(store.join(&k, newer, true), Join::Leader { .. }),
+            "never join an outdated fill"
+        );
+        store.finish(&k, id);
+    }
+
+    #[test]
+    fn memory_stays_within_the_byte_bound() {
+        let max = 256 * 1024;
+        let store = Store::new(max, 16 * 1024);
+        let lists = scope("assets", None);
+        static BODY: [u8; 8 * 1024] = [7; 8 * 1024];
+        for i in 0..500 {
+            let stamp = store.stamp(team("a"), &lists);
+            store.insert(
+                key(team("a"), &format!("/l?page={i}")),
+                &lists,
+                response(stamp, &BODY, 30),
+            );
+        }
+        let stats = store.stats();
+        assert!(stats.bytes <= max, "{} > {max}", stats.bytes);
+        assert!(
+            stats.entries > 0 && stats.entries < 500,
+            "{} entries",
+            stats.entries
+        );
+    }
+}
