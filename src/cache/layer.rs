@@ -269,7 +269,7 @@ where
                     .into_response(shape_of(&request), RequestId::of(&request)),
             })
         }
-        Join::Waiter(mut outcome) => {
+        Join::Waiter(mut outcome, _ticket) => {
             let shared = loop {
                 if let Some(done) = outcome.borrow_and_update().clone() {
                     break Some(done);

@@ -13,7 +13,7 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hash};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -170,6 +170,18 @@ struct Inflight {
     id: u64,
     stamp: Stamp,
     outcome: watch::Receiver<Option<Outcome>>,
+    /// Requests waiting on this fill right now.
+    waiters: Arc<AtomicUsize>,
+}
+
+/// Held by a waiting request; counts it in [`Stats::waiting`] until dropped.
+#[derive(Debug)]
+pub struct WaitTicket(Arc<AtomicUsize>);
+
+impl Drop for WaitTicket {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// What a fill produced, for everyone who waited on it.
@@ -192,7 +204,7 @@ pub enum Join {
         id: u64,
         outcome: watch::Sender<Option<Outcome>>,
     },
-    Waiter(watch::Receiver<Option<Outcome>>),
+    Waiter(watch::Receiver<Option<Outcome>>, WaitTicket),
 }
 
 /// The cache's storage: entries, generations, fills in progress.
@@ -234,6 +246,10 @@ impl moka::Expiry<CacheKey, Arc<CachedResponse>> for UntilUseless {
 pub struct Stats {
     pub entries: u64,
     pub bytes: u64,
+    /// Fills running now (one per key at most, background refreshes included).
+    pub fills_in_progress: usize,
+    /// Requests waiting on a fill another request started (coalesced misses).
+    pub waiting: usize,
     pub max_bytes: u64,
     pub max_entry_bytes: usize,
 }
@@ -342,7 +358,8 @@ impl Store {
         let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
         if coalesce {
             if let Some(fill) = inflight.get(key).filter(|fill| fill.stamp == stamp) {
-                return Join::Waiter(fill.outcome.clone());
+                fill.waiters.fetch_add(1, Ordering::Relaxed);
+                return Join::Waiter(fill.outcome.clone(), WaitTicket(Arc::clone(&fill.waiters)));
             }
         }
         let id = self.next_fill.fetch_add(1, Ordering::Relaxed);
@@ -353,6 +370,7 @@ impl Store {
                 id,
                 stamp,
                 outcome: receiver,
+                waiters: Arc::new(AtomicUsize::new(0)),
             },
         );
         Join::Leader {
@@ -371,9 +389,19 @@ impl Store {
 
     pub fn stats(&self) -> Stats {
         self.entries.run_pending_tasks();
+        let (fills_in_progress, waiting) = {
+            let inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
+            let waiting = inflight
+                .values()
+                .map(|fill| fill.waiters.load(Ordering::Relaxed))
+                .sum();
+            (inflight.len(), waiting)
+        };
         Stats {
             entries: self.entries.entry_count(),
             bytes: self.entries.weighted_size(),
+            fills_in_progress,
+            waiting,
             max_bytes: self.max_bytes,
             max_entry_bytes: self.max_entry_bytes,
         }
@@ -524,7 +552,7 @@ mod tests {
         let Join::Leader { id, .. } = store.join(&k, stamp, true) else {
             panic!("first is leader")
         };
-        assert!(matches!(store.join(&k, stamp, true), Join::Waiter(_)));
+        assert!(matches!(store.join(&k, stamp, true), Join::Waiter(..)));
         assert!(
             matches!(store.join(&k, stamp, false), Join::Leader { .. }),
             "no-cache leads"

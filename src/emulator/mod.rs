@@ -48,6 +48,9 @@ pub enum FaultAction {
     /// Park the request until the test adds a permit to the semaphore, then
     /// answer normally: lets a test hold a request in flight deterministically.
     Hold(Arc<tokio::sync::Semaphore>),
+    /// Compute the answer now, but hold it back until the test adds a permit:
+    /// the answer reflects the state at arrival, whatever happens meanwhile.
+    HoldResponse(Arc<tokio::sync::Semaphore>),
 }
 
 /// A fault applied to requests matching `method` (any if `None`) and `path` (exact).
@@ -196,16 +199,17 @@ impl Emulator {
                     fault.action.clone()
                 })
         };
-        match fault {
-            Some(FaultAction::Delay(delay)) => tokio::time::sleep(delay).await,
+        match &fault {
+            Some(FaultAction::Delay(delay)) => tokio::time::sleep(*delay).await,
             Some(FaultAction::Status(status)) => {
                 return Ok(comfy::error(
-                    status,
+                    *status,
                     "injected_fault",
                     "fault injected by the emulator",
                 ));
             }
             Some(FaultAction::Drop) => return Err(ConnectionDropped),
+            Some(FaultAction::HoldResponse(_)) => {}
             Some(FaultAction::Hold(gate)) => {
                 if let Ok(permit) = gate.acquire().await {
                     permit.forget();
@@ -221,6 +225,17 @@ impl Emulator {
             .oneshot(request.map(axum::body::Body::new))
             .await
             .unwrap_or_else(|never: Infallible| match never {});
+        if let Some(FaultAction::HoldResponse(gate)) = fault {
+            // Buffer the answer first, so it is fixed before the hold.
+            let (parts, body) = response.into_parts();
+            let bytes = axum::body::to_bytes(body, usize::MAX)
+                .await
+                .unwrap_or_default();
+            if let Ok(permit) = gate.acquire().await {
+                permit.forget();
+            }
+            return Ok(Response::from_parts(parts, axum::body::Body::from(bytes)));
+        }
         Ok(response)
     }
 

@@ -25,13 +25,15 @@ pub const NO_CREDENTIAL_KEY: &str = "tg_test_nocred_key_0123456789abcdef";
 /// The teams' Comfy keys, as the emulator knows them.
 pub const DESIGN_UPSTREAM_KEY: &str = "comfy-upstream-design-5ecret";
 pub const RESEARCH_UPSTREAM_KEY: &str = "comfy-upstream-research-5ecret";
+/// The admin API token (`admin.token = "env:ADMIN_TOKEN"` where a test sets it).
+pub const ADMIN_TOKEN: &str = "admin-token-for-tests";
 
 pub fn hash(key: &str) -> String {
     teamgate::auth::keys::KeyDigest::of_key(key).to_stored()
 }
 
 /// The config every harness runs; `upstream_extra` lands in `[upstreams.comfy]`.
-pub fn config_text(base_url: &str, upstream_extra: &str) -> String {
+pub fn config_text(base_url: &str, upstream_extra: &str, top_extra: &str) -> String {
     format!(
         r#"
 [server]
@@ -54,6 +56,8 @@ client_keys = ["{research}"]
 
 [teams.nocred]
 client_keys = ["{nocred}"]
+
+{top_extra}
 "#,
         design = hash(DESIGN_KEY),
         research = hash(RESEARCH_KEY),
@@ -65,6 +69,7 @@ pub fn test_env(name: &str) -> Option<String> {
     match name {
         "DESIGN_COMFY_KEY" => Some(DESIGN_UPSTREAM_KEY.into()),
         "RESEARCH_COMFY_KEY" => Some(RESEARCH_UPSTREAM_KEY.into()),
+        "ADMIN_TOKEN" => Some(ADMIN_TOKEN.into()),
         _ => None,
     }
 }
@@ -86,6 +91,13 @@ pub struct Answer {
 }
 
 impl Answer {
+    /// The `Cache-Status` header, or "" when absent.
+    pub fn cache_status(&self) -> &str {
+        self.headers
+            .get("cache-status")
+            .map_or("", |value| value.to_str().unwrap())
+    }
+
     pub fn json(&self) -> serde_json::Value {
         serde_json::from_slice(&self.body)
             .unwrap_or_else(|_| panic!("not JSON: {}", String::from_utf8_lossy(&self.body)))
@@ -112,16 +124,22 @@ impl Harness {
 
     /// Starts with extra settings in `[upstreams.comfy]`.
     pub async fn start_with(upstream_extra: &str) -> Self {
+        Self::start_with_config(upstream_extra, "").await
+    }
+
+    /// Starts with extra settings in `[upstreams.comfy]` and at the top level.
+    pub async fn start_with_config(upstream_extra: &str, top_extra: &str) -> Self {
         let emulator =
             Emulator::with_event_interval(accounts(), std::time::Duration::from_millis(50));
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let emulator_addr = listener.local_addr().unwrap();
         emulator.spawn(listener);
-        Self::start_in_front_of(
+        Self::start_in_front_of_with(
             emulator,
             emulator_addr,
             &format!("http://{emulator_addr}"),
             upstream_extra,
+            top_extra,
         )
         .await
     }
@@ -133,7 +151,17 @@ impl Harness {
         base_url: &str,
         upstream_extra: &str,
     ) -> Self {
-        let text = config_text(base_url, upstream_extra);
+        Self::start_in_front_of_with(emulator, emulator_addr, base_url, upstream_extra, "").await
+    }
+
+    pub async fn start_in_front_of_with(
+        emulator: Emulator,
+        emulator_addr: SocketAddr,
+        base_url: &str,
+        upstream_extra: &str,
+        top_extra: &str,
+    ) -> Self {
+        let text = config_text(base_url, upstream_extra, top_extra);
         let config = config::load_str(&text, "test.toml", None, &test_env, Secrets::Resolve)
             .unwrap_or_else(|error| panic!("{error}"));
         let listeners = Listeners {
@@ -200,6 +228,29 @@ impl Harness {
 
     pub async fn get(&self, path: &str, key: &str) -> Answer {
         self.call(Method::GET, path, Some(key), None).await
+    }
+
+    /// Sends a request with arbitrary extra headers.
+    pub async fn get_with(&self, path: &str, key: &str, headers: &[(&str, &str)]) -> Answer {
+        self.request_with(Method::GET, path, key, headers).await
+    }
+
+    pub async fn request_with(
+        &self,
+        method: Method,
+        path: &str,
+        key: &str,
+        headers: &[(&str, &str)],
+    ) -> Answer {
+        let mut builder = Request::builder()
+            .method(method)
+            .uri(self.url(path))
+            .header("x-api-key", key);
+        for (name, value) in headers {
+            builder = builder.header(*name, *value);
+        }
+        self.send(builder.body(Full::new(Bytes::new())).unwrap())
+            .await
     }
 
     pub async fn admin_get(&self, path: &str) -> Answer {

@@ -1,0 +1,835 @@
+//! The response cache (issue #4): each invariant of ARCHITECTURE.md's "Cache
+//! invariants" and each behaviour of the issue, counting what reaches the
+//! emulator. Read rules follow comfy-cloud-openapi.yaml's `asset` routes.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use http::{Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde_json::json;
+use teamgate::emulator::{Fault, FaultAction, demo_blob_hash};
+use tokio::sync::Semaphore;
+
+const LIST: &str = "/api/assets?limit=20&include_tags=input";
+
+async fn from_hash(h: &Harness, key: &str, name: &str) -> Answer {
+    h.call(
+        Method::POST,
+        "/api/assets/from-hash",
+        Some(key),
+        Some(json!({"hash": demo_blob_hash(), "name": name, "tags": ["input"]})),
+    )
+    .await
+}
+
+fn listed(answer: &Answer, name: &str) -> bool {
+    answer.json()["assets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|asset| asset["name"] == name)
+}
+
+/// Waits (bounded) until `check` holds; panics with `what` if it never does.
+async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
+    for _ in 0..2000 {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!("timed out waiting for: {what}");
+}
+
+async fn cache_stats(h: &Harness) -> serde_json::Value {
+    h.admin_get("/admin/cache").await.json()
+}
+
+#[tokio::test]
+async fn a_repeated_read_is_a_hit_byte_identical_to_what_upstream_sent() {
+    let h = Harness::start().await;
+    let miss = h.get(LIST, DESIGN_KEY).await;
+    assert_eq!(miss.status, StatusCode::OK);
+    assert_eq!(miss.cache_status(), "teamgate; fwd=miss; stored");
+    let hit = h.get(LIST, DESIGN_KEY).await;
+    assert!(
+        hit.cache_status().starts_with("teamgate; hit; ttl="),
+        "{}",
+        hit.cache_status()
+    );
+    assert!(hit.headers.contains_key("age"));
+    assert_eq!(h.emulator.count(Method::GET, "/api/assets"), 1);
+
+    assert_eq!(hit.body, miss.body, "the body is byte-identical");
+    let end_to_end = |answer: &Answer| {
+        let mut headers: Vec<(String, Vec<u8>)> = answer
+            .headers
+            .iter()
+            .filter(|(name, _)| !["cache-status", "age", "x-request-id"].contains(&name.as_str()))
+            .map(|(name, value)| (name.to_string(), value.as_bytes().to_vec()))
+            .collect();
+        headers.sort();
+        headers
+    };
+    assert_eq!(
+        end_to_end(&hit),
+        end_to_end(&miss),
+        "so are the end-to-end headers"
+    );
+    // The upstream's own headers are all there, unchanged (Date included).
+    assert_eq!(hit.headers["date"], miss.headers["date"]);
+    assert_eq!(hit.headers["content-type"], "application/json");
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn two_teams_never_share_an_entry_for_the_same_url() {
+    let h = Harness::start().await;
+    from_hash(&h, DESIGN_KEY, "design-only.png").await;
+    let design = h.get(LIST, DESIGN_KEY).await;
+    let research = h.get(LIST, RESEARCH_KEY).await;
+    assert_eq!(
+        research.cache_status(),
+        "teamgate; fwd=miss; stored",
+        "no cross-team hit"
+    );
+    assert!(listed(&design, "design-only.png"));
+    assert!(!listed(&research, "design-only.png"));
+    // Both are now cached, each for its own team.
+    assert!(!listed(&h.get(LIST, RESEARCH_KEY).await, "design-only.png"));
+    assert!(listed(&h.get(LIST, DESIGN_KEY).await, "design-only.png"));
+    assert_eq!(h.emulator.count(Method::GET, "/api/assets"), 2);
+    let keys: Vec<_> = h
+        .emulator
+        .recorded()
+        .iter()
+        .filter(|r| r.method == Method::GET)
+        .map(|r| r.headers["x-api-key"].clone())
+        .collect();
+    assert_eq!(keys, [DESIGN_UPSTREAM_KEY, RESEARCH_UPSTREAM_KEY]);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn the_key_holds_the_exact_query_and_the_representation() {
+    let h = Harness::start().await;
+    h.get("/api/assets?limit=5", DESIGN_KEY).await;
+    h.get("/api/assets?limit=5&", DESIGN_KEY).await;
+    h.get("/api/assets?offset=0&limit=5", DESIGN_KEY).await;
+    h.get_with(
+        "/api/assets?limit=5",
+        DESIGN_KEY,
+        &[("accept", "application/json")],
+    )
+    .await;
+    h.get_with(
+        "/api/assets?limit=5",
+        DESIGN_KEY,
+        &[("accept-encoding", "gzip")],
+    )
+    .await;
+    assert_eq!(
+        h.emulator.count(Method::GET, "/api/assets"),
+        5,
+        "five different keys"
+    );
+    h.get("/api/assets?limit=5", DESIGN_KEY).await;
+    assert_eq!(
+        h.emulator.count(Method::GET, "/api/assets"),
+        5,
+        "the first is a hit now"
+    );
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn after_from_hash_the_next_list_shows_the_new_asset() {
+    let h = Harness::start().await;
+    assert!(!listed(&h.get(LIST, DESIGN_KEY).await, "fresh.png"));
+    assert!(h.get(LIST, DESIGN_KEY).await.cache_status().contains("hit"));
+    let created = from_hash(&h, DESIGN_KEY, "fresh.png").await;
+    assert_eq!(created.status, StatusCode::CREATED);
+    let after = h.get(LIST, DESIGN_KEY).await;
+    assert_eq!(after.cache_status(), "teamgate; fwd=miss; stored");
+    assert!(listed(&after, "fresh.png"));
+    // Tags were touched too (the `tags` scope).
+    h.get("/api/tags", DESIGN_KEY).await;
+    h.call(
+        Method::POST,
+        &format!(
+            "/api/assets/{}/tags",
+            created.json()["id"].as_str().unwrap()
+        ),
+        Some(DESIGN_KEY),
+        Some(json!({"tags": ["extra"]})),
+    )
+    .await;
+    let tags = h.get("/api/tags", DESIGN_KEY).await;
+    assert_eq!(tags.cache_status(), "teamgate; fwd=miss; stored");
+    assert!(tags.json().to_string().contains("\"extra\""));
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn writes_to_one_asset_invalidate_its_detail_and_only_for_that_team() {
+    let h = Harness::start().await;
+    let id = from_hash(&h, DESIGN_KEY, "detail.png").await.json()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let detail = format!("/api/assets/{id}");
+    h.get(&detail, DESIGN_KEY).await;
+    h.get(LIST, RESEARCH_KEY).await;
+    assert!(
+        h.get(&detail, DESIGN_KEY)
+            .await
+            .cache_status()
+            .contains("hit")
+    );
+    let renamed = h
+        .call(
+            Method::PUT,
+            &detail,
+            Some(DESIGN_KEY),
+            Some(json!({"name": "renamed.png"})),
+        )
+        .await;
+    assert_eq!(renamed.status, StatusCode::OK);
+    let after = h.get(&detail, DESIGN_KEY).await;
+    assert_eq!(after.json()["name"], "renamed.png");
+    assert!(
+        h.get(LIST, RESEARCH_KEY)
+            .await
+            .cache_status()
+            .contains("hit"),
+        "the other team keeps its entries"
+    );
+    // DELETE /api/assets/{id}: the detail is gone, not served from cache.
+    assert_eq!(
+        h.call(Method::DELETE, &detail, Some(DESIGN_KEY), None)
+            .await
+            .status,
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(
+        h.get(&detail, DESIGN_KEY).await.status,
+        StatusCode::NOT_FOUND
+    );
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_failed_write_invalidates_nothing() {
+    let h = Harness::start().await;
+    h.get(LIST, DESIGN_KEY).await;
+    let bad_hash = h
+        .call(
+            Method::POST,
+            "/api/assets/from-hash",
+            Some(DESIGN_KEY),
+            Some(json!({"hash": "nope", "tags": ["input"]})),
+        )
+        .await;
+    assert_eq!(bad_hash.status, StatusCode::BAD_REQUEST);
+    let unknown = format!("sha256:{}", "a".repeat(64));
+    let missing = h
+        .call(
+            Method::POST,
+            "/api/assets/from-hash",
+            Some(DESIGN_KEY),
+            Some(json!({"hash": unknown, "tags": ["input"]})),
+        )
+        .await;
+    assert_eq!(missing.status, StatusCode::NOT_FOUND);
+    assert!(h.get(LIST, DESIGN_KEY).await.cache_status().contains("hit"));
+    assert_eq!(h.emulator.count(Method::GET, "/api/assets"), 1);
+    h.stop().await;
+}
+
+/// Invariant 4: a fill that began before a write completed is neither stored
+/// nor joined after it. The emulator computes the old answer, then holds it.
+#[tokio::test]
+async fn a_fill_racing_a_write_is_not_stored_and_not_joined() {
+    let h = Harness::start().await;
+    let gate = Arc::new(Semaphore::new(0));
+    h.emulator.inject(
+        Fault::new(
+            Some(Method::GET),
+            "/api/assets",
+            FaultAction::HoldResponse(Arc::clone(&gate)),
+        )
+        .times(1),
+    );
+
+    let client = h.client.clone();
+    let url = h.url(LIST);
+    let early = tokio::spawn(async move {
+        let request = Request::get(url)
+            .header("x-api-key", DESIGN_KEY)
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let response = client.request(request).await.unwrap();
+        response.into_body().collect().await.unwrap().to_bytes()
+    });
+    eventually("the early read reaches upstream", async || {
+        h.emulator.count(Method::GET, "/api/assets") == 1
+    })
+    .await;
+
+    // The write completes while the early fill (with the old list) is held.
+    assert_eq!(
+        from_hash(&h, DESIGN_KEY, "raced.png").await.status,
+        StatusCode::CREATED
+    );
+    // A read after the write must not join the early fill: it fetches anew.
+    let late = h.get(LIST, DESIGN_KEY).await;
+    assert!(
+        listed(&late, "raced.png"),
+        "the read after the write sees the write"
+    );
+    assert_eq!(h.emulator.count(Method::GET, "/api/assets"), 2);
+
+    gate.add_permits(1);
+    let early_body: serde_json::Value = serde_json::from_slice(&early.await.unwrap()).unwrap();
+    assert!(
+        !early_body.to_string().contains("raced.png"),
+        "the early answer was computed before the write"
+    );
+
+    // And the early answer did not overwrite the newer entry.
+    let after = h.get(LIST, DESIGN_KEY).await;
+    assert!(
+        after.cache_status().contains("hit"),
+        "{}",
+        after.cache_status()
+    );
+    assert!(listed(&after, "raced.png"));
+    assert_eq!(h.emulator.count(Method::GET, "/api/assets"), 2);
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_concurrent_misses_make_one_upstream_request() {
+    let h = Harness::start().await;
+    let gate = Arc::new(Semaphore::new(0));
+    h.emulator.inject(
+        Fault::new(
+            Some(Method::GET),
+            "/api/assets",
+            FaultAction::Hold(Arc::clone(&gate)),
+        )
+        .times(1),
+    );
+
+    // HTTP/2 (h2c, prior knowledge): 10 connections × 100 streams, so 1000
+    // requests are in flight at once without 1000 sockets.
+    let mut requests = Vec::new();
+    for _ in 0..10 {
+        let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new())
+            .http2_only(true)
+            .build_http();
+        for _ in 0..100 {
+            let client = client.clone();
+            let url = h.url(LIST);
+            requests.push(tokio::spawn(async move {
+                let request = Request::get(url)
+                    .header("x-api-key", DESIGN_KEY)
+                    .body(Full::new(Bytes::new()))
+                    .unwrap();
+                let response = client.request(request).await.unwrap();
+                let status = response.status();
+                let cache_status = response.headers()["cache-status"]
+                    .to_str()
+                    .unwrap()
+                    .to_owned();
+                let body = response.into_body().collect().await.unwrap().to_bytes();
+                (status, cache_status, body)
+            }));
+        }
+    }
+    // All 999 others wait on the one fill before it is let go.
+    eventually("999 requests wait on the fill", async || {
+        cache_stats(&h).await["waiting"] == 999
+    })
+    .await;
+    assert_eq!(cache_stats(&h).await["fills_in_progress"], 1);
+    gate.add_permits(1);
+
+    let mut collapsed = 0;
+    let mut bodies = std::collections::HashSet::new();
+    for request in requests {
+        let (status, cache_status, body) = request.await.unwrap();
+        assert_eq!(status, StatusCode::OK);
+        collapsed += usize::from(cache_status == "teamgate; fwd=miss; collapsed");
+        bodies.insert(body);
+    }
+    assert_eq!(
+        h.emulator.count(Method::GET, "/api/assets"),
+        1,
+        "exactly one upstream request"
+    );
+    assert_eq!(collapsed, 999);
+    assert_eq!(bodies.len(), 1, "every waiter got the same response");
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn the_fill_completes_for_waiters_when_the_leading_client_goes_away() {
+    let h = Harness::start().await;
+    let gate = Arc::new(Semaphore::new(0));
+    h.emulator.inject(
+        Fault::new(
+            Some(Method::GET),
+            "/api/assets",
+            FaultAction::Hold(Arc::clone(&gate)),
+        )
+        .times(1),
+    );
+    let leader_client = h.client.clone();
+    let url = h.url(LIST);
+    let leader = tokio::spawn(async move {
+        let request = Request::get(url)
+            .header("x-api-key", DESIGN_KEY)
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let _ = leader_client.request(request).await;
+    });
+    eventually("the leader's fill reaches upstream", async || {
+        h.emulator.count(Method::GET, "/api/assets") == 1
+    })
+    .await;
+    let waiter_client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let url = h.url(LIST);
+    let waiter = tokio::spawn(async move {
+        let request = Request::get(url)
+            .header("x-api-key", DESIGN_KEY)
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let response = waiter_client.request(request).await.unwrap();
+        (
+            response.status(),
+            response.headers()["cache-status"]
+                .to_str()
+                .unwrap()
+                .to_owned(),
+        )
+    });
+    eventually("the waiter joins", async || {
+        cache_stats(&h).await["waiting"] == 1
+    })
+    .await;
+    leader.abort();
+    let _ = leader.await;
+    gate.add_permits(1);
+    let (status, cache_status) = waiter.await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(cache_status, "teamgate; fwd=miss; collapsed");
+    assert!(
+        h.get(LIST, DESIGN_KEY).await.cache_status().contains("hit"),
+        "and it was stored"
+    );
+    assert_eq!(h.emulator.count(Method::GET, "/api/assets"), 1);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn an_upstream_error_is_shared_with_current_waiters_but_not_cached() {
+    let h = Harness::start().await;
+    let missing = format!("/api/assets/{}", uuid::Uuid::new_v4());
+    let gate = Arc::new(Semaphore::new(0));
+    h.emulator.inject(
+        Fault::new(
+            Some(Method::GET),
+            &missing,
+            FaultAction::HoldResponse(Arc::clone(&gate)),
+        )
+        .times(1),
+    );
+    let mut waiting = Vec::new();
+    for _ in 0..5 {
+        let client = h.client.clone();
+        let url = h.url(&missing);
+        waiting.push(tokio::spawn(async move {
+            let request = Request::get(url)
+                .header("x-api-key", DESIGN_KEY)
+                .body(Full::new(Bytes::new()))
+                .unwrap();
+            client.request(request).await.unwrap().status()
+        }));
+    }
+    eventually("four wait on the fill", async || {
+        cache_stats(&h).await["waiting"] == 4
+    })
+    .await;
+    gate.add_permits(1);
+    for request in waiting {
+        assert_eq!(request.await.unwrap(), StatusCode::NOT_FOUND);
+    }
+    assert_eq!(h.emulator.count(Method::GET, &missing), 1);
+    let again = h.get(&missing, DESIGN_KEY).await;
+    assert_eq!(again.status, StatusCode::NOT_FOUND);
+    assert_eq!(
+        again.cache_status(),
+        "teamgate; fwd=miss",
+        "errors are not stored"
+    );
+    assert_eq!(h.emulator.count(Method::GET, &missing), 2);
+    h.stop().await;
+}
+
+/// A short TTL and a real pause past it: the entry is not served once expired.
+/// (Freshness arithmetic itself is unit-tested with paused tokio time in `store`.)
+#[tokio::test]
+async fn entries_expire_after_their_ttl() {
+    let rules = r#"
+[[upstreams.comfy.cache.rules]]
+match = "GET /api/jobs"
+ttl = "2s"
+scope = "jobs"
+"#;
+    let h = Harness::start_with(rules).await;
+    assert_eq!(
+        h.get("/api/jobs", DESIGN_KEY).await.cache_status(),
+        "teamgate; fwd=miss; stored"
+    );
+    let hit = h.get("/api/jobs", DESIGN_KEY).await;
+    assert!(
+        hit.cache_status().starts_with("teamgate; hit; ttl="),
+        "{}",
+        hit.cache_status()
+    );
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    assert_eq!(
+        h.get("/api/jobs", DESIGN_KEY).await.cache_status(),
+        "teamgate; fwd=miss; stored"
+    );
+    assert_eq!(h.emulator.count(Method::GET, "/api/jobs"), 2);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn if_none_match_is_answered_304_from_the_cache() {
+    let h = Harness::start().await;
+    let first = h.get(LIST, DESIGN_KEY).await;
+    let etag = first.headers["etag"].to_str().unwrap().to_owned();
+    assert!(etag.starts_with('"'), "a strong validator: {etag}");
+    let revalidated = h
+        .get_with(LIST, DESIGN_KEY, &[("if-none-match", &etag)])
+        .await;
+    assert_eq!(revalidated.status, StatusCode::NOT_MODIFIED);
+    assert!(revalidated.body.is_empty());
+    assert_eq!(revalidated.headers["etag"], etag.as_str());
+    assert!(revalidated.cache_status().contains("hit"));
+    let other = h
+        .get_with(LIST, DESIGN_KEY, &[("if-none-match", "\"something-else\"")])
+        .await;
+    assert_eq!(other.status, StatusCode::OK);
+    assert_eq!(other.body, first.body);
+    assert_eq!(h.emulator.count(Method::GET, "/api/assets"), 1);
+    // On a miss the condition is not sent upstream; the gateway answers it.
+    let fresh_list = "/api/assets?limit=3";
+    let miss = h
+        .get_with(fresh_list, DESIGN_KEY, &[("if-none-match", "*")])
+        .await;
+    assert_eq!(miss.status, StatusCode::NOT_MODIFIED);
+    assert!(
+        h.emulator
+            .recorded()
+            .last()
+            .unwrap()
+            .headers
+            .get("if-none-match")
+            .is_none()
+    );
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn head_is_answered_from_the_get_entry() {
+    let h = Harness::start().await;
+    let get = h.get(LIST, DESIGN_KEY).await;
+    let head = h.request_with(Method::HEAD, LIST, DESIGN_KEY, &[]).await;
+    assert_eq!(head.status, StatusCode::OK);
+    assert!(head.body.is_empty());
+    assert!(head.cache_status().contains("hit"));
+    assert_eq!(
+        head.headers["content-length"],
+        get.body.len().to_string().as_str()
+    );
+    assert_eq!(h.emulator.count(Method::GET, "/api/assets"), 1);
+    assert_eq!(h.emulator.count(Method::HEAD, "/api/assets"), 0);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn no_cache_refetches_and_replaces_no_store_bypasses() {
+    let h = Harness::start().await;
+    h.get(LIST, DESIGN_KEY).await;
+    from_hash(&h, RESEARCH_KEY, "unrelated.png").await;
+    let refreshed = h
+        .get_with(LIST, DESIGN_KEY, &[("cache-control", "no-cache")])
+        .await;
+    assert_eq!(refreshed.cache_status(), "teamgate; fwd=request; stored");
+    assert_eq!(h.emulator.count(Method::GET, "/api/assets"), 2);
+    let after = h.get(LIST, DESIGN_KEY).await;
+    assert!(after.cache_status().contains("hit"));
+    assert_eq!(
+        after.body, refreshed.body,
+        "the entry was replaced by the refetch"
+    );
+
+    let bypass_target = "/api/assets?limit=7";
+    let bypassed = h
+        .get_with(bypass_target, DESIGN_KEY, &[("cache-control", "no-store")])
+        .await;
+    assert_eq!(bypassed.cache_status(), "teamgate; fwd=bypass");
+    assert_eq!(
+        h.get(bypass_target, DESIGN_KEY).await.cache_status(),
+        "teamgate; fwd=miss; stored",
+        "nothing was stored"
+    );
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn stale_if_error_serves_the_expired_entry_when_the_refresh_fails() {
+    let rules = r#"
+[[upstreams.comfy.cache.rules]]
+match = "GET /api/jobs"
+ttl = "1s"
+scope = "jobs"
+stale_if_error = "1h"
+"#;
+    let h = Harness::start_with(rules).await;
+    let original = h.get("/api/jobs", DESIGN_KEY).await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    h.emulator.inject(
+        Fault::new(
+            None,
+            "/api/jobs",
+            FaultAction::Status(StatusCode::SERVICE_UNAVAILABLE),
+        )
+        .times(1),
+    );
+    let stale = h.get("/api/jobs", DESIGN_KEY).await;
+    assert_eq!(stale.status, StatusCode::OK);
+    assert_eq!(stale.body, original.body);
+    assert!(
+        stale
+            .cache_status()
+            .starts_with("teamgate; fwd=stale; fwd-status=503"),
+        "{}",
+        stale.cache_status()
+    );
+    assert!(stale.cache_status().ends_with("detail=stale-if-error"));
+    // A dropped connection (the gateway's own 502) counts as an error too.
+    h.emulator
+        .inject(Fault::new(None, "/api/jobs", FaultAction::Drop).times(1));
+    let after_drop = h.get("/api/jobs", DESIGN_KEY).await;
+    assert_eq!(after_drop.status, StatusCode::OK);
+    assert!(
+        after_drop.cache_status().contains("fwd-status=502"),
+        "{}",
+        after_drop.cache_status()
+    );
+    assert_eq!(h.emulator.count(Method::GET, "/api/jobs"), 3);
+    // Without a stale entry, the error passes through.
+    h.emulator.inject(
+        Fault::new(
+            None,
+            "/api/tags",
+            FaultAction::Status(StatusCode::SERVICE_UNAVAILABLE),
+        )
+        .times(1),
+    );
+    assert_eq!(
+        h.get("/api/tags", DESIGN_KEY).await.status,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn stale_while_revalidate_answers_at_once_and_refreshes_in_the_background() {
+    let rules = r#"
+[[upstreams.comfy.cache.rules]]
+match = "GET /api/jobs"
+ttl = "1s"
+scope = "jobs"
+stale_while_revalidate = "1h"
+"#;
+    let h = Harness::start_with(rules).await;
+    h.get("/api/jobs", DESIGN_KEY).await;
+    h.call(
+        Method::POST,
+        "/api/prompt",
+        Some(DESIGN_KEY),
+        Some(json!({"prompt": {}})),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let stale = h.get("/api/jobs", DESIGN_KEY).await;
+    assert!(
+        stale
+            .cache_status()
+            .ends_with("detail=stale-while-revalidate"),
+        "{}",
+        stale.cache_status()
+    );
+    assert_eq!(
+        stale.json()["jobs"].as_array().unwrap().len(),
+        0,
+        "the old answer, at once"
+    );
+    eventually("the background refresh stores the new answer", async || {
+        let answer = h.get("/api/jobs", DESIGN_KEY).await;
+        answer.cache_status().contains("hit")
+            && answer.json()["jobs"].as_array().unwrap().len() == 1
+    })
+    .await;
+    assert_eq!(h.emulator.count(Method::GET, "/api/jobs"), 2, "one refresh");
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn responses_over_the_entry_cap_stream_through_uncached_and_memory_stays_bounded() {
+    let h = Harness::start_with_config(
+        "",
+        "[cache]\nmax_bytes = \"64KiB\"\nmax_entry_bytes = \"1KiB\"\n",
+    )
+    .await;
+    let big = h.get("/api/assets?limit=500", DESIGN_KEY).await;
+    assert!(big.body.len() > 1024);
+    assert_eq!(big.cache_status(), "teamgate; fwd=miss");
+    assert_eq!(big.json()["total"], 5, "intact");
+    assert_eq!(
+        h.get("/api/assets?limit=500", DESIGN_KEY)
+            .await
+            .cache_status(),
+        "teamgate; fwd=miss"
+    );
+    assert_eq!(h.emulator.count(Method::GET, "/api/assets"), 2);
+
+    for page in 0..200 {
+        h.get(&format!("/api/tags?limit={}", page + 1), DESIGN_KEY)
+            .await;
+    }
+    let stats = cache_stats(&h).await;
+    assert!(stats["bytes"].as_u64().unwrap() <= 64 * 1024, "{stats}");
+    assert!(stats["entries"].as_u64().unwrap() < 200, "{stats}");
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn passthrough_routes_carry_no_cache_status_and_are_never_cached() {
+    let h = Harness::start().await;
+    let jobs = h.get("/api/jobs", DESIGN_KEY).await;
+    assert!(!jobs.headers.contains_key("cache-status"));
+    h.get("/api/jobs", DESIGN_KEY).await;
+    assert_eq!(h.emulator.count(Method::GET, "/api/jobs"), 2);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn admin_purge_needs_the_token_and_purges_by_team_or_all() {
+    let h = Harness::start_with_config("", "[admin]\ntoken = \"env:ADMIN_TOKEN\"\n").await;
+    h.get(LIST, DESIGN_KEY).await;
+    h.get(LIST, RESEARCH_KEY).await;
+    let purge = |query: &'static str, token: Option<&'static str>| {
+        let mut request = Request::delete(format!("http://{}/admin/cache{query}", h.admin));
+        if let Some(token) = token {
+            request = request.header("authorization", format!("Bearer {token}"));
+        }
+        h.send(request.body(Full::new(Bytes::new())).unwrap())
+    };
+    assert_eq!(purge("", None).await.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        purge("", Some("wrong")).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        purge("?team=nobody", Some(ADMIN_TOKEN)).await.status,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        purge("?team=design", Some(ADMIN_TOKEN)).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        h.get(LIST, DESIGN_KEY).await.cache_status(),
+        "teamgate; fwd=miss; stored"
+    );
+    assert!(
+        h.get(LIST, RESEARCH_KEY)
+            .await
+            .cache_status()
+            .contains("hit")
+    );
+    assert_eq!(
+        purge("?upstream=comfy", Some(ADMIN_TOKEN)).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        h.get(LIST, RESEARCH_KEY).await.cache_status(),
+        "teamgate; fwd=miss; stored"
+    );
+    assert_eq!(purge("", Some(ADMIN_TOKEN)).await.json()["purged"], "all");
+    assert_eq!(
+        h.get(LIST, DESIGN_KEY).await.cache_status(),
+        "teamgate; fwd=miss; stored"
+    );
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn the_admin_purge_is_off_without_a_token() {
+    let h = Harness::start().await;
+    let request = Request::delete(format!("http://{}/admin/cache", h.admin))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    assert_eq!(h.send(request).await.status, StatusCode::FORBIDDEN);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_shared_rule_serves_one_entry_to_every_team() {
+    let rules = r#"
+[[upstreams.comfy.cache.rules]]
+match = "GET /api/assets/remote-metadata"
+ttl = "1h"
+scope = "remote-metadata"
+shared = true
+"#;
+    let h = Harness::start_with(rules).await;
+    let target = "/api/assets/remote-metadata?url=https://civitai.com/api/download/models/1";
+    assert_eq!(
+        h.get(target, DESIGN_KEY).await.cache_status(),
+        "teamgate; fwd=miss; stored"
+    );
+    assert!(
+        h.get(target, RESEARCH_KEY)
+            .await
+            .cache_status()
+            .contains("hit")
+    );
+    assert_eq!(
+        h.emulator.count(Method::GET, "/api/assets/remote-metadata"),
+        1
+    );
+    // Off by default: without the rule, each team has its own entry.
+    let plain = Harness::start().await;
+    plain.get(target, DESIGN_KEY).await;
+    assert_eq!(
+        plain.get(target, RESEARCH_KEY).await.cache_status(),
+        "teamgate; fwd=miss; stored"
+    );
+    plain.stop().await;
+    h.stop().await;
+}
