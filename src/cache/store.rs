@@ -108,7 +108,13 @@ struct Generations {
     next: AtomicU64,
     counters: Mutex<HashMap<u64, u64>>,
     hasher: std::collections::hash_map::RandomState,
+    /// How many counters are kept before the table is reset (see `bump_locked`).
+    limit: usize,
 }
+
+/// Counters kept before a reset: one per invalidated scope member (asset id)
+/// and family, per team — about 5 MiB at this size.
+const GENERATION_LIMIT: usize = 100_000;
 
 #[derive(Hash)]
 enum Level<'a> {
@@ -120,11 +126,12 @@ enum Level<'a> {
 }
 
 impl Generations {
-    fn new() -> Self {
+    fn new(limit: usize) -> Self {
         Generations {
             next: AtomicU64::new(1),
             counters: Mutex::new(HashMap::new()),
             hasher: std::collections::hash_map::RandomState::new(),
+            limit,
         }
     }
 
@@ -159,6 +166,14 @@ impl Generations {
     }
 
     fn bump_locked(&self, counters: &mut HashMap<u64, u64>, level: u64) {
+        if counters.len() >= self.limit {
+            // Bounded memory: forget every counter and move the global level to a
+            // never-used value. Every existing stamp then fails — a full flush,
+            // never a stale hit — and the table starts over.
+            counters.clear();
+            let global = self.next.fetch_add(1, Ordering::Relaxed);
+            counters.insert(self.id(Level::Global), global);
+        }
         let generation = self.next.fetch_add(1, Ordering::Relaxed);
         counters.insert(level, generation);
     }
@@ -256,6 +271,14 @@ pub struct Stats {
 
 impl Store {
     pub fn new(max_bytes: u64, max_entry_bytes: usize) -> Self {
+        Self::with_generation_limit(max_bytes, max_entry_bytes, GENERATION_LIMIT)
+    }
+
+    fn with_generation_limit(
+        max_bytes: u64,
+        max_entry_bytes: usize,
+        generation_limit: usize,
+    ) -> Self {
         let entries = moka::sync::Cache::builder()
             .max_capacity(max_bytes)
             .weigher(|key: &CacheKey, value: &Arc<CachedResponse>| {
@@ -266,7 +289,7 @@ impl Store {
             .build();
         Store {
             entries,
-            generations: Generations::new(),
+            generations: Generations::new(generation_limit),
             inflight: Mutex::new(HashMap::new()),
             next_fill: AtomicU64::new(1),
             max_bytes,
@@ -564,6 +587,22 @@ mod tests {
             "never join an outdated fill"
         );
         store.finish(&k, id);
+    }
+
+    #[test]
+    fn the_generation_table_is_bounded_and_its_reset_invalidates_rather_than_revives() {
+        let store = Store::with_generation_limit(1 << 20, 1 << 16, 8);
+        let lists = scope("assets", None);
+        let old = store.stamp(team("a"), &lists);
+        store.invalidate(team("a"), std::slice::from_ref(&lists));
+        // An entry filled before that invalidation must never become valid again.
+        for member in 0..50 {
+            store.invalidate(team("b"), &[scope("asset", Some(&member.to_string()))]);
+        }
+        assert!(store.generations.lock().len() <= 8);
+        assert!(!store.insert(key(team("a"), "/l"), &lists, response(old, b"old", 30)));
+        let now = store.stamp(team("a"), &lists);
+        assert!(store.insert(key(team("a"), "/l"), &lists, response(now, b"new", 30)));
     }
 
     #[test]
