@@ -48,6 +48,8 @@ pub enum GatewayError {
     UpstreamTimeout,
     #[error("the gateway failed to handle the request")]
     Internal,
+    #[error("rate limit exceeded; retry after the time in Retry-After")]
+    RateLimited,
 }
 
 impl GatewayError {
@@ -63,6 +65,7 @@ impl GatewayError {
             }
             GatewayError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             GatewayError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            GatewayError::RateLimited => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -77,6 +80,7 @@ impl GatewayError {
             GatewayError::UpstreamUnreachable | GatewayError::UpstreamReset => "bad_gateway",
             GatewayError::UpstreamTimeout => "gateway_timeout",
             GatewayError::Internal => "internal_error",
+            GatewayError::RateLimited => "rate_limited",
         }
     }
 
@@ -99,7 +103,7 @@ impl GatewayError {
     /// The JSON body alone, in `shape`.
     pub fn json_body(self, shape: ErrorShape, request_id: Option<&str>) -> bytes::Bytes {
         let message = self.to_string();
-        let body = match shape {
+        let mut body = match shape {
             ErrorShape::ComfyFlat => json!({
                 "code": self.code(),
                 "message": message,
@@ -113,6 +117,15 @@ impl GatewayError {
                 }
             }),
         };
+        // comfy-cli tells throttling from billing refusals by `error.type`.
+        if self == GatewayError::RateLimited {
+            match shape {
+                ErrorShape::ComfyFlat => {
+                    body["error"] = json!({ "type": "RATE_LIMITED", "message": message });
+                }
+                ErrorShape::ComfyEnvelope => body["error"]["type"] = json!("RATE_LIMITED"),
+            }
+        }
         bytes::Bytes::from(body.to_string())
     }
 }
@@ -148,6 +161,18 @@ mod tests {
         assert_eq!(body["error"]["details"]["request_id"], "r-2");
     }
 
+    #[tokio::test]
+    async fn rate_limited_bodies_carry_the_type_comfy_cli_checks() {
+        let flat =
+            json_of(GatewayError::RateLimited.into_response(ErrorShape::ComfyFlat, None)).await;
+        assert_eq!(flat["code"], "rate_limited");
+        assert_eq!(flat["error"]["type"], "RATE_LIMITED");
+        let envelope =
+            json_of(GatewayError::RateLimited.into_response(ErrorShape::ComfyEnvelope, None)).await;
+        assert_eq!(envelope["error"]["code"], "rate_limited");
+        assert_eq!(envelope["error"]["type"], "RATE_LIMITED");
+    }
+
     #[test]
     fn every_error_has_a_distinct_meaningful_status() {
         use GatewayError::*;
@@ -162,6 +187,7 @@ mod tests {
             (UpstreamReset, 502),
             (UpstreamTimeout, 504),
             (Internal, 500),
+            (RateLimited, 429),
         ] {
             assert_eq!(error.status().as_u16(), status, "{error:?}");
         }

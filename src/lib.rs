@@ -25,6 +25,7 @@ pub mod config;
 pub mod demo;
 pub mod emulator;
 pub mod error;
+pub mod limit;
 pub mod proxy;
 pub mod route;
 pub mod stack;
@@ -81,7 +82,20 @@ pub async fn run(
         config.cache.max_bytes,
         config.cache.max_entry_bytes,
     ));
-    let service = stack::build(&config, &cache);
+    let quotas = Arc::new(limit::Quotas::new(&config));
+    let service = stack::build(&stack::Shared {
+        config: Arc::clone(&config),
+        cache: Arc::clone(&cache),
+        quotas: Arc::clone(&quotas),
+    });
+    // Idle per-key limiter state is dropped periodically, so it stays bounded.
+    let sweeper = tokio::spawn(async move {
+        let mut every = tokio::time::interval(quotas.settings.sweep_interval);
+        loop {
+            every.tick().await;
+            quotas.retain_recent();
+        }
+    });
     let (admin_stop, admin_stopped) = tokio::sync::watch::channel(false);
     let admin_state = admin::AdminState {
         readiness: readiness.clone(),
@@ -138,6 +152,7 @@ pub async fn run(
     {
         tracing::warn!("shutdown grace period over; remaining connections are closed");
     }
+    sweeper.abort();
     let _ = admin_stop.send(true);
     let _ = admin.await;
     tracing::info!("teamgate stopped");

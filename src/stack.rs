@@ -2,7 +2,7 @@
 //!
 //! Each layer reads what the layers above attached to the request
 //! (`RequestId`, `RouteMatch`, `Authenticated`) and either answers itself or
-//! passes the request on. The quota and cache layers slot in where marked.
+//! passes the request on.
 
 use std::sync::Arc;
 
@@ -13,14 +13,27 @@ use crate::auth::AuthenticateLayer;
 use crate::auth::inject::{InjectCredentials, InjectCredentialsLayer};
 use crate::cache::{CacheLayer, CacheService, Store};
 use crate::config::Config;
+use crate::limit::layer::{ClientQuota, UpstreamBudget};
+use crate::limit::{ClientQuotaLayer, Quotas, UpstreamBudgetLayer};
 use crate::proxy::Forward;
 use crate::route::{Classify, ClassifyLayer, Router};
 use crate::telemetry::{Observe, ObserveLayer};
 
 /// The gateway's request service, concretely typed: no boxing between layers.
-pub type GatewayService = Observe<Classify<Authenticate<CacheService<InjectCredentials<Forward>>>>>;
+pub type GatewayService = Observe<
+    Classify<Authenticate<ClientQuota<CacheService<UpstreamBudget<InjectCredentials<Forward>>>>>>,
+>;
 
-pub fn build(config: &Arc<Config>, cache: &Arc<Store>) -> GatewayService {
+/// The shared state the stack's layers hold.
+#[derive(Debug, Clone)]
+pub struct Shared {
+    pub config: Arc<Config>,
+    pub cache: Arc<Store>,
+    pub quotas: Arc<Quotas>,
+}
+
+pub fn build(shared: &Shared) -> GatewayService {
+    let config = &shared.config;
     ServiceBuilder::new()
         // Outermost, so every answer — the rejections below included — carries a
         // request id and gets exactly one access-log line.
@@ -31,12 +44,15 @@ pub fn build(config: &Arc<Config>, cache: &Arc<Store>) -> GatewayService {
         // Before anything costs upstream capacity: unknown keys get 401 here,
         // and no limiter or cache state is ever created for them.
         .layer(AuthenticateLayer::new(Arc::clone(config)))
-        // (issue #5) client quotas per team and per key go here: they count cache hits too.
+        // Team, key and route quotas before the cache: cache hits count too.
+        .layer(ClientQuotaLayer::new(Arc::clone(&shared.quotas)))
         // Cache after authentication, so every entry is keyed by a known team and
         // hits never reach the layers below (upstream budget, injection, the wire).
         // Writes pass through it too: their 2xx answers invalidate what they touched.
-        .layer(CacheLayer::new(Arc::clone(cache)))
-        // (issue #5) the upstream budget goes here: it counts only what really goes upstream.
+        .layer(CacheLayer::new(Arc::clone(&shared.cache)))
+        // After the cache: only misses, fills, pass-through and writes spend the
+        // team's upstream budget; coalesced waiters and hits spend nothing.
+        .layer(UpstreamBudgetLayer::new(Arc::clone(&shared.quotas)))
         // Last before the wire: swap the client's credential for the team's upstream one.
         .layer(InjectCredentialsLayer::new(config.server.clone()))
         .service(Forward::new(&config.upstreams))

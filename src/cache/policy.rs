@@ -179,7 +179,7 @@ pub enum MethodMatch {
 }
 
 impl MethodMatch {
-    fn matches(&self, method: &Method) -> bool {
+    pub fn matches(&self, method: &Method) -> bool {
         match self {
             MethodMatch::AnyWrite => !method.is_safe(),
             MethodMatch::Listed(methods) => methods.contains(method),

@@ -29,6 +29,7 @@ use crate::auth::keys::{KeyDigest, KeyStore};
 use crate::cache::policy::{
     CachePolicy, CredentialId, MethodMatch, ReadRule, ScopeTemplate, WriteRule, parse_match,
 };
+use crate::limit::quota::{QuotaSpec, parse_rate};
 pub use preset::{CredentialPlacement, Preset, RouteRule};
 pub use secret::Secret;
 
@@ -46,6 +47,7 @@ pub struct Config {
     pub keys: KeyStore<Team>,
     pub cache: CacheSettings,
     pub admin: AdminSettings,
+    pub limits: LimitSettings,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -116,18 +118,67 @@ pub struct UpstreamTimeouts {
     pub pool_idle: Duration,
 }
 
+/// A team's quotas, as configured (the limiter state lives in `limit::Quotas`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TeamLimits {
+    /// Every request of the team, cache hits included.
+    pub client: Option<QuotaSpec>,
+    /// Every request, per client key.
+    pub per_key: Option<QuotaSpec>,
+    /// Only what really goes upstream (per upstream).
+    pub upstream: UpstreamLimits,
+    /// Per route class, every request.
+    pub routes: Vec<RouteQuota>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct UpstreamLimits {
+    pub rate: Option<QuotaSpec>,
+    pub max_in_flight: Option<u32>,
+    /// How long a request may wait for an in-flight slot before it is refused.
+    pub queue_timeout: Duration,
+}
+
+/// A quota on the requests matching `METHODS /pattern` (optionally of one upstream).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RouteQuota {
+    /// The `match` as written; the quota's name in `RateLimit` headers.
+    pub label: String,
+    pub methods: MethodMatch,
+    pub pattern: crate::route::PathPattern,
+    pub upstream: Option<String>,
+    pub spec: QuotaSpec,
+}
+
+/// Gateway-wide quota settings (`[limits]`).
+#[derive(Debug, Clone, Copy)]
+pub struct LimitSettings {
+    /// Pause a team's upstream budget when the upstream answers 429 with `Retry-After`.
+    pub pause_on_upstream_429: bool,
+    /// The longest such pause.
+    pub max_pause: Duration,
+    /// How often idle per-key limiter state is dropped.
+    pub sweep_interval: Duration,
+}
+
 /// A team: its upstream credentials. Client keys point here through `Config::keys`.
 #[derive(Debug)]
 pub struct Team {
     pub name: String,
+    pub limits: TeamLimits,
     /// Indexed by `Upstream::index`; `None` where the team has no credential.
     credentials: Vec<Option<(Secret, CredentialId)>>,
 }
 
 impl Team {
-    pub fn new(name: impl Into<String>, credentials: Vec<Option<Secret>>) -> Self {
+    pub fn new(
+        name: impl Into<String>,
+        credentials: Vec<Option<Secret>>,
+        limits: TeamLimits,
+    ) -> Self {
         Team {
             name: name.into(),
+            limits,
             credentials: credentials
                 .into_iter()
                 .map(|secret| {
@@ -204,6 +255,47 @@ struct FileConfig {
     cache: FileCache,
     #[serde(default)]
     admin: FileAdmin,
+    #[serde(default)]
+    limits: FileLimitSettings,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct FileLimitSettings {
+    pause_on_upstream_429: Option<bool>,
+    max_pause: Option<String>,
+    sweep_interval: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct FileTeamLimits {
+    client: Option<FileQuota>,
+    per_key: Option<FileQuota>,
+    upstream: Option<FileUpstreamQuota>,
+    #[serde(default)]
+    routes: Vec<FileRouteQuota>,
+}
+
+#[derive(Debug, Deserialize)]
+struct FileQuota {
+    rate: String,
+    burst: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+struct FileUpstreamQuota {
+    rate: Option<String>,
+    burst: Option<u32>,
+    max_in_flight: Option<u32>,
+    queue_timeout: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct FileRouteQuota {
+    #[serde(rename = "match")]
+    matches: String,
+    rate: String,
+    burst: Option<u32>,
+    upstream: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -278,6 +370,8 @@ struct FileTeam {
     upstream_keys: BTreeMap<String, String>,
     #[serde(default)]
     client_keys: Vec<String>,
+    #[serde(default)]
+    limits: FileTeamLimits,
 }
 
 // ---- Loading ---------------------------------------------------------------
@@ -564,7 +658,8 @@ fn validate(
                 Err(message) => problem(&field, message),
             }
         }
-        let team_arc = Arc::new(Team::new(name.clone(), credentials));
+        let limits = team_limits(&team.limits, &key("limits"), &upstreams, &mut problem);
+        let team_arc = Arc::new(Team::new(name.clone(), credentials, limits));
         for (position, stored) in team.client_keys.iter().enumerate() {
             let field = key(&format!("client_keys[{position}]"));
             match KeyDigest::parse(stored) {
@@ -627,6 +722,26 @@ fn validate(
         }),
     };
 
+    // [limits]
+    let limits = LimitSettings {
+        pause_on_upstream_429: file.limits.pause_on_upstream_429.unwrap_or(true),
+        max_pause: duration_or(
+            file.limits.max_pause.as_deref(),
+            Duration::from_secs(300),
+            "limits.max_pause",
+            &mut problem,
+        ),
+        sweep_interval: duration_or(
+            file.limits.sweep_interval.as_deref(),
+            Duration::from_secs(60),
+            "limits.sweep_interval",
+            &mut problem,
+        ),
+    };
+    if limits.sweep_interval.is_zero() {
+        problem("limits.sweep_interval", "must be more than 0".into());
+    }
+
     Config {
         origin: origin.to_owned(),
         server,
@@ -636,6 +751,108 @@ fn validate(
         keys,
         cache,
         admin,
+        limits,
+    }
+}
+
+fn quota_spec(
+    rate: &str,
+    burst: Option<u32>,
+    key: &str,
+    problem: &mut impl FnMut(&str, String),
+) -> Option<QuotaSpec> {
+    let rate = parse_rate(rate)
+        .map_err(|message| problem(&format!("{key}.rate"), message))
+        .ok()?;
+    let burst = burst.unwrap_or(rate.count);
+    if burst == 0 {
+        problem(&format!("{key}.burst"), "must be at least 1".into());
+        return None;
+    }
+    Some(QuotaSpec { rate, burst })
+}
+
+fn team_limits(
+    file: &FileTeamLimits,
+    key: &str,
+    upstreams: &[Arc<Upstream>],
+    problem: &mut impl FnMut(&str, String),
+) -> TeamLimits {
+    let client = file
+        .client
+        .as_ref()
+        .and_then(|quota| quota_spec(&quota.rate, quota.burst, &format!("{key}.client"), problem));
+    let per_key = file
+        .per_key
+        .as_ref()
+        .and_then(|quota| quota_spec(&quota.rate, quota.burst, &format!("{key}.per_key"), problem));
+    let mut upstream = UpstreamLimits {
+        queue_timeout: Duration::from_secs(10),
+        ..UpstreamLimits::default()
+    };
+    if let Some(file) = &file.upstream {
+        let field = format!("{key}.upstream");
+        upstream.rate = file
+            .rate
+            .as_deref()
+            .and_then(|rate| quota_spec(rate, file.burst, &field, problem));
+        if file.rate.is_none() && file.burst.is_some() {
+            problem(&format!("{field}.burst"), "a burst needs a `rate`".into());
+        }
+        upstream.max_in_flight = file.max_in_flight;
+        if file.max_in_flight == Some(0) {
+            problem(
+                &format!("{field}.max_in_flight"),
+                "must be at least 1".into(),
+            );
+        }
+        upstream.queue_timeout = duration_or(
+            file.queue_timeout.as_deref(),
+            upstream.queue_timeout,
+            &format!("{field}.queue_timeout"),
+            problem,
+        );
+    }
+    let mut routes = Vec::new();
+    for (index, route) in file.routes.iter().enumerate() {
+        let field = format!("{key}.routes[{index}]");
+        let (methods, pattern) = match parse_match(&route.matches) {
+            Ok(parsed) => parsed,
+            Err(message) => {
+                problem(&format!("{field}.match"), message);
+                continue;
+            }
+        };
+        if route.matches.contains(['"', '\\']) {
+            problem(
+                &format!("{field}.match"),
+                "quotes and backslashes are not allowed".into(),
+            );
+            continue;
+        }
+        if let Some(name) = &route.upstream {
+            if !upstreams.iter().any(|upstream| &upstream.name == name) {
+                problem(
+                    &format!("{field}.upstream"),
+                    format!("no upstream named `{name}` is configured"),
+                );
+            }
+        }
+        if let Some(spec) = quota_spec(&route.rate, route.burst, &field, problem) {
+            routes.push(RouteQuota {
+                label: route.matches.trim().to_owned(),
+                methods,
+                pattern,
+                upstream: route.upstream.clone(),
+                spec,
+            });
+        }
+    }
+    TeamLimits {
+        client,
+        per_key,
+        upstream,
+        routes,
     }
 }
 
@@ -1123,6 +1340,58 @@ scope = \"job:{{nope}}\"
         let config = load(&text).unwrap();
         assert!(config.upstreams[0].cache.reads.is_empty());
         assert!(config.upstreams[0].cache.writes.is_empty());
+    }
+
+    #[test]
+    fn team_limits_parse_with_defaults_and_every_problem_is_named() {
+        let text = format!(
+            "{VALID}
+[teams.design.limits]
+client = {{ rate = \"20/s\", burst = 40 }}
+per_key = {{ rate = \"5/s\" }}
+upstream = {{ rate = \"10/s\", burst = 10, max_in_flight = 8 }}
+[[teams.design.limits.routes]]
+match = \"POST /api/prompt\"
+rate = \"10/m\"
+burst = 2
+"
+        );
+        let config = load(&text).unwrap();
+        let limits = &config.teams[0].limits;
+        assert_eq!(limits.client.unwrap().burst, 40);
+        assert_eq!(
+            limits.per_key.unwrap().burst,
+            5,
+            "burst defaults to the rate's count"
+        );
+        assert_eq!(limits.upstream.max_in_flight, Some(8));
+        assert_eq!(limits.routes[0].label, "POST /api/prompt");
+        assert_eq!(limits.routes[0].spec.rate.per, Duration::from_secs(60));
+        assert!(config.limits.pause_on_upstream_429);
+
+        let bad = format!(
+            "{VALID}
+[teams.design.limits]
+client = {{ rate = \"fast\" }}
+per_key = {{ rate = \"5/s\", burst = 0 }}
+upstream = {{ max_in_flight = 0 }}
+[[teams.design.limits.routes]]
+match = \"POST api/prompt\"
+rate = \"1/s\"
+"
+        );
+        let keys = problem_keys(&bad);
+        for expected in [
+            "teams.design.limits.client.rate",
+            "teams.design.limits.per_key.burst",
+            "teams.design.limits.upstream.max_in_flight",
+            "teams.design.limits.routes[0].match",
+        ] {
+            assert!(
+                keys.contains(&expected.to_owned()),
+                "{expected} in {keys:?}"
+            );
+        }
     }
 
     #[test]

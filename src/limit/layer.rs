@@ -1,0 +1,350 @@
+//! The quota layers.
+//!
+//! [`ClientQuota`] sits after authentication and before the cache: the team's
+//! client quota, the key's own quota and any route quota apply to every
+//! request, cache hits included. [`UpstreamBudget`] sits after the cache:
+//! only requests that really go upstream (misses, fills, pass-through,
+//! writes) spend the team's upstream rate and in-flight slots, and an
+//! upstream 429 with `Retry-After` pauses the team's budget instead of
+//! sending more.
+//!
+//! Refusals are 429 with `Retry-After`, `RateLimit-Policy`, `RateLimit` and
+//! the upstream's error shape. Admitted requests carry the `RateLimit`
+//! headers of the tightest quota that applied.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime};
+
+use futures_util::future::{Either, Ready, ready};
+use http::header::{HeaderName, HeaderValue, RETRY_AFTER};
+use http::{Request, Response, StatusCode};
+use pin_project_lite::pin_project;
+use tower::{Layer, Service, ServiceExt};
+
+use super::Quotas;
+use super::quota::{Denial, Snapshot, Verdict, policy_header, state_header};
+use crate::auth::Authenticated;
+use crate::body::Body;
+use crate::error::{ErrorShape, GatewayError};
+use crate::route::RouteMatch;
+use crate::telemetry::RequestId;
+
+pub static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+pub static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
+
+/// The 429 the gateway answers for `denial`.
+pub fn too_many_requests(
+    denial: &Denial,
+    shape: ErrorShape,
+    request_id: Option<&str>,
+) -> Response<Body> {
+    let mut response = GatewayError::RateLimited.into_response(shape, request_id);
+    let retry_after = denial.retry_after_secs();
+    let headers = response.headers_mut();
+    headers.insert(RETRY_AFTER, HeaderValue::from(retry_after));
+    if let Some(spec) = &denial.spec {
+        headers.insert(&RATELIMIT_POLICY, policy_header(&denial.name, spec));
+        headers.insert(&RATELIMIT, state_header(&denial.name, 0, retry_after));
+    }
+    tracing::info!(quota = %denial.name, retry_after, "request refused by a quota");
+    response
+}
+
+fn shape_of(request: &Request<Body>) -> ErrorShape {
+    request
+        .extensions()
+        .get::<RouteMatch>()
+        .map_or(ErrorShape::ComfyFlat, RouteMatch::error_shape)
+}
+
+/// Tower layer for [`ClientQuota`].
+#[derive(Debug, Clone)]
+pub struct ClientQuotaLayer {
+    quotas: Arc<Quotas>,
+}
+
+impl ClientQuotaLayer {
+    pub fn new(quotas: Arc<Quotas>) -> Self {
+        ClientQuotaLayer { quotas }
+    }
+}
+
+impl<S> Layer<S> for ClientQuotaLayer {
+    type Service = ClientQuota<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        ClientQuota {
+            quotas: Arc::clone(&self.quotas),
+            inner,
+        }
+    }
+}
+
+/// Team, key and route quotas on every request.
+#[derive(Debug, Clone)]
+pub struct ClientQuota<S> {
+    quotas: Arc<Quotas>,
+    inner: S,
+}
+
+/// Keeps the snapshot with the fewest permits left.
+fn tighter(current: Option<Snapshot>, candidate: Snapshot) -> Option<Snapshot> {
+    match current {
+        Some(current) if current.remaining <= candidate.remaining => Some(current),
+        _ => Some(candidate),
+    }
+}
+
+/// The admitted request's quota state, for the answer's `RateLimit` headers.
+/// The upstream budget attaches its own to the response; the tighter wins.
+#[derive(Debug, Clone)]
+struct UpstreamSnapshot(Snapshot);
+
+impl<S> Service<Request<Body>> for ClientQuota<S>
+where
+    S: Service<Request<Body>, Response = Response<Body>, Error = Infallible>,
+{
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = Either<Ready<Result<Response<Body>, Infallible>>, ClientQuotaFuture<S::Future>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<Body>) -> Self::Future {
+        let (Some(auth), Some(route)) = (
+            request.extensions().get::<Authenticated>(),
+            request.extensions().get::<RouteMatch>(),
+        ) else {
+            return Either::Right(ClientQuotaFuture {
+                inner: self.inner.call(request),
+                tightest: None,
+            });
+        };
+        let Some(team) = self.quotas.team(&auth.team.name) else {
+            return Either::Right(ClientQuotaFuture {
+                inner: self.inner.call(request),
+                tightest: None,
+            });
+        };
+        let path = route.upstream_path(request.uri().path());
+        let routes = team.routes.iter().filter(|route_limit| {
+            let rule = &route_limit.rule;
+            rule.methods.matches(request.method())
+                && rule.pattern.matches(path)
+                && rule
+                    .upstream
+                    .as_ref()
+                    .is_none_or(|name| *name == route.upstream.name)
+        });
+        let checks = team
+            .per_key
+            .iter()
+            .map(|built| (&built.limit, Some(&auth.key)))
+            .chain(routes.map(|route_limit| (&route_limit.limit, None)))
+            .chain(team.client.iter().map(|built| (&built.limit, None)));
+        let mut tightest = None;
+        for (limit, key) in checks {
+            match limit.check(key) {
+                Verdict::Allowed(snapshot) => tightest = tighter(tightest, snapshot),
+                Verdict::Denied(denial) => {
+                    let response =
+                        too_many_requests(&denial, shape_of(&request), RequestId::of(&request));
+                    return Either::Left(ready(Ok(response)));
+                }
+            }
+        }
+        Either::Right(ClientQuotaFuture {
+            inner: self.inner.call(request),
+            tightest,
+        })
+    }
+}
+
+pin_project! {
+    /// Adds the `RateLimit` headers of the tightest quota to the answer.
+    pub struct ClientQuotaFuture<F> {
+        #[pin]
+        inner: F,
+        tightest: Option<Snapshot>,
+    }
+}
+
+impl<F> Future for ClientQuotaFuture<F>
+where
+    F: Future<Output = Result<Response<Body>, Infallible>>,
+{
+    type Output = Result<Response<Body>, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let Ok(mut response) = std::task::ready!(this.inner.poll(cx));
+        let upstream = response.extensions_mut().remove::<UpstreamSnapshot>();
+        let mut tightest = this.tightest.take();
+        if let Some(UpstreamSnapshot(snapshot)) = upstream {
+            tightest = tighter(tightest, snapshot);
+        }
+        // A refusal from below already carries its own headers.
+        if let Some(snapshot) = tightest.filter(|_| !response.headers().contains_key(&RATELIMIT)) {
+            let headers = response.headers_mut();
+            headers.insert(
+                &RATELIMIT_POLICY,
+                policy_header(&snapshot.name, &snapshot.spec),
+            );
+            headers.insert(
+                &RATELIMIT,
+                state_header(&snapshot.name, snapshot.remaining, snapshot.reset_secs),
+            );
+        }
+        Poll::Ready(Ok(response))
+    }
+}
+
+/// Tower layer for [`UpstreamBudget`].
+#[derive(Debug, Clone)]
+pub struct UpstreamBudgetLayer {
+    quotas: Arc<Quotas>,
+}
+
+impl UpstreamBudgetLayer {
+    pub fn new(quotas: Arc<Quotas>) -> Self {
+        UpstreamBudgetLayer { quotas }
+    }
+}
+
+impl<S> Layer<S> for UpstreamBudgetLayer {
+    type Service = UpstreamBudget<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        UpstreamBudget {
+            quotas: Arc::clone(&self.quotas),
+            inner,
+        }
+    }
+}
+
+/// The team's upstream rate, in-flight cap and 429 pause.
+#[derive(Debug, Clone)]
+pub struct UpstreamBudget<S> {
+    quotas: Arc<Quotas>,
+    inner: S,
+}
+
+type BoxFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
+
+impl<S> Service<Request<Body>> for UpstreamBudget<S>
+where
+    S: Service<Request<Body>, Response = Response<Body>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send,
+{
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = Either<S::Future, BoxFuture>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<Body>) -> Self::Future {
+        let budget = match (
+            request.extensions().get::<Authenticated>(),
+            request.extensions().get::<RouteMatch>(),
+        ) {
+            (Some(auth), Some(route)) => self
+                .quotas
+                .team(&auth.team.name)
+                .and_then(|team| team.upstream.get(route.upstream.index))
+                .cloned(),
+            _ => None,
+        };
+        let Some(budget) = budget else {
+            return Either::Left(self.inner.call(request));
+        };
+        let settings = self.quotas.settings;
+        let inner = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, inner);
+        Either::Right(Box::pin(async move {
+            let shape = shape_of(&request);
+            let refuse =
+                |denial: Denial| Ok(too_many_requests(&denial, shape, RequestId::of(&request)));
+            if let Some(left) = budget.paused_for() {
+                return refuse(Denial {
+                    name: "upstream".into(),
+                    spec: None,
+                    retry_after: left,
+                });
+            }
+            let snapshot = match budget.rate.as_ref().map(|rate| rate.check(None)) {
+                Some(Verdict::Denied(denial)) => return refuse(denial),
+                Some(Verdict::Allowed(snapshot)) => Some(snapshot),
+                None => None,
+            };
+            // Held until the upstream's answer arrives (headers), then released.
+            let _slot = match &budget.in_flight {
+                None => None,
+                Some(slots) => {
+                    let wait = budget.limits.queue_timeout;
+                    match tokio::time::timeout(wait, Arc::clone(slots).acquire_owned()).await {
+                        Ok(Ok(slot)) => Some(slot),
+                        _ => {
+                            return refuse(Denial {
+                                name: "upstream_in_flight".into(),
+                                spec: None,
+                                retry_after: Duration::from_secs(1),
+                            });
+                        }
+                    }
+                }
+            };
+            let Ok(mut response) = inner.oneshot(request).await;
+            if response.status() == StatusCode::TOO_MANY_REQUESTS && settings.pause_on_upstream_429
+            {
+                if let Some(wait) = retry_after(response.headers().get(RETRY_AFTER)) {
+                    let wait = wait.min(settings.max_pause);
+                    budget.pause(wait);
+                    tracing::warn!(pause = ?wait, "upstream answered 429: pausing this team's upstream budget");
+                }
+            }
+            if let Some(snapshot) = snapshot {
+                response.extensions_mut().insert(UpstreamSnapshot(snapshot));
+            }
+            Ok(response)
+        }))
+    }
+}
+
+/// `Retry-After` as delay-seconds or an HTTP-date (RFC 9110 §10.2.3).
+fn retry_after(value: Option<&HeaderValue>) -> Option<Duration> {
+    let value = value?.to_str().ok()?.trim();
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Some(Duration::from_secs(seconds));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(at.duration_since(SystemTime::now()).unwrap_or_default())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_accepts_seconds_and_dates() {
+        assert_eq!(
+            retry_after(Some(&HeaderValue::from_static("7"))),
+            Some(Duration::from_secs(7))
+        );
+        let future = httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(120));
+        let parsed = retry_after(Some(&HeaderValue::from_str(&future).unwrap())).unwrap();
+        assert!(parsed <= Duration::from_secs(120) && parsed >= Duration::from_secs(110));
+        assert_eq!(retry_after(Some(&HeaderValue::from_static("soon"))), None);
+        assert_eq!(retry_after(None), None);
+    }
+}

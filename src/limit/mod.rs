@@ -1,0 +1,184 @@
+//! Quotas: per-team and per-key rate limits, per-route quotas, and the
+//! upstream budget that protects a team's shared upstream key.
+//!
+//! - [`quota`]: rate specs, the [`quota::RateLimit`] interface, the governor backend.
+//! - [`Quotas`]: the limiter state for every team, built from the config and
+//!   rebuilt on reload without resetting the teams whose limits did not change.
+//! - [`layer`]: [`layer::ClientQuotaLayer`] (every request, cache hits
+//!   included) and [`layer::UpstreamBudgetLayer`] (only what goes upstream).
+
+pub mod layer;
+pub mod quota;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
+
+use crate::config::{Config, LimitSettings, RouteQuota, UpstreamLimits};
+pub use layer::{ClientQuotaLayer, UpstreamBudgetLayer};
+use quota::{GovernorLimit, QuotaSpec, RateLimit};
+
+/// One quota and the spec it was built from (to reuse it across reloads).
+#[derive(Debug, Clone)]
+struct Built {
+    spec: QuotaSpec,
+    limit: Arc<dyn RateLimit>,
+}
+
+/// A route quota with its limiter.
+#[derive(Debug)]
+pub struct RouteLimit {
+    pub rule: RouteQuota,
+    limit: Arc<dyn RateLimit>,
+}
+
+/// A team's budget on one upstream.
+#[derive(Debug)]
+pub struct UpstreamBudget {
+    limits: UpstreamLimits,
+    rate: Option<Arc<dyn RateLimit>>,
+    in_flight: Option<Arc<Semaphore>>,
+    /// Set when the upstream answered 429 with `Retry-After`.
+    paused_until: Mutex<Option<Instant>>,
+}
+
+impl UpstreamBudget {
+    fn new(limits: &UpstreamLimits) -> Self {
+        UpstreamBudget {
+            limits: limits.clone(),
+            rate: limits.rate.map(|spec| {
+                Arc::new(GovernorLimit::single("upstream", spec)) as Arc<dyn RateLimit>
+            }),
+            in_flight: limits
+                .max_in_flight
+                .map(|max| Arc::new(Semaphore::new(max as usize))),
+            paused_until: Mutex::new(None),
+        }
+    }
+
+    /// The remaining pause, if the upstream asked this team to back off.
+    pub fn paused_for(&self) -> Option<Duration> {
+        let until = (*self.paused_until.lock().unwrap_or_else(|p| p.into_inner()))?;
+        until
+            .checked_duration_since(Instant::now())
+            .filter(|left| !left.is_zero())
+    }
+
+    pub fn pause(&self, duration: Duration) {
+        let until = Instant::now() + duration;
+        let mut paused = self.paused_until.lock().unwrap_or_else(|p| p.into_inner());
+        if paused.is_none_or(|current| current < until) {
+            *paused = Some(until);
+        }
+    }
+}
+
+/// Every limiter of one team.
+#[derive(Debug)]
+pub struct TeamQuotas {
+    client: Option<Built>,
+    per_key: Option<Built>,
+    routes: Vec<RouteLimit>,
+    /// Indexed by `Upstream::index`.
+    upstream: Vec<Arc<UpstreamBudget>>,
+}
+
+/// The limiter state of every team.
+#[derive(Debug)]
+pub struct Quotas {
+    teams: HashMap<String, Arc<TeamQuotas>>,
+    pub settings: LimitSettings,
+}
+
+impl Quotas {
+    pub fn new(config: &Config) -> Self {
+        Self::build(config, None)
+    }
+
+    /// The quotas for a reloaded config: a team whose limits did not change
+    /// keeps its limiter state (a drained bucket stays drained).
+    pub fn rebuild(&self, config: &Config) -> Self {
+        Self::build(config, Some(self))
+    }
+
+    fn build(config: &Config, previous: Option<&Quotas>) -> Self {
+        let mut teams = HashMap::new();
+        for team in &config.teams {
+            let old = previous.and_then(|quotas| quotas.teams.get(&team.name));
+            let reuse = |old: Option<&Built>, spec: QuotaSpec, make: &dyn Fn() -> GovernorLimit| {
+                match old {
+                    Some(built) if built.spec == spec => built.clone(),
+                    _ => Built {
+                        spec,
+                        limit: Arc::new(make()),
+                    },
+                }
+            };
+            let limits = &team.limits;
+            let client = limits.client.map(|spec| {
+                reuse(old.and_then(|o| o.client.as_ref()), spec, &|| {
+                    GovernorLimit::single("client", spec)
+                })
+            });
+            let per_key = limits.per_key.map(|spec| {
+                reuse(old.and_then(|o| o.per_key.as_ref()), spec, &|| {
+                    GovernorLimit::per_key("per_key", spec)
+                })
+            });
+            let routes = limits
+                .routes
+                .iter()
+                .map(|rule| {
+                    let kept = old
+                        .and_then(|o| o.routes.iter().find(|r| r.rule == *rule))
+                        .map(|r| Arc::clone(&r.limit));
+                    RouteLimit {
+                        limit: kept.unwrap_or_else(|| {
+                            Arc::new(GovernorLimit::single(&rule.label, rule.spec))
+                        }),
+                        rule: rule.clone(),
+                    }
+                })
+                .collect();
+            let upstream = config
+                .upstreams
+                .iter()
+                .map(
+                    |upstream| match old.and_then(|o| o.upstream.get(upstream.index)) {
+                        Some(budget) if budget.limits == limits.upstream => Arc::clone(budget),
+                        _ => Arc::new(UpstreamBudget::new(&limits.upstream)),
+                    },
+                )
+                .collect();
+            teams.insert(
+                team.name.clone(),
+                Arc::new(TeamQuotas {
+                    client,
+                    per_key,
+                    routes,
+                    upstream,
+                }),
+            );
+        }
+        Quotas {
+            teams,
+            settings: config.limits,
+        }
+    }
+
+    pub fn team(&self, name: &str) -> Option<&Arc<TeamQuotas>> {
+        self.teams.get(name)
+    }
+
+    /// Drops idle per-key state; called periodically.
+    pub fn retain_recent(&self) {
+        for team in self.teams.values() {
+            if let Some(per_key) = &team.per_key {
+                per_key.limit.retain_recent();
+            }
+        }
+    }
+}
