@@ -51,6 +51,8 @@ pub enum FaultAction {
     /// Compute the answer now, but hold it back until the test adds a permit:
     /// the answer reflects the state at arrival, whatever happens meanwhile.
     HoldResponse(Arc<tokio::sync::Semaphore>),
+    /// Answer 429 with `Retry-After: <seconds>`, as Comfy Cloud does when throttling.
+    RateLimited { retry_after_secs: u64 },
 }
 
 /// A fault applied to requests matching `method` (any if `None`) and `path` (exact).
@@ -111,6 +113,9 @@ struct Shared {
     store: Mutex<comfy::Store>,
     traffic: Mutex<Traffic>,
     faults: Mutex<Vec<Fault>>,
+    /// Requests being handled now, and the most ever at once.
+    in_flight: std::sync::atomic::AtomicUsize,
+    peak_in_flight: std::sync::atomic::AtomicUsize,
     /// Pause between SSE events and websocket progress messages.
     event_interval: Duration,
 }
@@ -144,6 +149,8 @@ impl Emulator {
                 store: Mutex::new(comfy::Store::seeded(&names)),
                 traffic: Mutex::new(Traffic::default()),
                 faults: Mutex::new(Vec::new()),
+                in_flight: Default::default(),
+                peak_in_flight: Default::default(),
                 event_interval,
             }),
         }
@@ -187,6 +194,7 @@ impl Emulator {
         let path = request.uri().path().to_owned();
         let method = request.method().clone();
         self.record(&request);
+        let _in_flight = InFlight::enter(&self.shared);
         let fault = {
             let mut faults = lock(&self.shared.faults);
             faults
@@ -210,6 +218,17 @@ impl Emulator {
             }
             Some(FaultAction::Drop) => return Err(ConnectionDropped),
             Some(FaultAction::HoldResponse(_)) => {}
+            Some(FaultAction::RateLimited { retry_after_secs }) => {
+                let mut response = comfy::error(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "rate_limited",
+                    "too many requests for this API key",
+                );
+                response
+                    .headers_mut()
+                    .insert(http::header::RETRY_AFTER, (*retry_after_secs).into());
+                return Ok(response);
+            }
             Some(FaultAction::Hold(gate)) => {
                 if let Ok(permit) = gate.acquire().await {
                     permit.forget();
@@ -327,12 +346,46 @@ impl Emulator {
             .collect()
     }
 
+    /// The most requests the emulator was ever handling at once.
+    pub fn peak_in_flight(&self) -> usize {
+        self.shared
+            .peak_in_flight
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Requests being handled right now.
+    pub fn in_flight(&self) -> usize {
+        self.shared
+            .in_flight
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     pub fn inject(&self, fault: Fault) {
         lock(&self.shared.faults).push(fault);
     }
 
     pub fn clear_faults(&self) {
         lock(&self.shared.faults).clear();
+    }
+}
+
+/// Counts a request as in flight until dropped.
+struct InFlight<'a>(&'a Shared);
+
+impl<'a> InFlight<'a> {
+    fn enter(shared: &'a Shared) -> Self {
+        use std::sync::atomic::Ordering::SeqCst;
+        let now = shared.in_flight.fetch_add(1, SeqCst) + 1;
+        shared.peak_in_flight.fetch_max(now, SeqCst);
+        InFlight(shared)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0
+            .in_flight
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
     }
 }
 

@@ -348,3 +348,213 @@ mod tests {
         assert_eq!(retry_after(None), None);
     }
 }
+
+#[cfg(test)]
+mod quota_layer_tests {
+    use super::*;
+    use crate::auth::Authenticated;
+    use crate::config::{self, Config, Secrets};
+    use crate::route::Router;
+
+    const KEY: &str = "tg_unit_test_key";
+
+    fn config(limits: &str) -> Arc<Config> {
+        let text = format!(
+            r#"
+[upstreams.comfy]
+base_url = "http://127.0.0.1:9"
+[teams.design]
+upstream_keys = {{ comfy = "env:K" }}
+client_keys = ["{}"]
+[teams.design.limits]
+{limits}
+"#,
+            crate::auth::keys::KeyDigest::of_key(KEY).to_stored()
+        );
+        let env = |name: &str| (name == "K").then(|| "upstream-key".to_owned());
+        Arc::new(config::load_str(&text, "t.toml", None, &env, Secrets::Resolve).unwrap())
+    }
+
+    /// A request as it looks after classification and authentication.
+    fn request(config: &Config, method: Method, path: &str) -> Request<Body> {
+        let mut request = Request::builder()
+            .method(method)
+            .uri(path)
+            .body(Body::Empty)
+            .unwrap();
+        let route = Router::new(&config.upstreams).classify(&request).unwrap();
+        let entry = config.keys.lookup(KEY).unwrap();
+        request.extensions_mut().insert(route);
+        request.extensions_mut().insert(Authenticated {
+            team: Arc::clone(&entry.owner),
+            key: entry.digest,
+        });
+        request
+    }
+
+    fn ok_service()
+    -> impl Service<Request<Body>, Response = Response<Body>, Error = Infallible, Future: Send>
+    + Clone
+    + Send
+    + 'static {
+        tower::service_fn(|_request: Request<Body>| async {
+            Ok::<_, Infallible>(Response::new(Body::Empty))
+        })
+    }
+
+    use http::Method;
+
+    #[tokio::test(start_paused = true)]
+    async fn the_next_request_succeeds_at_the_moment_retry_after_names() {
+        let config = config(r#"client = { rate = "10/m", burst = 2 }"#);
+        let quotas = Arc::new(Quotas::new(&config));
+        let service = ClientQuotaLayer::new(Arc::clone(&quotas)).layer(ok_service());
+        let call = |service: ClientQuota<_>| async {
+            service
+                .oneshot(request(&config, Method::GET, "/api/jobs"))
+                .await
+                .unwrap()
+        };
+        assert_eq!(call(service.clone()).await.status(), StatusCode::OK);
+        assert_eq!(call(service.clone()).await.status(), StatusCode::OK);
+        let refused = call(service.clone()).await;
+        assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+        let retry_after: u64 = refused.headers()[RETRY_AFTER]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert_eq!(retry_after, 6, "one permit per 6 s at 10/m");
+
+        tokio::time::advance(Duration::from_secs(retry_after) - Duration::from_millis(1)).await;
+        assert_eq!(
+            call(service.clone()).await.status(),
+            StatusCode::TOO_MANY_REQUESTS,
+            "not a moment early"
+        );
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert_eq!(
+            call(service.clone()).await.status(),
+            StatusCode::OK,
+            "exactly on time"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_upstream_pause_ends_when_retry_after_said() {
+        let config = config("");
+        let quotas = Arc::new(Quotas::new(&config));
+        let throttled = tower::service_fn(|_request: Request<Body>| async {
+            let mut response = Response::new(Body::Empty);
+            *response.status_mut() = StatusCode::TOO_MANY_REQUESTS;
+            response
+                .headers_mut()
+                .insert(RETRY_AFTER, HeaderValue::from_static("30"));
+            Ok::<_, Infallible>(response)
+        });
+        let service = UpstreamBudgetLayer::new(Arc::clone(&quotas)).layer(throttled);
+        let first = service
+            .clone()
+            .oneshot(request(&config, Method::GET, "/api/jobs"))
+            .await
+            .unwrap();
+        assert_eq!(first.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert!(
+            !first.headers().contains_key(&RATELIMIT),
+            "the upstream's own 429, untouched"
+        );
+
+        let paused = UpstreamBudgetLayer::new(Arc::clone(&quotas)).layer(ok_service());
+        let refused = paused
+            .clone()
+            .oneshot(request(&config, Method::GET, "/api/jobs"))
+            .await
+            .unwrap();
+        assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(refused.headers()[RETRY_AFTER], "30");
+        tokio::time::advance(Duration::from_secs(29)).await;
+        let still = paused
+            .clone()
+            .oneshot(request(&config, Method::GET, "/api/jobs"))
+            .await
+            .unwrap();
+        assert_eq!(still.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(still.headers()[RETRY_AFTER], "1");
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let after = paused
+            .oneshot(request(&config, Method::GET, "/api/jobs"))
+            .await
+            .unwrap();
+        assert_eq!(after.status(), StatusCode::OK);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reload_keeps_the_state_of_teams_whose_limits_did_not_change() {
+        let text = |design: &str, research: &str| {
+            format!(
+                r#"
+[upstreams.comfy]
+base_url = "http://127.0.0.1:9"
+[teams.design]
+upstream_keys = {{ comfy = "env:K" }}
+client_keys = ["{}"]
+[teams.design.limits]
+client = {{ rate = "{design}", burst = 1 }}
+[teams.research]
+upstream_keys = {{ comfy = "env:K" }}
+[teams.research.limits]
+client = {{ rate = "{research}", burst = 1 }}
+"#,
+                crate::auth::keys::KeyDigest::of_key(KEY).to_stored()
+            )
+        };
+        let env = |name: &str| (name == "K").then(|| "upstream-key".to_owned());
+        let load =
+            |text: String| config::load_str(&text, "t.toml", None, &env, Secrets::Resolve).unwrap();
+        let before = load(text("1/h", "1/h"));
+        let quotas = Quotas::new(&before);
+        let drain = |quotas: &Quotas, team: &str| {
+            quotas
+                .team(team)
+                .unwrap()
+                .client
+                .as_ref()
+                .unwrap()
+                .limit
+                .check(None)
+        };
+        assert!(matches!(drain(&quotas, "design"), Verdict::Allowed(_)));
+        assert!(matches!(drain(&quotas, "research"), Verdict::Allowed(_)));
+
+        // Only research's limit changes.
+        let reloaded = quotas.rebuild(&load(text("1/h", "2/h")));
+        assert!(
+            matches!(drain(&reloaded, "design"), Verdict::Denied(_)),
+            "design's bucket stays drained"
+        );
+        assert!(
+            matches!(drain(&reloaded, "research"), Verdict::Allowed(_)),
+            "research starts afresh"
+        );
+    }
+
+    #[tokio::test]
+    async fn requests_without_a_team_consult_no_limiter() {
+        let config = config(r#"per_key = { rate = "1/h", burst = 1 }"#);
+        let quotas = Arc::new(Quotas::new(&config));
+        let service = ClientQuotaLayer::new(Arc::clone(&quotas)).layer(ok_service());
+        let anonymous = Request::get("/api/jobs").body(Body::Empty).unwrap();
+        let response = service.oneshot(anonymous).await.unwrap();
+        assert!(!response.headers().contains_key(&RATELIMIT));
+        let team = quotas.team("design").unwrap();
+        let per_key = team.per_key.as_ref().unwrap();
+        // No key was ever checked, so a first check of any key is admitted with a full bucket.
+        let Verdict::Allowed(snapshot) = per_key
+            .limit
+            .check(Some(&crate::auth::keys::KeyDigest::of_key(KEY)))
+        else {
+            panic!()
+        };
+        assert_eq!(snapshot.remaining, 0);
+    }
+}

@@ -22,6 +22,8 @@ use tokio::task::JoinHandle;
 pub const DESIGN_KEY: &str = "tg_test_design_key_0123456789abcdef";
 pub const RESEARCH_KEY: &str = "tg_test_research_key_0123456789abcdef";
 pub const NO_CREDENTIAL_KEY: &str = "tg_test_nocred_key_0123456789abcdef";
+/// A second key of team design.
+pub const DESIGN_KEY_2: &str = "tg_test_design_key_two_0123456789abc";
 /// The teams' Comfy keys, as the emulator knows them.
 pub const DESIGN_UPSTREAM_KEY: &str = "comfy-upstream-design-5ecret";
 pub const RESEARCH_UPSTREAM_KEY: &str = "comfy-upstream-research-5ecret";
@@ -48,7 +50,7 @@ preset = "comfy-cloud"
 
 [teams.design]
 upstream_keys = {{ comfy = "env:DESIGN_COMFY_KEY" }}
-client_keys = ["{design}"]
+client_keys = ["{design}", "{design2}"]
 
 [teams.research]
 upstream_keys = {{ comfy = "env:RESEARCH_COMFY_KEY" }}
@@ -60,6 +62,7 @@ client_keys = ["{nocred}"]
 {top_extra}
 "#,
         design = hash(DESIGN_KEY),
+        design2 = hash(DESIGN_KEY_2),
         research = hash(RESEARCH_KEY),
         nocred = hash(NO_CREDENTIAL_KEY),
     )
