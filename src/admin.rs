@@ -7,6 +7,7 @@
 //! |---|---|
 //! | `GET /healthz` | the process is up |
 //! | `GET /readyz` | 200 when serving; 503 while draining |
+//! | `GET /metrics` | Prometheus text format |
 //! | `GET /admin/cache` | entries, bytes and bounds of the cache |
 //! | `DELETE /admin/cache[?team=T][&upstream=U]` | purge all, one team's, one upstream's (bearer `admin.token`) |
 
@@ -23,6 +24,7 @@ use crate::body::Body;
 use crate::cache::Store;
 use crate::cache::policy::Partition;
 use crate::config::Config;
+use crate::telemetry::metrics::Metrics;
 
 /// Whether the gateway should receive traffic; false once shutdown has begun.
 #[derive(Debug, Clone, Default)]
@@ -46,6 +48,7 @@ pub struct AdminState {
     pub readiness: Readiness,
     pub cache: Arc<Store>,
     pub config: Arc<Config>,
+    pub metrics: Arc<Metrics>,
 }
 
 fn json_response(status: StatusCode, body: serde_json::Value) -> Response<Body> {
@@ -79,8 +82,18 @@ pub async fn handle<B>(
             json!({ "status": "draining" }),
         ),
         "/admin/cache" if is_read => json_response(StatusCode::OK, json!(state.cache.stats())),
+        "/metrics" if is_read => {
+            let stats = state.cache.stats();
+            let mut response =
+                Response::new(Body::full(state.metrics.render(stats.entries, stats.bytes)));
+            response.headers_mut().insert(
+                CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            response
+        }
         "/admin/cache" if method == Method::DELETE => purge(&state, &request),
-        "/healthz" | "/readyz" | "/admin/cache" => error(
+        "/healthz" | "/readyz" | "/admin/cache" | "/metrics" => error(
             StatusCode::METHOD_NOT_ALLOWED,
             "method_not_allowed",
             "see the admin API in the README",
@@ -88,7 +101,7 @@ pub async fn handle<B>(
         _ => error(
             StatusCode::NOT_FOUND,
             "not_found",
-            "admin endpoints: /healthz, /readyz, /admin/cache",
+            "admin endpoints: /healthz, /readyz, /metrics, /admin/cache",
         ),
     })
 }

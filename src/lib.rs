@@ -78,15 +78,18 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let readiness = Readiness::default();
+    let metrics = Arc::new(telemetry::metrics::Metrics::new());
     let cache = Arc::new(cache::Store::new(
         config.cache.max_bytes,
         config.cache.max_entry_bytes,
+        Arc::clone(&metrics),
     ));
     let quotas = Arc::new(limit::Quotas::new(&config));
     let service = stack::build(&stack::Shared {
         config: Arc::clone(&config),
         cache: Arc::clone(&cache),
         quotas: Arc::clone(&quotas),
+        metrics: Arc::clone(&metrics),
     });
     // Idle per-key limiter state is dropped periodically, so it stays bounded.
     let sweeper = tokio::spawn(async move {
@@ -101,6 +104,7 @@ pub async fn run(
         readiness: readiness.clone(),
         cache,
         config: Arc::clone(&config),
+        metrics,
     };
     let admin = tokio::spawn(serve_admin(listeners.admin, admin_state, admin_stopped));
     let builder = auto::Builder::new(TokioExecutor::new());

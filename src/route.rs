@@ -50,6 +50,16 @@ impl RouteMatch {
         self.rule().error_shape
     }
 
+    /// The route class as a metric label.
+    pub fn class_label(&self) -> &'static str {
+        match (&self.class, &self.cache) {
+            (RouteClass::Upgrade, _) => "upgrade",
+            (_, Some(CacheRoute::Read { .. })) => "cacheable_read",
+            (_, Some(CacheRoute::Write { .. })) => "invalidating_write",
+            (RouteClass::Passthrough, None) => "passthrough",
+        }
+    }
+
     /// The path to send upstream (before the upstream base path is prepended).
     pub fn upstream_path<'a>(&self, request_path: &'a str) -> &'a str {
         match &request_path[self.path_offset..] {
@@ -414,7 +424,16 @@ where
         use futures_util::future::{Either, ready};
         match self.router.classify(&request) {
             Ok(route) => {
-                tracing::Span::current().record("upstream", route.upstream.name.as_str());
+                let span = tracing::Span::current();
+                span.record("upstream", route.upstream.name.as_str());
+                span.record("route_class", route.class_label());
+                if let Some(labels) = request
+                    .extensions()
+                    .get::<Arc<crate::telemetry::metrics::RequestLabels>>()
+                {
+                    let _ = labels.upstream.set(Arc::clone(&route.upstream));
+                    let _ = labels.route_class.set(route.class_label());
+                }
                 request.extensions_mut().insert(route);
                 Either::Right(self.inner.call(request))
             }

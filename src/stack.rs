@@ -17,6 +17,7 @@ use crate::limit::layer::{ClientQuota, UpstreamBudget};
 use crate::limit::{ClientQuotaLayer, Quotas, UpstreamBudgetLayer};
 use crate::proxy::Forward;
 use crate::route::{Classify, ClassifyLayer, Router};
+use crate::telemetry::metrics::Metrics;
 use crate::telemetry::{Observe, ObserveLayer};
 
 /// The gateway's request service, concretely typed: no boxing between layers.
@@ -30,6 +31,7 @@ pub struct Shared {
     pub config: Arc<Config>,
     pub cache: Arc<Store>,
     pub quotas: Arc<Quotas>,
+    pub metrics: Arc<Metrics>,
 }
 
 pub fn build(shared: &Shared) -> GatewayService {
@@ -37,7 +39,7 @@ pub fn build(shared: &Shared) -> GatewayService {
     ServiceBuilder::new()
         // Outermost, so every answer — the rejections below included — carries a
         // request id and gets exactly one access-log line.
-        .layer(ObserveLayer)
+        .layer(ObserveLayer::new(Arc::clone(&shared.metrics)))
         // Classify once: upstream, rule and class travel as an extension, so no
         // layer below parses the path again. Unroutable targets stop here.
         .layer(ClassifyLayer::new(Router::new(&config.upstreams)))
@@ -45,15 +47,24 @@ pub fn build(shared: &Shared) -> GatewayService {
         // and no limiter or cache state is ever created for them.
         .layer(AuthenticateLayer::new(Arc::clone(config)))
         // Team, key and route quotas before the cache: cache hits count too.
-        .layer(ClientQuotaLayer::new(Arc::clone(&shared.quotas)))
+        .layer(ClientQuotaLayer::new(
+            Arc::clone(&shared.quotas),
+            Arc::clone(&shared.metrics),
+        ))
         // Cache after authentication, so every entry is keyed by a known team and
         // hits never reach the layers below (upstream budget, injection, the wire).
         // Writes pass through it too: their 2xx answers invalidate what they touched.
-        .layer(CacheLayer::new(Arc::clone(&shared.cache)))
+        .layer(CacheLayer::new(
+            Arc::clone(&shared.cache),
+            Arc::clone(&shared.metrics),
+        ))
         // After the cache: only misses, fills, pass-through and writes spend the
         // team's upstream budget; coalesced waiters and hits spend nothing.
-        .layer(UpstreamBudgetLayer::new(Arc::clone(&shared.quotas)))
+        .layer(UpstreamBudgetLayer::new(
+            Arc::clone(&shared.quotas),
+            Arc::clone(&shared.metrics),
+        ))
         // Last before the wire: swap the client's credential for the team's upstream one.
         .layer(InjectCredentialsLayer::new(config.server.clone()))
-        .service(Forward::new(&config.upstreams))
+        .service(Forward::new(&config.upstreams, Arc::clone(&shared.metrics)))
 }

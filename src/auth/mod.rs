@@ -137,6 +137,12 @@ where
                 let span = tracing::Span::current();
                 span.record("team", authenticated.team.name.as_str());
                 span.record("key", authenticated.key.fingerprint());
+                if let Some(labels) = request
+                    .extensions()
+                    .get::<Arc<crate::telemetry::metrics::RequestLabels>>()
+                {
+                    let _ = labels.team.set(Arc::clone(&authenticated.team));
+                }
                 request.extensions_mut().insert(authenticated);
                 Either::Right(self.inner.call(request))
             }

@@ -43,16 +43,18 @@ use crate::body::Body;
 use crate::error::{ErrorShape, GatewayError};
 use crate::route::RouteMatch;
 use crate::telemetry::RequestId;
+use crate::telemetry::metrics::Metrics;
 
 /// Tower layer for [`CacheService`].
 #[derive(Debug, Clone)]
 pub struct CacheLayer {
     store: Arc<Store>,
+    metrics: Arc<Metrics>,
 }
 
 impl CacheLayer {
-    pub fn new(store: Arc<Store>) -> Self {
-        CacheLayer { store }
+    pub fn new(store: Arc<Store>, metrics: Arc<Metrics>) -> Self {
+        CacheLayer { store, metrics }
     }
 }
 
@@ -62,6 +64,7 @@ impl<S> Layer<S> for CacheLayer {
     fn layer(&self, inner: S) -> Self::Service {
         CacheService {
             store: Arc::clone(&self.store),
+            metrics: Arc::clone(&self.metrics),
             inner,
         }
     }
@@ -71,6 +74,7 @@ impl<S> Layer<S> for CacheLayer {
 #[derive(Debug, Clone)]
 pub struct CacheService<S> {
     store: Arc<Store>,
+    metrics: Arc<Metrics>,
     inner: S,
 }
 
@@ -126,11 +130,16 @@ where
                     upstream,
                     credential,
                 };
+                let metrics = Arc::clone(&self.metrics);
+                let upstream_name = Arc::clone(&route.upstream);
                 Either::Right(Box::pin(async move {
                     let response = inner.oneshot(request).await?;
                     // Before the client sees the 2xx: any later read misses these scopes.
                     if response.status().is_success() {
                         store.invalidate(partition, &scopes);
+                        for scope in &scopes {
+                            metrics.cache_invalidated(&upstream_name.name, &scope.family);
+                        }
                         tracing::debug!(scopes = scopes.len(), "write invalidated cache scopes");
                     }
                     Ok(response)

@@ -23,6 +23,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::policy::{CacheKey, Partition, Scope};
+use crate::telemetry::metrics::Metrics;
 
 /// A complete response, as stored (or as shared with coalesced waiters).
 #[derive(Debug)]
@@ -230,6 +231,7 @@ pub struct Store {
     next_fill: AtomicU64,
     max_bytes: u64,
     pub max_entry_bytes: usize,
+    metrics: Arc<Metrics>,
 }
 
 impl std::fmt::Debug for Store {
@@ -270,21 +272,28 @@ pub struct Stats {
 }
 
 impl Store {
-    pub fn new(max_bytes: u64, max_entry_bytes: usize) -> Self {
-        Self::with_generation_limit(max_bytes, max_entry_bytes, GENERATION_LIMIT)
+    pub fn new(max_bytes: u64, max_entry_bytes: usize, metrics: Arc<Metrics>) -> Self {
+        Self::with_generation_limit(max_bytes, max_entry_bytes, GENERATION_LIMIT, metrics)
     }
 
     fn with_generation_limit(
         max_bytes: u64,
         max_entry_bytes: usize,
         generation_limit: usize,
+        metrics: Arc<Metrics>,
     ) -> Self {
+        let evictions = Arc::clone(&metrics);
         let entries = moka::sync::Cache::builder()
             .max_capacity(max_bytes)
             .weigher(|key: &CacheKey, value: &Arc<CachedResponse>| {
                 u32::try_from(key.weight() + value.weight()).unwrap_or(u32::MAX)
             })
             .expire_after(UntilUseless)
+            .eviction_listener(move |_key, _value, cause| {
+                if cause == moka::notification::RemovalCause::Size {
+                    evictions.cache_evicted();
+                }
+            })
             .support_invalidation_closures()
             .build();
         Store {
@@ -294,6 +303,7 @@ impl Store {
             next_fill: AtomicU64::new(1),
             max_bytes,
             max_entry_bytes,
+            metrics,
         }
     }
 
@@ -325,6 +335,7 @@ impl Store {
             return false;
         }
         self.entries.insert(key, response);
+        self.metrics.cache_stored();
         true
     }
 
@@ -470,7 +481,7 @@ mod tests {
 
     #[test]
     fn a_fill_that_started_before_an_invalidation_is_not_stored() {
-        let store = Store::new(1 << 20, 1 << 16);
+        let store = Store::new(1 << 20, 1 << 16, Arc::default());
         let lists = scope("assets", None);
         let before = store.stamp(team("a"), &lists);
         store.invalidate(team("a"), std::slice::from_ref(&lists));
@@ -486,7 +497,7 @@ mod tests {
 
     #[test]
     fn invalidation_is_per_partition_and_per_scope_and_families_cover_members() {
-        let store = Store::new(1 << 20, 1 << 16);
+        let store = Store::new(1 << 20, 1 << 16, Arc::default());
         let lists = scope("assets", None);
         let one = scope("asset", Some("1"));
         let two = scope("asset", Some("2"));
@@ -527,7 +538,7 @@ mod tests {
 
     #[test]
     fn purges_by_team_upstream_and_all() {
-        let store = Store::new(1 << 20, 1 << 16);
+        let store = Store::new(1 << 20, 1 << 16, Arc::default());
         let lists = scope("assets", None);
         let shared = Partition::Shared { upstream: 0 };
         let other_upstream = Partition::Team {
@@ -568,7 +579,7 @@ mod tests {
 
     #[test]
     fn coalescing_joins_only_fills_under_the_current_stamp() {
-        let store = Store::new(1 << 20, 1 << 16);
+        let store = Store::new(1 << 20, 1 << 16, Arc::default());
         let lists = scope("assets", None);
         let k = key(team("a"), "/l");
         let stamp = store.stamp(team("a"), &lists);
@@ -591,7 +602,7 @@ mod tests {
 
     #[test]
     fn the_generation_table_is_bounded_and_its_reset_invalidates_rather_than_revives() {
-        let store = Store::with_generation_limit(1 << 20, 1 << 16, 8);
+        let store = Store::with_generation_limit(1 << 20, 1 << 16, 8, Arc::default());
         let lists = scope("assets", None);
         let old = store.stamp(team("a"), &lists);
         store.invalidate(team("a"), std::slice::from_ref(&lists));
@@ -608,7 +619,7 @@ mod tests {
     #[test]
     fn memory_stays_within_the_byte_bound() {
         let max = 256 * 1024;
-        let store = Store::new(max, 16 * 1024);
+        let store = Store::new(max, 16 * 1024, Arc::default());
         let lists = scope("assets", None);
         static BODY: [u8; 8 * 1024] = [7; 8 * 1024];
         for i in 0..500 {

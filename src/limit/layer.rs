@@ -32,6 +32,7 @@ use crate::body::Body;
 use crate::error::{ErrorShape, GatewayError};
 use crate::route::RouteMatch;
 use crate::telemetry::RequestId;
+use crate::telemetry::metrics::Metrics;
 
 pub static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
 pub static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
@@ -41,7 +42,10 @@ pub fn too_many_requests(
     denial: &Denial,
     shape: ErrorShape,
     request_id: Option<&str>,
+    metrics: &Metrics,
+    team: &str,
 ) -> Response<Body> {
+    metrics.rate_limited(team, &denial.name);
     let mut response = GatewayError::RateLimited.into_response(shape, request_id);
     let retry_after = denial.retry_after_secs();
     let headers = response.headers_mut();
@@ -65,11 +69,12 @@ fn shape_of(request: &Request<Body>) -> ErrorShape {
 #[derive(Debug, Clone)]
 pub struct ClientQuotaLayer {
     quotas: Arc<Quotas>,
+    metrics: Arc<Metrics>,
 }
 
 impl ClientQuotaLayer {
-    pub fn new(quotas: Arc<Quotas>) -> Self {
-        ClientQuotaLayer { quotas }
+    pub fn new(quotas: Arc<Quotas>, metrics: Arc<Metrics>) -> Self {
+        ClientQuotaLayer { quotas, metrics }
     }
 }
 
@@ -79,6 +84,7 @@ impl<S> Layer<S> for ClientQuotaLayer {
     fn layer(&self, inner: S) -> Self::Service {
         ClientQuota {
             quotas: Arc::clone(&self.quotas),
+            metrics: Arc::clone(&self.metrics),
             inner,
         }
     }
@@ -88,6 +94,7 @@ impl<S> Layer<S> for ClientQuotaLayer {
 #[derive(Debug, Clone)]
 pub struct ClientQuota<S> {
     quotas: Arc<Quotas>,
+    metrics: Arc<Metrics>,
     inner: S,
 }
 
@@ -153,8 +160,13 @@ where
             match limit.check(key) {
                 Verdict::Allowed(snapshot) => tightest = tighter(tightest, snapshot),
                 Verdict::Denied(denial) => {
-                    let response =
-                        too_many_requests(&denial, shape_of(&request), RequestId::of(&request));
+                    let response = too_many_requests(
+                        &denial,
+                        shape_of(&request),
+                        RequestId::of(&request),
+                        &self.metrics,
+                        &auth.team.name,
+                    );
                     return Either::Left(ready(Ok(response)));
                 }
             }
@@ -209,11 +221,12 @@ where
 #[derive(Debug, Clone)]
 pub struct UpstreamBudgetLayer {
     quotas: Arc<Quotas>,
+    metrics: Arc<Metrics>,
 }
 
 impl UpstreamBudgetLayer {
-    pub fn new(quotas: Arc<Quotas>) -> Self {
-        UpstreamBudgetLayer { quotas }
+    pub fn new(quotas: Arc<Quotas>, metrics: Arc<Metrics>) -> Self {
+        UpstreamBudgetLayer { quotas, metrics }
     }
 }
 
@@ -223,6 +236,7 @@ impl<S> Layer<S> for UpstreamBudgetLayer {
     fn layer(&self, inner: S) -> Self::Service {
         UpstreamBudget {
             quotas: Arc::clone(&self.quotas),
+            metrics: Arc::clone(&self.metrics),
             inner,
         }
     }
@@ -232,6 +246,7 @@ impl<S> Layer<S> for UpstreamBudgetLayer {
 #[derive(Debug, Clone)]
 pub struct UpstreamBudget<S> {
     quotas: Arc<Quotas>,
+    metrics: Arc<Metrics>,
     inner: S,
 }
 
@@ -262,19 +277,27 @@ where
                 .quotas
                 .team(&auth.team.name)
                 .and_then(|team| team.upstream.get(route.upstream.index))
-                .cloned(),
+                .map(|budget| (Arc::clone(budget), Arc::clone(&auth.team))),
             _ => None,
         };
-        let Some(budget) = budget else {
+        let Some((budget, team)) = budget else {
             return Either::Left(self.inner.call(request));
         };
         let settings = self.quotas.settings;
+        let metrics = Arc::clone(&self.metrics);
         let inner = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, inner);
         Either::Right(Box::pin(async move {
             let shape = shape_of(&request);
-            let refuse =
-                |denial: Denial| Ok(too_many_requests(&denial, shape, RequestId::of(&request)));
+            let refuse = |denial: Denial| {
+                Ok(too_many_requests(
+                    &denial,
+                    shape,
+                    RequestId::of(&request),
+                    &metrics,
+                    &team.name,
+                ))
+            };
             if let Some(left) = budget.paused_for() {
                 return refuse(Denial {
                     name: "upstream".into(),
@@ -408,7 +431,8 @@ client_keys = ["{}"]
     async fn the_next_request_succeeds_at_the_moment_retry_after_names() {
         let config = config(r#"client = { rate = "10/m", burst = 2 }"#);
         let quotas = Arc::new(Quotas::new(&config));
-        let service = ClientQuotaLayer::new(Arc::clone(&quotas)).layer(ok_service());
+        let service =
+            ClientQuotaLayer::new(Arc::clone(&quotas), Arc::default()).layer(ok_service());
         let call = |service: ClientQuota<_>| async {
             service
                 .oneshot(request(&config, Method::GET, "/api/jobs"))
@@ -452,7 +476,8 @@ client_keys = ["{}"]
                 .insert(RETRY_AFTER, HeaderValue::from_static("30"));
             Ok::<_, Infallible>(response)
         });
-        let service = UpstreamBudgetLayer::new(Arc::clone(&quotas)).layer(throttled);
+        let service =
+            UpstreamBudgetLayer::new(Arc::clone(&quotas), Arc::default()).layer(throttled);
         let first = service
             .clone()
             .oneshot(request(&config, Method::GET, "/api/jobs"))
@@ -464,7 +489,8 @@ client_keys = ["{}"]
             "the upstream's own 429, untouched"
         );
 
-        let paused = UpstreamBudgetLayer::new(Arc::clone(&quotas)).layer(ok_service());
+        let paused =
+            UpstreamBudgetLayer::new(Arc::clone(&quotas), Arc::default()).layer(ok_service());
         let refused = paused
             .clone()
             .oneshot(request(&config, Method::GET, "/api/jobs"))
@@ -542,7 +568,8 @@ client = {{ rate = "{research}", burst = 1 }}
     async fn requests_without_a_team_consult_no_limiter() {
         let config = config(r#"per_key = { rate = "1/h", burst = 1 }"#);
         let quotas = Arc::new(Quotas::new(&config));
-        let service = ClientQuotaLayer::new(Arc::clone(&quotas)).layer(ok_service());
+        let service =
+            ClientQuotaLayer::new(Arc::clone(&quotas), Arc::default()).layer(ok_service());
         let anonymous = Request::get("/api/jobs").body(Body::Empty).unwrap();
         let response = service.oneshot(anonymous).await.unwrap();
         assert!(!response.headers().contains_key(&RATELIMIT));

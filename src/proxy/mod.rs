@@ -29,6 +29,7 @@ use crate::config::Upstream;
 use crate::error::GatewayError;
 use crate::route::{RouteClass, RouteMatch};
 use crate::telemetry::RequestId;
+use crate::telemetry::metrics::Metrics;
 pub use watch::WatchedBody;
 
 type HttpsClient = Client<HttpsConnector<HttpConnector>, WatchedBody>;
@@ -37,6 +38,7 @@ type HttpsClient = Client<HttpsConnector<HttpConnector>, WatchedBody>;
 #[derive(Clone)]
 pub struct Forward {
     clients: Arc<[HttpsClient]>,
+    metrics: Arc<Metrics>,
 }
 
 impl std::fmt::Debug for Forward {
@@ -48,12 +50,12 @@ impl std::fmt::Debug for Forward {
 }
 
 impl Forward {
-    pub fn new(upstreams: &[Arc<Upstream>]) -> Self {
+    pub fn new(upstreams: &[Arc<Upstream>], metrics: Arc<Metrics>) -> Self {
         let clients = upstreams
             .iter()
             .map(|upstream| client_for(upstream))
             .collect();
-        Forward { clients }
+        Forward { clients, metrics }
     }
 }
 
@@ -86,11 +88,16 @@ impl Service<Request<Body>> for Forward {
 
     fn call(&mut self, request: Request<Body>) -> Self::Future {
         let clients = Arc::clone(&self.clients);
-        Box::pin(async move { Ok(forward(&clients, request).await) })
+        let metrics = Arc::clone(&self.metrics);
+        Box::pin(async move { Ok(forward(&clients, &metrics, request).await) })
     }
 }
 
-async fn forward(clients: &[HttpsClient], mut request: Request<Body>) -> Response<Body> {
+async fn forward(
+    clients: &[HttpsClient],
+    metrics: &Metrics,
+    mut request: Request<Body>,
+) -> Response<Body> {
     let Some(route) = request.extensions_mut().remove::<RouteMatch>() else {
         return GatewayError::Internal.into_response(crate::error::ErrorShape::ComfyFlat, None);
     };
@@ -105,6 +112,8 @@ async fn forward(clients: &[HttpsClient], mut request: Request<Body>) -> Respons
     let upstream_request = Request::from_parts(parts, body);
 
     let response_timeout = route.upstream.timeouts.response;
+    let upstream_name = route.upstream.name.as_str();
+    let timer = metrics.upstream_latency(upstream_name).start_timer();
     let pending = clients[route.upstream.index].request(upstream_request);
     let deadline = async {
         // An error here means the body was dropped unfinished; the request fails on its own.
@@ -113,7 +122,9 @@ async fn forward(clients: &[HttpsClient], mut request: Request<Body>) -> Respons
     };
     let result = tokio::select! {
         result = pending => result,
-        () = deadline => {
+                () = deadline => {
+            timer.stop_and_discard();
+            metrics.upstream_error(upstream_name, "timeout");
             tracing::warn!(upstream = %route.upstream.name, timeout = ?response_timeout, "upstream response timed out");
             return GatewayError::UpstreamTimeout.into_response(shape, request_id);
         }
@@ -121,12 +132,25 @@ async fn forward(clients: &[HttpsClient], mut request: Request<Body>) -> Respons
     let mut response = match result {
         Ok(response) => response,
         Err(error) => {
+            timer.stop_and_discard();
             let gateway_error = classify_client_error(&error);
+            metrics.upstream_error(
+                upstream_name,
+                match gateway_error {
+                    GatewayError::UpstreamTimeout => "timeout",
+                    GatewayError::UpstreamUnreachable => "connect",
+                    _ => "reset",
+                },
+            );
             tracing::warn!(upstream = %route.upstream.name, error = %error_chain(&error), "upstream request failed");
             return gateway_error.into_response(shape, request_id);
         }
     };
 
+    timer.observe_duration();
+    if response.status().is_server_error() {
+        metrics.upstream_error(upstream_name, "5xx");
+    }
     if let Some(client_upgrade) = client_upgrade {
         if response.status() == StatusCode::SWITCHING_PROTOCOLS {
             let upstream_upgrade = hyper::upgrade::on(&mut response);

@@ -22,6 +22,12 @@ use tracing_subscriber::EnvFilter;
 use crate::body::Body;
 use crate::config::{LogFormat, LogSettings};
 
+pub mod metrics;
+
+use std::sync::Arc;
+
+use metrics::{Metrics, RequestLabels};
+
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// The request id, as an extension; also sent upstream and back to the client.
@@ -61,21 +67,56 @@ impl RequestId {
 }
 
 /// Tower layer for [`Observe`].
-#[derive(Debug, Clone, Default)]
-pub struct ObserveLayer;
+#[derive(Debug, Clone)]
+pub struct ObserveLayer {
+    metrics: Arc<Metrics>,
+}
+
+impl ObserveLayer {
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        ObserveLayer { metrics }
+    }
+}
 
 impl<S> Layer<S> for ObserveLayer {
     type Service = Observe<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        Observe { inner }
+        Observe {
+            metrics: Arc::clone(&self.metrics),
+            inner,
+        }
     }
 }
 
-/// Request id, span and access log around everything else.
+/// Request id, span, metrics and access log around everything else.
 #[derive(Debug, Clone)]
 pub struct Observe<S> {
+    metrics: Arc<Metrics>,
     inner: S,
+}
+
+/// Counts a request in `teamgate_requests_in_flight` until dropped, so a
+/// client that goes away mid-request is counted out too.
+struct InFlightGuard(Arc<Metrics>);
+
+impl InFlightGuard {
+    fn enter(metrics: &Arc<Metrics>) -> Self {
+        metrics.in_flight().inc();
+        InFlightGuard(Arc::clone(metrics))
+    }
+}
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        self.0.in_flight().dec();
+    }
+}
+
+impl std::fmt::Debug for InFlightGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("InFlightGuard")
+    }
 }
 
 impl<S> Service<Request<Body>> for Observe<S>
@@ -98,9 +139,15 @@ where
             method = %request.method(),
             path = %request.uri().path(),
             upstream = tracing::field::Empty,
+            route_class = tracing::field::Empty,
             team = tracing::field::Empty,
             key = tracing::field::Empty,
+            cache = tracing::field::Empty,
+            status = tracing::field::Empty,
         );
+        let labels = Arc::new(RequestLabels::default());
+        request.extensions_mut().insert(Arc::clone(&labels));
+        let method = request.method().clone();
         request
             .headers_mut()
             .insert(X_REQUEST_ID.clone(), request_id.0.clone());
@@ -112,6 +159,10 @@ where
             span,
             request_id: Some(request_id),
             started: Instant::now(),
+            metrics: Arc::clone(&self.metrics),
+            labels,
+            method,
+            _in_flight: InFlightGuard::enter(&self.metrics),
         }
     }
 }
@@ -124,6 +175,10 @@ pin_project! {
         span: Span,
         request_id: Option<RequestId>,
         started: Instant,
+        metrics: Arc<Metrics>,
+        labels: Arc<RequestLabels>,
+        method: http::Method,
+        _in_flight: InFlightGuard,
     }
 }
 
@@ -140,10 +195,21 @@ where
         if let Some(id) = this.request_id.take() {
             response.headers_mut().insert(X_REQUEST_ID.clone(), id.0);
         }
+        let elapsed = this.started.elapsed();
+        let cache = metrics::cache_label(response.headers().get("cache-status"));
+        this.metrics.request(
+            this.labels,
+            this.method,
+            response.status(),
+            cache,
+            elapsed.as_secs_f64(),
+        );
+        this.span.record("status", response.status().as_u16());
+        this.span.record("cache", cache);
         tracing::info!(
             target: "teamgate::access",
             status = response.status().as_u16(),
-            latency_us = this.started.elapsed().as_micros() as u64,
+            latency_us = elapsed.as_micros() as u64,
             "served"
         );
         Poll::Ready(Ok(response))

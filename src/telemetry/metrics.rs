@@ -1,0 +1,359 @@
+//! Prometheus metrics: one registry per gateway, served on the admin listener.
+//!
+//! Labels only ever take bounded values: team and upstream names from the
+//! config, route classes, methods (unknown ones fold into `OTHER`), status
+//! classes, cache results, quota names from the config. Never a raw path, a
+//! key or an asset id.
+
+use std::sync::{Arc, OnceLock};
+
+use http::{Method, StatusCode};
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+use crate::config::{Team, Upstream};
+
+/// Latency buckets (seconds): from a cache hit (~100 µs) to a slow upload.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0, 30.0, 60.0,
+];
+
+/// Every metric the gateway exports.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    requests: IntCounterVec,
+    request_duration: HistogramVec,
+    upstream_duration: HistogramVec,
+    in_flight: IntGauge,
+    upstream_errors: IntCounterVec,
+    cache_requests: IntCounterVec,
+    cache_stores: IntCounter,
+    cache_evictions: IntCounter,
+    cache_invalidations: IntCounterVec,
+    cache_entries: IntGauge,
+    cache_bytes: IntGauge,
+    ratelimit_rejections: IntCounterVec,
+    config_reloads: IntCounterVec,
+}
+
+fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let metric = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("registered once");
+    metric
+}
+
+fn histogram(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> HistogramVec {
+    let metric = HistogramVec::new(
+        HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()),
+        labels,
+    )
+    .expect("valid metric");
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("registered once");
+    metric
+}
+
+fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
+    let metric = IntGauge::new(name, help).expect("valid metric");
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("registered once");
+    metric
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let build_info = IntGaugeVec::new(
+            Opts::new(
+                "teamgate_build_info",
+                "Always 1; the labels say which build is running.",
+            ),
+            &["version"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(build_info.clone()))
+            .expect("registered once");
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        let single = |name: &str, help: &str| {
+            let metric = IntCounter::new(name, help).expect("valid metric");
+            registry
+                .register(Box::new(metric.clone()))
+                .expect("registered once");
+            metric
+        };
+        Metrics {
+            requests: counter(
+                &registry,
+                "teamgate_requests_total",
+                "Requests answered, by team, upstream, route class, method, status class and cache result.",
+                &[
+                    "team",
+                    "upstream",
+                    "route_class",
+                    "method",
+                    "status_class",
+                    "cache",
+                ],
+            ),
+            request_duration: histogram(
+                &registry,
+                "teamgate_request_duration_seconds",
+                "Time from request to response headers, as the client sees it.",
+                &["upstream", "route_class", "cache"],
+            ),
+            upstream_duration: histogram(
+                &registry,
+                "teamgate_upstream_duration_seconds",
+                "Time from sending a request upstream to its response headers.",
+                &["upstream"],
+            ),
+            in_flight: gauge(
+                &registry,
+                "teamgate_requests_in_flight",
+                "Requests being handled now.",
+            ),
+            upstream_errors: counter(
+                &registry,
+                "teamgate_upstream_errors_total",
+                "Failed upstream requests, by kind: connect, timeout, reset, 5xx.",
+                &["upstream", "kind"],
+            ),
+            cache_requests: counter(
+                &registry,
+                "teamgate_cache_requests_total",
+                "Cacheable reads by result: hit, miss, collapsed (waited on another fill), stale, refresh, bypass.",
+                &["upstream", "result"],
+            ),
+            cache_stores: single(
+                "teamgate_cache_stores_total",
+                "Responses stored in the cache.",
+            ),
+            cache_evictions: single(
+                "teamgate_cache_evictions_total",
+                "Entries evicted to keep the cache within its byte bound.",
+            ),
+            cache_invalidations: counter(
+                &registry,
+                "teamgate_cache_invalidations_total",
+                "Scopes invalidated by writes, by scope family.",
+                &["upstream", "scope"],
+            ),
+            cache_entries: gauge(&registry, "teamgate_cache_entries", "Entries in the cache."),
+            cache_bytes: gauge(
+                &registry,
+                "teamgate_cache_bytes",
+                "Bytes held by the cache (keys, headers, bodies).",
+            ),
+            ratelimit_rejections: counter(
+                &registry,
+                "teamgate_ratelimit_rejections_total",
+                "Requests refused with 429 by a quota, by team and quota.",
+                &["team", "quota"],
+            ),
+            config_reloads: counter(
+                &registry,
+                "teamgate_config_reloads_total",
+                "Config reloads, by result.",
+                &["result"],
+            ),
+            registry,
+        }
+    }
+
+    /// Records one answered request.
+    pub fn request(
+        &self,
+        labels: &RequestLabels,
+        method: &Method,
+        status: StatusCode,
+        cache: &str,
+        seconds: f64,
+    ) {
+        let team = labels.team.get().map_or("", |team| team.name.as_str());
+        let upstream = labels
+            .upstream
+            .get()
+            .map_or("", |upstream| upstream.name.as_str());
+        let route_class = labels.route_class.get().copied().unwrap_or("none");
+        self.requests
+            .with_label_values(&[
+                team,
+                upstream,
+                route_class,
+                method_label(method),
+                status_class(status),
+                cache,
+            ])
+            .inc();
+        self.request_duration
+            .with_label_values(&[upstream, route_class, cache])
+            .observe(seconds);
+        if cache != "none" {
+            self.cache_requests
+                .with_label_values(&[upstream, cache])
+                .inc();
+        }
+    }
+
+    pub fn in_flight(&self) -> &IntGauge {
+        &self.in_flight
+    }
+
+    pub fn upstream_latency(&self, upstream: &str) -> Histogram {
+        self.upstream_duration.with_label_values(&[upstream])
+    }
+
+    pub fn upstream_error(&self, upstream: &str, kind: &str) {
+        self.upstream_errors
+            .with_label_values(&[upstream, kind])
+            .inc();
+    }
+
+    pub fn cache_stored(&self) {
+        self.cache_stores.inc();
+    }
+
+    pub fn cache_evicted(&self) {
+        self.cache_evictions.inc();
+    }
+
+    pub fn cache_invalidated(&self, upstream: &str, scope_family: &str) {
+        self.cache_invalidations
+            .with_label_values(&[upstream, scope_family])
+            .inc();
+    }
+
+    pub fn rate_limited(&self, team: &str, quota: &str) {
+        self.ratelimit_rejections
+            .with_label_values(&[team, quota])
+            .inc();
+    }
+
+    pub fn config_reloaded(&self, ok: bool) {
+        self.config_reloads
+            .with_label_values(&[if ok { "success" } else { "failure" }])
+            .inc();
+    }
+
+    /// The text exposition, with the cache gauges read at scrape time.
+    pub fn render(&self, cache_entries: u64, cache_bytes: u64) -> String {
+        self.cache_entries.set(cache_entries as i64);
+        self.cache_bytes.set(cache_bytes as i64);
+        let mut buffer = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buffer)
+            .expect("text encoding of gathered metrics cannot fail");
+        String::from_utf8(buffer).expect("the text format is UTF-8")
+    }
+}
+
+fn method_label(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::DELETE => "DELETE",
+        Method::OPTIONS => "OPTIONS",
+        _ => "OTHER",
+    }
+}
+
+fn status_class(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}
+
+/// The cache result a `Cache-Status` value reports, as a label.
+pub fn cache_label(cache_status: Option<&http::HeaderValue>) -> &'static str {
+    let Some(value) = cache_status.and_then(|value| value.to_str().ok()) else {
+        return "none";
+    };
+    if value.contains("; hit") {
+        "hit"
+    } else if value.contains("collapsed") {
+        "collapsed"
+    } else if value.contains("fwd=stale") {
+        "stale"
+    } else if value.contains("fwd=bypass") {
+        "bypass"
+    } else if value.contains("fwd=request") {
+        "refresh"
+    } else {
+        "miss"
+    }
+}
+
+/// What the inner layers learn about a request, for the outermost one to
+/// label its metrics with. Set once each; shared through the request's extensions.
+#[derive(Debug, Default)]
+pub struct RequestLabels {
+    pub upstream: OnceLock<Arc<Upstream>>,
+    pub route_class: OnceLock<&'static str>,
+    pub team: OnceLock<Arc<Team>>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cache_labels_follow_cache_status() {
+        let label = |value: &'static str| cache_label(Some(&http::HeaderValue::from_static(value)));
+        assert_eq!(label("teamgate; hit; ttl=3"), "hit");
+        assert_eq!(label("teamgate; fwd=miss; stored"), "miss");
+        assert_eq!(label("teamgate; fwd=miss; collapsed"), "collapsed");
+        assert_eq!(
+            label("teamgate; fwd=stale; ttl=-1; detail=stale-while-revalidate"),
+            "stale"
+        );
+        assert_eq!(label("teamgate; fwd=bypass"), "bypass");
+        assert_eq!(label("teamgate; fwd=request; stored"), "refresh");
+        assert_eq!(cache_label(None), "none");
+    }
+
+    #[test]
+    fn methods_and_statuses_fold_into_bounded_labels() {
+        assert_eq!(
+            method_label(&Method::from_bytes(b"PROPFIND").unwrap()),
+            "OTHER"
+        );
+        assert_eq!(status_class(StatusCode::IM_A_TEAPOT), "4xx");
+        assert_eq!(status_class(StatusCode::BAD_GATEWAY), "5xx");
+    }
+
+    #[test]
+    fn the_exposition_has_build_info_and_the_cache_gauges() {
+        let metrics = Metrics::new();
+        let text = metrics.render(3, 1234);
+        assert!(text.contains(&format!(
+            "teamgate_build_info{{version=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        )));
+        assert!(text.contains("teamgate_cache_entries 3"));
+        assert!(text.contains("teamgate_cache_bytes 1234"));
+    }
+}
