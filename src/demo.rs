@@ -65,7 +65,7 @@ pub async fn run(options: DemoOptions, shutdown: impl Future<Output = ()>) -> an
         Secrets::Resolve,
     )
     .map_err(|error| anyhow::anyhow!("{error}"))?;
-    telemetry::init_logging(&config.log);
+    let telemetry = telemetry::traces::init(&config.log, &config.traces)?;
     let listeners = Listeners::bind(&config).await?;
     let gateway = format!("http://{}", listeners.gateway.local_addr()?);
     let admin = format!("http://{}", listeners.admin.local_addr()?);
@@ -73,6 +73,7 @@ pub async fn run(options: DemoOptions, shutdown: impl Future<Output = ()>) -> an
 
     let result = crate::run(listeners, Arc::new(config), shutdown).await;
     emulator_task.abort();
+    let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
     result
 }
 

@@ -118,10 +118,13 @@ fn serve(path: PathBuf) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    telemetry::init_logging(&config.log);
     with_runtime(async move {
+        let telemetry = telemetry::traces::init(&config.log, &config.traces)?;
         let listeners = Listeners::bind(&config).await?;
-        teamgate::run(listeners, Arc::new(config), shutdown_signal()).await
+        let result = teamgate::run(listeners, Arc::new(config), shutdown_signal()).await;
+        // Export the spans still buffered before the runtime goes away.
+        let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
+        result
     })
 }
 

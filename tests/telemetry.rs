@@ -12,8 +12,14 @@ use teamgate::emulator::{Fault, FaultAction, demo_blob_hash};
 fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
     text.lines()
         .filter(|line| !line.starts_with('#'))
-        .filter(|line| line.starts_with(&format!("{name}{{")) || line.starts_with(&format!("{name} ")))
-        .find(|line| labels.iter().all(|(key, value)| line.contains(&format!("{key}=\"{value}\""))))
+        .filter(|line| {
+            line.starts_with(&format!("{name}{{")) || line.starts_with(&format!("{name} "))
+        })
+        .find(|line| {
+            labels
+                .iter()
+                .all(|(key, value)| line.contains(&format!("{key}=\"{value}\"")))
+        })
         .and_then(|line| line.rsplit(' ').next())
         .map(|value| value.parse().unwrap())
 }
@@ -24,16 +30,29 @@ async fn traffic_mix(h: &Harness) -> String {
     h.get(list, DESIGN_KEY).await; // hit
     h.get(list, DESIGN_KEY).await; // hit
     let created = h
-        .call(Method::POST, "/api/assets/from-hash", Some(DESIGN_KEY), Some(json!({"hash": demo_blob_hash(), "tags": ["input"]})))
+        .call(
+            Method::POST,
+            "/api/assets/from-hash",
+            Some(DESIGN_KEY),
+            Some(json!({"hash": demo_blob_hash(), "tags": ["input"]})),
+        )
         .await;
     let id = created.json()["id"].as_str().unwrap().to_owned();
     h.get(&format!("/api/assets/{id}"), DESIGN_KEY).await;
     h.get("/api/jobs", RESEARCH_KEY).await;
     h.get("/api/jobs", RESEARCH_KEY).await; // refused by research's quota
     h.call(Method::GET, "/api/jobs", None, None).await; // 401
-    h.emulator.inject(Fault::new(None, "/api/tags", FaultAction::Drop).times(1));
+    h.emulator
+        .inject(Fault::new(None, "/api/tags", FaultAction::Drop).times(1));
     h.get("/api/tags", DESIGN_KEY).await; // 502: reset
-    h.emulator.inject(Fault::new(None, "/api/tags", FaultAction::Status(StatusCode::SERVICE_UNAVAILABLE)).times(1));
+    h.emulator.inject(
+        Fault::new(
+            None,
+            "/api/tags",
+            FaultAction::Status(StatusCode::SERVICE_UNAVAILABLE),
+        )
+        .times(1),
+    );
     h.get("/api/tags", DESIGN_KEY).await; // 503 from upstream
     id
 }
@@ -46,29 +65,133 @@ async fn metrics_count_what_happened_with_bounded_labels() {
     let asset_id = traffic_mix(&h).await;
     let metrics = h.admin_get("/metrics").await;
     assert_eq!(metrics.status, StatusCode::OK);
-    assert!(metrics.headers["content-type"].to_str().unwrap().starts_with("text/plain; version=0.0.4"));
+    assert!(
+        metrics.headers["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain; version=0.0.4")
+    );
     let text = String::from_utf8(metrics.body.to_vec()).unwrap();
 
-    let design_hits = [("team", "design"), ("upstream", "comfy"), ("route_class", "cacheable_read"), ("cache", "hit"), ("status_class", "2xx"), ("method", "GET")];
-    assert_eq!(sample(&text, "teamgate_requests_total", &design_hits), Some(2.0));
-    assert_eq!(sample(&text, "teamgate_requests_total", &[("team", "design"), ("route_class", "invalidating_write"), ("method", "POST")]), Some(1.0));
-    assert_eq!(sample(&text, "teamgate_requests_total", &[("team", "research"), ("status_class", "4xx"), ("route_class", "passthrough")]), Some(1.0));
-    assert_eq!(sample(&text, "teamgate_requests_total", &[("team", ""), ("status_class", "4xx")]), Some(1.0), "the 401");
-    assert_eq!(sample(&text, "teamgate_request_duration_seconds_count", &[("route_class", "passthrough"), ("cache", "none")]), Some(3.0));
-    assert_eq!(sample(&text, "teamgate_upstream_errors_total", &[("kind", "reset")]), Some(1.0));
-    assert_eq!(sample(&text, "teamgate_upstream_errors_total", &[("kind", "5xx")]), Some(1.0));
-    assert_eq!(sample(&text, "teamgate_ratelimit_rejections_total", &[("team", "research"), ("quota", "client")]), Some(1.0));
-    assert_eq!(sample(&text, "teamgate_cache_requests_total", &[("result", "hit")]), Some(2.0));
+    let design_hits = [
+        ("team", "design"),
+        ("upstream", "comfy"),
+        ("route_class", "cacheable_read"),
+        ("cache", "hit"),
+        ("status_class", "2xx"),
+        ("method", "GET"),
+    ];
+    assert_eq!(
+        sample(&text, "teamgate_requests_total", &design_hits),
+        Some(2.0)
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "teamgate_requests_total",
+            &[
+                ("team", "design"),
+                ("route_class", "invalidating_write"),
+                ("method", "POST")
+            ]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "teamgate_requests_total",
+            &[
+                ("team", "research"),
+                ("status_class", "4xx"),
+                ("route_class", "passthrough")
+            ]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "teamgate_requests_total",
+            &[("team", ""), ("status_class", "4xx")]
+        ),
+        Some(1.0),
+        "the 401"
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "teamgate_request_duration_seconds_count",
+            &[("route_class", "passthrough"), ("cache", "none")]
+        ),
+        Some(3.0)
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "teamgate_upstream_errors_total",
+            &[("kind", "reset")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(&text, "teamgate_upstream_errors_total", &[("kind", "5xx")]),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "teamgate_ratelimit_rejections_total",
+            &[("team", "research"), ("quota", "client")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(&text, "teamgate_cache_requests_total", &[("result", "hit")]),
+        Some(2.0)
+    );
     assert!(sample(&text, "teamgate_cache_stores_total", &[]).unwrap() >= 2.0);
-    assert_eq!(sample(&text, "teamgate_cache_invalidations_total", &[("scope", "assets")]), Some(1.0));
+    assert_eq!(
+        sample(
+            &text,
+            "teamgate_cache_invalidations_total",
+            &[("scope", "assets")]
+        ),
+        Some(1.0)
+    );
     assert!(sample(&text, "teamgate_cache_entries", &[]).unwrap() >= 2.0);
     assert!(sample(&text, "teamgate_cache_bytes", &[]).unwrap() > 0.0);
     assert_eq!(sample(&text, "teamgate_requests_in_flight", &[]), Some(0.0));
-    assert!(sample(&text, "teamgate_upstream_duration_seconds_count", &[("upstream", "comfy")]).unwrap() >= 5.0);
-    assert_eq!(sample(&text, "teamgate_build_info", &[("version", env!("CARGO_PKG_VERSION"))]), Some(1.0));
+    assert!(
+        sample(
+            &text,
+            "teamgate_upstream_duration_seconds_count",
+            &[("upstream", "comfy")]
+        )
+        .unwrap()
+            >= 5.0
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "teamgate_build_info",
+            &[("version", env!("CARGO_PKG_VERSION"))]
+        ),
+        Some(1.0)
+    );
 
-    for unbounded in [asset_id.as_str(), "/api/", DESIGN_KEY, RESEARCH_KEY, DESIGN_UPSTREAM_KEY, "limit=5"] {
-        assert!(!text.contains(unbounded), "`{unbounded}` must never be a label value");
+    for unbounded in [
+        asset_id.as_str(),
+        "/api/",
+        DESIGN_KEY,
+        RESEARCH_KEY,
+        DESIGN_UPSTREAM_KEY,
+        "limit=5",
+    ] {
+        assert!(
+            !text.contains(unbounded),
+            "`{unbounded}` must never be a label value"
+        );
     }
     h.stop().await;
 }
@@ -84,16 +207,24 @@ async fn every_metric_the_dashboard_queries_is_exported() {
         .filter_map(|line| line.split(['{', ' ']).next())
         .collect();
 
-    let dashboard: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/grafana/teamgate.json")).unwrap())
-            .unwrap();
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/deploy/grafana/teamgate.json"
+        ))
+        .unwrap(),
+    )
+    .unwrap();
     let mut queried = Vec::new();
     for panel in dashboard["panels"].as_array().unwrap() {
         for target in panel["targets"].as_array().unwrap() {
             let expr = target["expr"].as_str().unwrap();
             let mut rest = expr;
             while let Some(at) = rest.find("teamgate_") {
-                let name: String = rest[at..].chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
+                let name: String = rest[at..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
                 rest = &rest[at + name.len()..];
                 queried.push(name);
             }
@@ -101,10 +232,25 @@ async fn every_metric_the_dashboard_queries_is_exported() {
     }
     assert!(queried.len() >= 10, "{queried:?}");
     for name in &queried {
-        assert!(exported.contains(name.as_str()), "the dashboard queries `{name}`, which /metrics does not export");
+        assert!(
+            exported.contains(name.as_str()),
+            "the dashboard queries `{name}`, which /metrics does not export"
+        );
     }
-    let titles: Vec<&str> = dashboard["panels"].as_array().unwrap().iter().map(|p| p["title"].as_str().unwrap()).collect();
-    for wanted in ["Requests/s by team", "Cache hit ratio", "Latency: gateway vs upstream (p50 / p95 / p99)", "429s by team and quota", "Upstream errors by kind", "Cache memory and entries"] {
+    let titles: Vec<&str> = dashboard["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["title"].as_str().unwrap())
+        .collect();
+    for wanted in [
+        "Requests/s by team",
+        "Cache hit ratio",
+        "Latency: gateway vs upstream (p50 / p95 / p99)",
+        "429s by team and quota",
+        "Upstream errors by kind",
+        "Cache memory and entries",
+    ] {
         assert!(titles.contains(&wanted), "panel `{wanted}`");
     }
     h.stop().await;

@@ -165,7 +165,10 @@ where
                     None => route.upstream_path(request.uri().path()).to_owned(),
                 };
                 let key = CacheKey::new(partition, &target, request.headers());
-                Either::Right(Box::pin(read(store, inner, request, key, scope, lifetimes)))
+                let span = tracing::info_span!("cache.lookup", scope = %scope.family);
+                Either::Right(Box::pin(
+                    read(store, inner, request, key, scope, lifetimes).instrument(span),
+                ))
             }
         }
     }
@@ -240,7 +243,7 @@ where
                 outcome,
                 Some(leader),
             );
-            tokio::spawn(fill.instrument(tracing::Span::current()));
+            tokio::spawn(fill.instrument(tracing::info_span!("cache.fill")));
             let (stored_status, unstored_status) = match mode {
                 RequestMode::Refresh => (cache_status::REFRESH_STORED, cache_status::REFRESH),
                 _ => (cache_status::MISS_STORED, cache_status::MISS),
@@ -357,7 +360,7 @@ fn refresh_in_background<S>(
             outcome,
             None,
         );
-        tokio::spawn(fill.instrument(tracing::Span::current()));
+        tokio::spawn(fill.instrument(tracing::info_span!("cache.fill", background = true)));
     }
 }
 

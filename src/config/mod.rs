@@ -48,6 +48,7 @@ pub struct Config {
     pub cache: CacheSettings,
     pub admin: AdminSettings,
     pub limits: LimitSettings,
+    pub traces: TraceSettings,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -80,6 +81,25 @@ pub struct ServerSettings {
 pub enum LogFormat {
     Text,
     Json,
+}
+
+/// OpenTelemetry trace export (`[telemetry.traces]`, or the standard `OTEL_*` variables).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TraceSettings {
+    /// The collector; `None` turns export off.
+    pub endpoint: Option<String>,
+    pub protocol: OtlpProtocol,
+    pub service_name: String,
+    /// The share of new traces recorded (a client's sampled `traceparent` is always followed).
+    pub sample_ratio: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OtlpProtocol {
+    /// OTLP over HTTP with protobuf bodies (`http/protobuf`, port 4318).
+    HttpProtobuf,
+    /// OTLP over gRPC (`grpc`, port 4317).
+    Grpc,
 }
 
 #[derive(Debug, Clone)]
@@ -257,6 +277,22 @@ struct FileConfig {
     admin: FileAdmin,
     #[serde(default)]
     limits: FileLimitSettings,
+    #[serde(default)]
+    telemetry: FileTelemetry,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct FileTelemetry {
+    #[serde(default)]
+    traces: FileTraces,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct FileTraces {
+    otlp_endpoint: Option<String>,
+    protocol: Option<String>,
+    service_name: Option<String>,
+    sample_ratio: Option<f64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -742,6 +778,66 @@ fn validate(
         problem("limits.sweep_interval", "must be more than 0".into());
     }
 
+    // [telemetry.traces]
+    let endpoint = env("OTEL_EXPORTER_OTLP_ENDPOINT")
+        .map(|value| {
+            (
+                value,
+                "OTEL_EXPORTER_OTLP_ENDPOINT (environment)".to_owned(),
+            )
+        })
+        .or_else(|| {
+            file.telemetry
+                .traces
+                .otlp_endpoint
+                .clone()
+                .map(|value| (value, "telemetry.traces.otlp_endpoint".to_owned()))
+        });
+    let endpoint = endpoint.and_then(|(value, source)| match parse_base_url(&value) {
+        Ok(_) => Some(value),
+        Err(message) => {
+            problem(&source, message);
+            None
+        }
+    });
+    let protocol = pick(
+        env,
+        "OTEL_EXPORTER_OTLP_PROTOCOL",
+        file.telemetry.traces.protocol.as_deref(),
+        "http/protobuf",
+    );
+    let protocol = match protocol.value.as_str() {
+        "http/protobuf" | "http" => OtlpProtocol::HttpProtobuf,
+        "grpc" => OtlpProtocol::Grpc,
+        other => {
+            problem(
+                &protocol.key("telemetry.traces.protocol"),
+                format!("`{other}` is not supported; expected `http/protobuf` or `grpc`"),
+            );
+            OtlpProtocol::HttpProtobuf
+        }
+    };
+    let service_name = pick(
+        env,
+        "OTEL_SERVICE_NAME",
+        file.telemetry.traces.service_name.as_deref(),
+        "teamgate",
+    )
+    .value;
+    let sample_ratio = file.telemetry.traces.sample_ratio.unwrap_or(1.0);
+    if !(0.0..=1.0).contains(&sample_ratio) {
+        problem(
+            "telemetry.traces.sample_ratio",
+            format!("{sample_ratio} is not between 0 and 1"),
+        );
+    }
+    let traces = TraceSettings {
+        endpoint,
+        protocol,
+        service_name,
+        sample_ratio,
+    };
+
     Config {
         origin: origin.to_owned(),
         server,
@@ -752,6 +848,7 @@ fn validate(
         cache,
         admin,
         limits,
+        traces,
     }
 }
 

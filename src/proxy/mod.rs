@@ -22,6 +22,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tower::Service;
+use tracing::Instrument;
 
 use crate::auth::inject::strip_hop_by_hop;
 use crate::body::Body;
@@ -89,7 +90,14 @@ impl Service<Request<Body>> for Forward {
     fn call(&mut self, request: Request<Body>) -> Self::Future {
         let clients = Arc::clone(&self.clients);
         let metrics = Arc::clone(&self.metrics);
-        Box::pin(async move { Ok(forward(&clients, &metrics, request).await) })
+        Box::pin(async move {
+            let span = tracing::info_span!(
+                "upstream",
+                upstream = tracing::field::Empty,
+                upstream_status = tracing::field::Empty
+            );
+            Ok(forward(&clients, &metrics, request).instrument(span).await)
+        })
     }
 }
 
@@ -107,7 +115,10 @@ async fn forward(
 
     let client_upgrade =
         (route.class == RouteClass::Upgrade).then(|| hyper::upgrade::on(&mut request));
-    let (parts, body) = request.into_parts();
+    let (mut parts, body) = request.into_parts();
+    let span = tracing::Span::current();
+    span.record("upstream", route.upstream.name.as_str());
+    crate::telemetry::traces::propagate(&span, &mut parts.headers);
     let (body, body_sent) = WatchedBody::new(body);
     let upstream_request = Request::from_parts(parts, body);
 
@@ -148,6 +159,7 @@ async fn forward(
     };
 
     timer.observe_duration();
+    span.record("upstream_status", response.status().as_u16());
     if response.status().is_server_error() {
         metrics.upstream_error(upstream_name, "5xx");
     }

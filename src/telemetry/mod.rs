@@ -17,12 +17,11 @@ use pin_project_lite::pin_project;
 use tokio::time::Instant;
 use tower::{Layer, Service};
 use tracing::Span;
-use tracing_subscriber::EnvFilter;
 
 use crate::body::Body;
-use crate::config::{LogFormat, LogSettings};
 
 pub mod metrics;
+pub mod traces;
 
 use std::sync::Arc;
 
@@ -145,6 +144,7 @@ where
             cache = tracing::field::Empty,
             status = tracing::field::Empty,
         );
+        traces::continue_trace(&span, request.headers());
         let labels = Arc::new(RequestLabels::default());
         request.extensions_mut().insert(Arc::clone(&labels));
         let method = request.method().clone();
@@ -214,22 +214,6 @@ where
         );
         Poll::Ready(Ok(response))
     }
-}
-
-/// Installs the global subscriber: `RUST_LOG` if set, else the configured level.
-pub fn init_logging(settings: &LogSettings) {
-    let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(&settings.level))
-        .unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    // `try_init`: a second call (tests, demo after serve) keeps the first subscriber.
-    let _ = match settings.format {
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
-        LogFormat::Text => builder.try_init(),
-    };
 }
 
 #[cfg(test)]
