@@ -100,6 +100,23 @@ async fn no_key_appears_in_any_log_line() {
         logs.contains("team=\"design\""),
         "lines carry the team: {logs}"
     );
+    // The access-log line carries what the issue asks: id, team, upstream, route class,
+    // cache result, status, upstream status, latency.
+    let access = logs
+        .lines()
+        .find(|line| line.contains("teamgate::access") && line.contains("cache=\"miss\""))
+        .expect("an access-log line for the cacheable read");
+    for field in [
+        "request_id=",
+        "team=\"design\"",
+        "upstream=\"comfy\"",
+        "route_class=\"cacheable_read\"",
+        "status=200",
+        "upstream_status=200",
+        "latency_us=",
+    ] {
+        assert!(access.contains(field), "`{field}` in {access}");
+    }
     for secret in [
         DESIGN_KEY,
         RESEARCH_KEY,

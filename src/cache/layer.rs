@@ -562,6 +562,10 @@ fn fill_request(request: &Request<Body>) -> Request<Body> {
     if let Some(addr) = from.get::<ClientAddr>() {
         to.insert(*addr);
     }
+    // The leader's labels: its access-log line reports the fill's upstream status.
+    if let Some(labels) = from.get::<Arc<crate::telemetry::metrics::RequestLabels>>() {
+        to.insert(Arc::clone(labels));
+    }
     fill
 }
 

@@ -115,6 +115,10 @@ async fn forward(
 
     let client_upgrade =
         (route.class == RouteClass::Upgrade).then(|| hyper::upgrade::on(&mut request));
+    let labels = request
+        .extensions()
+        .get::<Arc<crate::telemetry::metrics::RequestLabels>>()
+        .cloned();
     let (mut parts, body) = request.into_parts();
     let span = tracing::Span::current();
     span.record("upstream", route.upstream.name.as_str());
@@ -160,6 +164,9 @@ async fn forward(
 
     timer.observe_duration();
     span.record("upstream_status", response.status().as_u16());
+    if let Some(labels) = labels {
+        let _ = labels.upstream_status.set(response.status().as_u16());
+    }
     if response.status().is_server_error() {
         metrics.upstream_error(upstream_name, "5xx");
     }

@@ -314,6 +314,8 @@ pub struct RequestLabels {
     pub upstream: OnceLock<Arc<Upstream>>,
     pub route_class: OnceLock<&'static str>,
     pub team: OnceLock<Arc<Team>>,
+    /// The status the upstream answered with, when the request went upstream.
+    pub upstream_status: OnceLock<u16>,
 }
 
 #[cfg(test)]

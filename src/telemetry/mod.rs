@@ -141,8 +141,9 @@ where
             route_class = tracing::field::Empty,
             team = tracing::field::Empty,
             key = tracing::field::Empty,
-            cache = tracing::field::Empty,
+                        cache = tracing::field::Empty,
             status = tracing::field::Empty,
+            upstream_status = tracing::field::Empty,
         );
         traces::continue_trace(&span, request.headers());
         let labels = Arc::new(RequestLabels::default());
@@ -206,6 +207,9 @@ where
         );
         this.span.record("status", response.status().as_u16());
         this.span.record("cache", cache);
+        if let Some(upstream_status) = this.labels.upstream_status.get() {
+            this.span.record("upstream_status", upstream_status);
+        }
         tracing::info!(
             target: "teamgate::access",
             status = response.status().as_u16(),
