@@ -47,12 +47,26 @@ pub async fn run(options: DemoOptions, shutdown: impl Future<Output = ()>) -> an
         .context("cannot bind the emulator on loopback")?;
     let emulator_addr = emulator_listener.local_addr()?;
     let emulator_task = emulator.spawn(emulator_listener);
+    let scenario_key = format!("scn-demo-{}", uuid::Uuid::new_v4().simple());
+    let scenario_secret = format!("scn-demo-secret-{}", uuid::Uuid::new_v4().simple());
+    let scenario = Emulator::scenario(vec![Account {
+        name: "design".into(),
+        api_key: format!("{scenario_key}:{scenario_secret}"),
+    }]);
+    let scenario_listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .context("cannot bind the Scenario emulator on loopback")?;
+    let scenario_addr = scenario_listener.local_addr()?;
+    let scenario_task = scenario.spawn(scenario_listener);
 
     // The demo reads nothing from the process environment: what it needs, it made.
     let env = |name: &str| match name {
         "TEAMGATE_DEMO_COMFY_KEY_DESIGN" => Some(design_upstream_key.clone()),
         "TEAMGATE_DEMO_COMFY_KEY_RESEARCH" => Some(research_upstream_key.clone()),
         "TEAMGATE_UPSTREAM_COMFY_BASE_URL" => Some(format!("http://{emulator_addr}")),
+        "TEAMGATE_DEMO_SCENARIO_KEY_DESIGN" => Some(scenario_key.clone()),
+        "TEAMGATE_DEMO_SCENARIO_SECRET_DESIGN" => Some(scenario_secret.clone()),
+        "TEAMGATE_UPSTREAM_SCENARIO_BASE_URL" => Some(format!("http://{scenario_addr}/v1")),
         "TEAMGATE_LISTEN" => Some(options.listen.to_string()),
         "TEAMGATE_ADMIN_LISTEN" => Some(options.admin_listen.to_string()),
         _ => None,
@@ -69,18 +83,28 @@ pub async fn run(options: DemoOptions, shutdown: impl Future<Output = ()>) -> an
     let listeners = Listeners::bind(&config).await?;
     let gateway = format!("http://{}", listeners.gateway.local_addr()?);
     let admin = format!("http://{}", listeners.admin.local_addr()?);
-    println!("{}", banner(&gateway, &admin, &emulator_addr.to_string()));
+    println!(
+        "{}",
+        banner(
+            &gateway,
+            &admin,
+            &emulator_addr.to_string(),
+            &scenario_addr.to_string()
+        )
+    );
 
     let result = crate::run(listeners, Arc::new(config), shutdown).await;
     emulator_task.abort();
+    scenario_task.abort();
     let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
     result
 }
 
-fn banner(gateway: &str, admin: &str, emulator: &str) -> String {
+fn banner(gateway: &str, admin: &str, emulator: &str, scenario: &str) -> String {
     let hash = demo_blob_hash();
     format!(
-        "teamgate demo: gateway {gateway} in front of the built-in Comfy Cloud emulator (http://{emulator})
+                "teamgate demo: gateway {gateway} in front of the built-in Comfy Cloud emulator (http://{emulator})
+and the Scenario emulator (http://{scenario}/v1, mounted at /scenario)
 admin: {admin}/healthz  {admin}/readyz
 
 gateway URL:      {gateway}
@@ -95,8 +119,11 @@ Try (each team sees only its own assets):
        -d '{{\"hash\":\"{hash}\",\"name\":\"demo.png\",\"tags\":[\"input\"]}}' '{gateway}/api/assets/from-hash'
   # read it back: put the \"id\" from the answer above in place of ASSET_ID
   curl -s -H 'X-API-Key: {DEMO_KEY_DESIGN}' '{gateway}/api/assets/ASSET_ID'
-  # no key: 401, and nothing is sent upstream
+    # no key: 401, and nothing is sent upstream
   curl -s '{gateway}/api/assets'
+  # Scenario, same key: the gateway signs the request with the team's Basic credentials
+  curl -s -H 'X-API-Key: {DEMO_KEY_DESIGN}' '{gateway}/scenario/assets?pageSize=2'
+
 
 Ctrl-C stops the gateway and the emulator."
     )

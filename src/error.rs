@@ -23,6 +23,8 @@ pub enum ErrorShape {
     /// Comfy API v2 (`ErrorEnvelope` in comfy-api-v2-openapi.yaml):
     /// `{"error":{"code","message","details"}}`.
     ComfyEnvelope,
+    /// Scenario: `{"error": …, "message": …}` (the SDK reads either field).
+    Scenario,
 }
 
 /// Everything the gateway itself can answer instead of the upstream.
@@ -116,6 +118,12 @@ impl GatewayError {
                     "details": { "request_id": request_id },
                 }
             }),
+            ErrorShape::Scenario => json!({
+                "error": message,
+                "message": message,
+                "code": self.code(),
+                "requestId": request_id,
+            }),
         };
         // comfy-cli tells throttling from billing refusals by `error.type`.
         if self == GatewayError::RateLimited {
@@ -124,6 +132,7 @@ impl GatewayError {
                     body["error"] = json!({ "type": "RATE_LIMITED", "message": message });
                 }
                 ErrorShape::ComfyEnvelope => body["error"]["type"] = json!("RATE_LIMITED"),
+                ErrorShape::Scenario => {}
             }
         }
         bytes::Bytes::from(body.to_string())

@@ -127,6 +127,8 @@ fn shipped_configs_are_valid() {
         ])
         .env("TEAMGATE_DEMO_COMFY_KEY_DESIGN", "k1")
         .env("TEAMGATE_DEMO_COMFY_KEY_RESEARCH", "k2")
+        .env("TEAMGATE_DEMO_SCENARIO_KEY_DESIGN", "k3")
+        .env("TEAMGATE_DEMO_SCENARIO_SECRET_DESIGN", "s3")
         .output()
         .unwrap();
     assert!(demo.status.success(), "{}", text(&demo.stderr));
@@ -250,6 +252,12 @@ async fn demo_runs_without_an_account_and_stops_cleanly_on_sigint() {
         .await;
     assert_eq!(status, 200);
     assert!(body.contains("demo.png"));
+    // Both upstreams run: Scenario, with the same gateway key.
+    let (status, body) = client
+        .get(&format!("{gateway}/scenario/assets?pageSize=2"), Some(&key))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("nextPaginationToken"), "{body}");
 
     let pid = child.id().unwrap().to_string();
     assert!(

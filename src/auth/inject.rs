@@ -121,22 +121,27 @@ pub fn prepare_upstream_request(
         .get::<RouteMatch>()
         .cloned()
         .ok_or(GatewayError::Internal)?;
-    let auth = extensions
-        .get::<Authenticated>()
-        .cloned()
-        .ok_or(GatewayError::Internal)?;
+    let auth = extensions.get::<Authenticated>().cloned();
+    let public_read = extensions.get::<super::PublicRead>().is_some();
     let client_addr = extensions.get::<ClientAddr>().map(|addr| addr.0.ip());
     let upstream = &route.upstream;
-    let secret = auth
-        .team
-        .credential_for(upstream)
-        .ok_or(GatewayError::NoUpstreamCredential)?
-        .clone();
+    // A public read carries no team credential: the client's own
+    // `Authorization: public-auth-token` is what the upstream expects.
+    let secret = match (&auth, public_read) {
+        (Some(auth), _) => Some(
+            auth.team
+                .credential_for(upstream)
+                .ok_or(GatewayError::NoUpstreamCredential)?
+                .clone(),
+        ),
+        (None, true) => None,
+        (None, false) => return Err(GatewayError::Internal),
+    };
     let placement = &route.rule().credential;
 
     let path = route.upstream_path(request.uri().path());
-    let query: Option<Cow<'_, str>> = match placement {
-        CredentialPlacement::QueryParam(name) => {
+    let query: Option<Cow<'_, str>> = match (placement, &secret) {
+        (CredentialPlacement::QueryParam(name), Some(secret)) => {
             Some(replace_query_param(request.uri().query(), name, secret.expose()).into())
         }
         _ => request.uri().query().map(Cow::Borrowed),
@@ -168,7 +173,9 @@ pub fn prepare_upstream_request(
     let headers = request.headers_mut();
     strip_hop_by_hop(headers, is_upgrade);
     headers.remove(&X_API_KEY);
-    headers.remove(header::AUTHORIZATION);
+    if secret.is_some() {
+        headers.remove(header::AUTHORIZATION);
+    }
     headers.insert(header::HOST, host);
     if settings.forwarded_headers {
         if let Some(ip) = client_addr {
@@ -184,6 +191,10 @@ pub fn prepare_upstream_request(
         };
         append_list(headers, &header::VIA, via);
     }
+    let Some(secret) = secret else {
+        // A public read: the client's `Authorization: public-auth-token` stays.
+        return Ok(());
+    };
     match placement {
         CredentialPlacement::Header(name) => {
             headers.insert(name.clone(), sensitive(secret.expose())?);
@@ -192,6 +203,12 @@ pub fn prepare_upstream_request(
             headers.insert(
                 header::AUTHORIZATION,
                 sensitive(&format!("Bearer {}", secret.expose()))?,
+            );
+        }
+        CredentialPlacement::Basic => {
+            headers.insert(
+                header::AUTHORIZATION,
+                sensitive(&format!("Basic {}", secret.expose()))?,
             );
         }
         CredentialPlacement::QueryParam(_) => {}

@@ -28,6 +28,29 @@ use crate::route::RouteMatch;
 use crate::telemetry::RequestId;
 use keys::KeyDigest;
 
+/// A keyless public read the upstream allows (Scenario's `public-auth-token`);
+/// an extension set by [`Authenticate`] instead of [`Authenticated`].
+#[derive(Debug, Clone, Copy)]
+pub struct PublicRead;
+
+/// Whether `request` is a public read its upstream lets through without a team.
+fn is_public_read<B>(request: &Request<B>, route: &RouteMatch) -> bool {
+    let upstream = &route.upstream;
+    upstream.public_reads
+        && matches!(*request.method(), http::Method::GET | http::Method::HEAD)
+        && request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .is_some_and(|value| {
+                value.as_bytes() == crate::config::preset::PUBLIC_AUTH_TOKEN.as_bytes()
+            })
+        && upstream
+            .preset
+            .public_reads
+            .iter()
+            .any(|pattern| pattern.matches(route.upstream_path(request.uri().path())))
+}
+
 /// The team a request was authenticated as; an extension set by [`Authenticate`].
 #[derive(Debug, Clone)]
 pub struct Authenticated {
@@ -144,6 +167,16 @@ where
                     let _ = labels.team.set(Arc::clone(&authenticated.team));
                 }
                 request.extensions_mut().insert(authenticated);
+                Either::Right(self.inner.call(request))
+            }
+            Err(GatewayError::MissingKey)
+                if request
+                    .extensions()
+                    .get::<RouteMatch>()
+                    .is_some_and(|route| is_public_read(&request, route)) =>
+            {
+                request.extensions_mut().insert(PublicRead);
+                tracing::Span::current().record("team", "(public)");
                 Either::Right(self.inner.call(request))
             }
             Err(error) => {

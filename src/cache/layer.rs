@@ -33,8 +33,8 @@ use tower::{Layer, Service, ServiceExt};
 use tracing::Instrument;
 
 use super::policy::{
-    CACHE_STATUS, CacheKey, CacheRoute, Partition, RequestMode, Scope, cache_status, if_none_match,
-    request_mode, storable, strong_etag,
+    BodyScope, CACHE_STATUS, CacheKey, CacheRoute, Partition, RequestMode, Scope, cache_status,
+    if_none_match, request_mode, storable, strong_etag,
 };
 use super::store::{CachedResponse, Freshness, Join, Outcome, Store};
 use crate::auth::Authenticated;
@@ -122,7 +122,10 @@ where
         let mut inner = std::mem::replace(&mut self.inner, inner);
 
         match cache_route {
-            CacheRoute::Write { scopes } => {
+            CacheRoute::Write {
+                mut scopes,
+                from_body,
+            } => {
                 let Some(credential) = credential else {
                     return Either::Left(inner.call(request));
                 };
@@ -133,6 +136,13 @@ where
                 let metrics = Arc::clone(&self.metrics);
                 let upstream_name = Arc::clone(&route.upstream);
                 Either::Right(Box::pin(async move {
+                    let request = if from_body.is_empty() {
+                        request
+                    } else {
+                        let (request, body_scopes) = scopes_from_body(request, &from_body).await;
+                        scopes.extend(body_scopes);
+                        request
+                    };
                     let response = inner.oneshot(request).await?;
                     // Before the client sees the 2xx: any later read misses these scopes.
                     if response.status().is_success() {
@@ -152,7 +162,12 @@ where
                     stale_while_revalidate: rule.stale_while_revalidate,
                     stale_if_error: rule.stale_if_error,
                 };
-                let partition = match (rule.shared, credential) {
+                let public_read = request
+                    .extensions()
+                    .get::<crate::auth::PublicRead>()
+                    .is_some();
+                let partition = match (rule.shared || public_read, credential) {
+                    // Shared rules, and public reads (identical for everyone by definition).
                     (true, _) => Partition::Shared { upstream },
                     (false, Some(credential)) => Partition::Team {
                         upstream,
@@ -172,6 +187,45 @@ where
             }
         }
     }
+}
+
+/// The most of a write's body read to find the scopes it names.
+const BODY_SCOPE_LIMIT: usize = 64 * 1024;
+
+/// Reads the (small, JSON) body of a write whose rule names scopes from it,
+/// and returns the request with the same bytes to forward. A body that is
+/// too big, unreadable or not as expected invalidates the whole family.
+async fn scopes_from_body(
+    request: Request<Body>,
+    from_body: &[BodyScope],
+) -> (Request<Body>, Vec<Scope>) {
+    let (parts, body) = request.into_parts();
+    let declared_small = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse::<usize>().ok())
+        .is_none_or(|length| length <= BODY_SCOPE_LIMIT);
+    let (body, bytes) = if declared_small {
+        match collect_capped(body, BODY_SCOPE_LIMIT).await {
+            Collected::Complete(bytes) => (Body::full(bytes.clone()), Some(bytes)),
+            Collected::TooBig(body) => (body, None),
+            // The client's body broke off: forwarding fails on its own; invalidate broadly.
+            Collected::Failed => (Body::Empty, None),
+        }
+    } else {
+        (body, None)
+    };
+    let scopes = from_body
+        .iter()
+        .flat_map(|body_scope| {
+            bytes
+                .as_deref()
+                .and_then(|bytes| body_scope.resolve(bytes))
+                .unwrap_or_else(|| vec![body_scope.family()])
+        })
+        .collect();
+    (Request::from_parts(parts, body), scopes)
 }
 
 /// The read path; see the module documentation.
@@ -555,6 +609,9 @@ fn fill_request(request: &Request<Body>) -> Request<Body> {
     }
     if let Some(auth) = from.get::<Authenticated>() {
         to.insert(auth.clone());
+    }
+    if let Some(public) = from.get::<crate::auth::PublicRead>() {
+        to.insert(*public);
     }
     if let Some(id) = from.get::<RequestId>() {
         to.insert(id.clone());

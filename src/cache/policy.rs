@@ -115,6 +115,49 @@ pub struct ScopeTemplate {
 enum MemberTemplate {
     Literal(Box<str>),
     Capture(String),
+    /// `{body.field}`: every string in the JSON request body's `field` array
+    /// (or the one string there), e.g. Scenario's `DELETE /assets {"assetIds": […]}`.
+    BodyField(String),
+}
+
+/// A scope whose members come from the write's JSON body, resolved by the cache layer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BodyScope {
+    pub family: Arc<str>,
+    pub field: String,
+}
+
+impl BodyScope {
+    /// The scopes `body` names; `None` when the body is not JSON with that
+    /// field, and the caller must fall back to the whole family.
+    pub fn resolve(&self, body: &[u8]) -> Option<Vec<Scope>> {
+        let value: serde_json::Value = serde_json::from_slice(body).ok()?;
+        let members: Vec<&str> = match value.get(&self.field)? {
+            serde_json::Value::Array(items) => items
+                .iter()
+                .map(|item| item.as_str())
+                .collect::<Option<_>>()?,
+            serde_json::Value::String(one) => vec![one.as_str()],
+            _ => return None,
+        };
+        Some(
+            members
+                .into_iter()
+                .map(|member| Scope {
+                    family: Arc::clone(&self.family),
+                    member: Some(member.into()),
+                })
+                .collect(),
+        )
+    }
+
+    /// The whole family: what to invalidate when the body cannot be read.
+    pub fn family(&self) -> Scope {
+        Scope {
+            family: Arc::clone(&self.family),
+            member: None,
+        }
+    }
 }
 
 impl ScopeTemplate {
@@ -137,6 +180,13 @@ impl ScopeTemplate {
         }
         let member = match member {
             None => None,
+            Some(member) if member.starts_with("{body.") && member.ends_with('}') => {
+                let field = &member[6..member.len() - 1];
+                if !valid_name(field) {
+                    return Err(format!("bad body field in scope `{source}`"));
+                }
+                Some(MemberTemplate::BodyField(field.to_owned()))
+            }
             Some(member) if member.starts_with('{') && member.ends_with('}') => {
                 let name = &member[1..member.len() - 1];
                 if !pattern.has_capture(name) {
@@ -156,16 +206,32 @@ impl ScopeTemplate {
         })
     }
 
-    /// The scope for a request path that `pattern` matched.
-    fn render(&self, pattern: &PathPattern, path: &str) -> Scope {
+    /// The scope for a request path that `pattern` matched (`None` for body scopes).
+    fn render(&self, pattern: &PathPattern, path: &str) -> Option<Scope> {
         let member = match &self.member {
             None => None,
             Some(MemberTemplate::Literal(literal)) => Some(literal.clone()),
             Some(MemberTemplate::Capture(name)) => pattern.capture(path, name).map(Into::into),
+            Some(MemberTemplate::BodyField(_)) => return None,
         };
-        Scope {
+        Some(Scope {
             family: Arc::clone(&self.family),
             member,
+        })
+    }
+
+    /// Whether the members come from the request body (not allowed on reads).
+    pub fn from_body(&self) -> bool {
+        matches!(self.member, Some(MemberTemplate::BodyField(_)))
+    }
+
+    fn body_scope(&self) -> Option<BodyScope> {
+        match &self.member {
+            Some(MemberTemplate::BodyField(field)) => Some(BodyScope {
+                family: Arc::clone(&self.family),
+                field: field.clone(),
+            }),
+            _ => None,
         }
     }
 }
@@ -250,8 +316,15 @@ pub struct CachePolicy {
 /// What the cache does with one request; decided once, at classification.
 #[derive(Debug, Clone)]
 pub enum CacheRoute {
-    Read { rule: usize, scope: Scope },
-    Write { scopes: Vec<Scope> },
+    Read {
+        rule: usize,
+        scope: Scope,
+    },
+    Write {
+        scopes: Vec<Scope>,
+        /// Scopes whose members the request body names.
+        from_body: Vec<BodyScope>,
+    },
 }
 
 impl CachePolicy {
@@ -262,7 +335,10 @@ impl CachePolicy {
             return self.reads.iter().enumerate().find_map(|(index, rule)| {
                 rule.pattern.matches(path).then(|| CacheRoute::Read {
                     rule: index,
-                    scope: rule.scope.render(&rule.pattern, path),
+                    scope: rule
+                        .scope
+                        .render(&rule.pattern, path)
+                        .expect("read scopes are validated to come from the path"),
                 })
             });
         }
@@ -273,7 +349,12 @@ impl CachePolicy {
                 scopes: rule
                     .scopes
                     .iter()
-                    .map(|scope| scope.render(&rule.pattern, path))
+                    .filter_map(|scope| scope.render(&rule.pattern, path))
+                    .collect(),
+                from_body: rule
+                    .scopes
+                    .iter()
+                    .filter_map(ScopeTemplate::body_scope)
                     .collect(),
             })
     }
@@ -482,7 +563,7 @@ mod tests {
             _ => None,
         };
         let write = |method: Method, path: &str| match policy.classify(&method, path) {
-            Some(CacheRoute::Write { scopes }) => Some(scopes),
+            Some(CacheRoute::Write { scopes, .. }) => Some(scopes),
             _ => None,
         };
         assert_eq!(
@@ -520,6 +601,25 @@ mod tests {
         );
         assert_eq!(write(Method::POST, "/api/prompt"), None);
         assert!(policy.classify(&Method::OPTIONS, "/api/assets/x").is_none());
+    }
+
+    #[test]
+    fn body_scopes_name_the_members_the_body_lists() {
+        let (_, pattern) = parse_match("DELETE /assets").unwrap();
+        let template = ScopeTemplate::parse("asset:{body.assetIds}", &pattern).unwrap();
+        let body = template.body_scope().unwrap();
+        assert_eq!(
+            body.resolve(br#"{"assetIds":["a1","a2"]}"#).unwrap(),
+            vec![scope("asset", Some("a1")), scope("asset", Some("a2"))]
+        );
+        assert_eq!(
+            body.resolve(br#"{"assetIds":"a1"}"#).unwrap(),
+            vec![scope("asset", Some("a1"))]
+        );
+        assert!(body.resolve(b"not json").is_none());
+        assert!(body.resolve(br#"{"other":[]}"#).is_none());
+        assert!(body.resolve(br#"{"assetIds":[1]}"#).is_none());
+        assert_eq!(body.family(), scope("asset", None));
     }
 
     #[test]

@@ -30,7 +30,8 @@ use crate::cache::policy::{
     CachePolicy, CredentialId, MethodMatch, ReadRule, ScopeTemplate, WriteRule, parse_match,
 };
 use crate::limit::quota::{QuotaSpec, parse_rate};
-pub use preset::{CredentialPlacement, Preset, RouteRule};
+use base64::Engine as _;
+pub use preset::{CredentialKind, CredentialPlacement, Preset, RouteRule};
 pub use secret::Secret;
 
 /// The validated configuration the gateway runs with.
@@ -126,6 +127,9 @@ pub struct Upstream {
     pub timeouts: UpstreamTimeouts,
     /// Config rules first, then the preset's (unless `preset_rules = false`); empty when disabled.
     pub cache: CachePolicy,
+    /// Let the preset's public reads through without a gateway key (Scenario's
+    /// `Authorization: public-auth-token`). Off by default.
+    pub public_reads: bool,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -311,6 +315,15 @@ struct FileTeamLimits {
     routes: Vec<FileRouteQuota>,
 }
 
+/// `"env:KEY"`, or `{ key = "env:KEY", secret = "env:SECRET" }` for upstreams
+/// that authenticate with a key pair (Scenario's Basic auth).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum FileCredential {
+    Token(String),
+    Pair { key: String, secret: String },
+}
+
 #[derive(Debug, Deserialize)]
 struct FileQuota {
     rate: String,
@@ -398,12 +411,13 @@ struct FileUpstream {
     pool_idle_timeout: Option<String>,
     #[serde(default)]
     cache: FileUpstreamCache,
+    public_reads: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 struct FileTeam {
     #[serde(default)]
-    upstream_keys: BTreeMap<String, String>,
+    upstream_keys: BTreeMap<String, FileCredential>,
     #[serde(default)]
     client_keys: Vec<String>,
     #[serde(default)]
@@ -643,6 +657,14 @@ fn validate(
             &key("cache"),
             &mut problem,
         );
+        if upstream.public_reads == Some(true)
+            && preset.as_ref().is_some_and(|p| p.public_reads.is_empty())
+        {
+            problem(
+                &key("public_reads"),
+                format!("the `{preset_name}` preset has no public reads"),
+            );
+        }
         if let (Some((scheme, authority, base_path)), Some(preset)) = (base, preset) {
             let host_header = HeaderValue::from_str(authority.as_str())
                 .expect("a parsed authority is a valid header value");
@@ -654,6 +676,7 @@ fn validate(
                 base_path,
                 host_header,
                 mount,
+                public_reads: upstream.public_reads.unwrap_or(false),
                 preset,
                 timeouts,
                 cache,
@@ -685,9 +708,32 @@ fn validate(
                 );
                 continue;
             };
-            let resolved = match secrets {
+            let resolve = |reference: &str| match secrets {
                 Secrets::Resolve => secret::resolve(reference, dir, env),
                 Secrets::FormOnly => secret::check_form(reference),
+            };
+            let resolved = match (reference, upstream.preset.credential) {
+                (FileCredential::Token(reference), CredentialKind::Token) => resolve(reference),
+                (FileCredential::Pair { key, secret }, CredentialKind::KeyAndSecret) => {
+                    // Basic auth (RFC 7617): the token is base64(key ":" secret), built once here.
+                    resolve(key).and_then(|key| {
+                        resolve(secret).map(|secret| {
+                            Secret::new(base64::engine::general_purpose::STANDARD.encode(format!(
+                                "{}:{}",
+                                key.expose(),
+                                secret.expose()
+                            )))
+                        })
+                    })
+                }
+                (FileCredential::Token(_), CredentialKind::KeyAndSecret) => Err(format!(
+                    "the `{}` preset authenticates with a key pair: use {{ key = \"env:…\", secret = \"env:…\" }}",
+                    upstream.preset.name
+                )),
+                (FileCredential::Pair { .. }, CredentialKind::Token) => Err(format!(
+                    "the `{}` preset takes one key: use \"env:NAME\" or \"file:PATH\"",
+                    upstream.preset.name
+                )),
             };
             match resolved.and_then(secret::header_safe) {
                 Ok(secret) => credentials[upstream.index] = Some(secret),
@@ -981,6 +1027,13 @@ fn cache_policy(
             continue;
         }
         let scope = match ScopeTemplate::parse(&rule.scope, &pattern) {
+            Ok(scope) if scope.from_body() => {
+                problem(
+                    &format!("{field}.scope"),
+                    "a read's scope comes from its path; `{body.…}` is for writes".into(),
+                );
+                continue;
+            }
             Ok(scope) => scope,
             Err(message) => {
                 problem(&format!("{field}.scope"), message);
@@ -1208,6 +1261,7 @@ fn placeholder_upstream(name: String, index: usize) -> Upstream {
             pool_idle: Duration::ZERO,
         },
         cache: CachePolicy::default(),
+        public_reads: false,
     }
 }
 
@@ -1489,6 +1543,48 @@ rate = \"1/s\"
                 "{expected} in {keys:?}"
             );
         }
+    }
+
+    #[test]
+    fn key_pairs_are_for_presets_that_take_them() {
+        let env = |name: &str| match name {
+            "K" | "S" | "COMFY_KEY_DESIGN" => Some(format!("{name}-value")),
+            _ => None,
+        };
+        let text = |credential: &str| {
+            format!(
+                "[upstreams.comfy]\nbase_url = \"https://cloud.comfy.org\"\n\
+                 [upstreams.scenario]\nbase_url = \"https://api.cloud.scenario.com/v1\"\npreset = \"scenario\"\nmount = \"/scenario\"\n\
+                 [teams.design]\nupstream_keys = {{ comfy = \"env:COMFY_KEY_DESIGN\", scenario = {credential} }}\n"
+            )
+        };
+        let config = load_str(
+            &text(r#"{ key = "env:K", secret = "env:S" }"#),
+            "t",
+            None,
+            &env,
+            Secrets::Resolve,
+        )
+        .unwrap();
+        let scenario = &config.upstreams[1];
+        assert_eq!(scenario.name, "scenario");
+        assert_eq!(scenario.base_path, "/v1");
+        // Basic token: base64("K-value:S-value").
+        assert_eq!(
+            config.teams[0].credential_for(scenario).unwrap().expose(),
+            "Sy12YWx1ZTpTLXZhbHVl"
+        );
+        let single = load_str(&text(r#""env:K""#), "t", None, &env, Secrets::Resolve).unwrap_err();
+        assert!(single.to_string().contains("key pair"), "{single}");
+        let missing = load_str(
+            &text(r#"{ key = "env:K", secret = "env:NOPE" }"#),
+            "t",
+            None,
+            &env,
+            Secrets::Resolve,
+        )
+        .unwrap_err();
+        assert!(missing.to_string().contains("NOPE"), "{missing}");
     }
 
     #[test]

@@ -22,6 +22,15 @@ pub enum CredentialPlacement {
     Bearer,
     /// A query parameter, e.g. `/ws?token=<key>` (browsers cannot set headers on websockets).
     QueryParam(&'static str),
+    /// `Authorization: Basic <base64(key:secret)>` (the token is built at config load).
+    Basic,
+}
+
+/// What a team configures for the upstream: one key, or a key and a secret.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CredentialKind {
+    Token,
+    KeyAndSecret,
 }
 
 /// One row of a preset's route table.
@@ -39,7 +48,14 @@ pub struct Preset {
     pub rules: Vec<RouteRule>,
     /// The built-in cache rules; config rules are matched before these.
     pub cache: CachePolicy,
+    pub credential: CredentialKind,
+    /// `GET` routes the upstream serves without an account when the client
+    /// sends `Authorization: public-auth-token` (used only with `public_reads = true`).
+    pub public_reads: Vec<PathPattern>,
 }
+
+/// The `Authorization` value that marks a public read (Scenario).
+pub const PUBLIC_AUTH_TOKEN: &str = "public-auth-token";
 
 /// One built-in read rule: match, TTL, scope, stale-while-revalidate, stale-if-error.
 type ReadRow = (&'static str, u64, &'static str, u64, u64);
@@ -79,11 +95,12 @@ fn writes(rows: &[(&'static str, &[&'static str])]) -> Vec<WriteRule> {
 }
 
 /// The names `preset = "…"` accepts.
-pub const PRESET_NAMES: &[&str] = &["comfy-cloud"];
+pub const PRESET_NAMES: &[&str] = &["comfy-cloud", "scenario"];
 
 pub fn by_name(name: &str) -> Option<Preset> {
     match name {
         "comfy-cloud" => Some(comfy_cloud()),
+        "scenario" => Some(scenario()),
         _ => None,
     }
 }
@@ -121,6 +138,70 @@ fn comfy_cloud() -> Preset {
             ),
         ],
         cache: comfy_cloud_cache(),
+        credential: CredentialKind::Token,
+        public_reads: Vec::new(),
+    }
+}
+
+/// Scenario (`scenario-openapi.DERIVED-from-python-sdk.json`): HTTP Basic with
+/// the API key and secret (`securitySchemes.basicAuth`) on every route.
+fn scenario() -> Preset {
+    Preset {
+        name: "scenario",
+        rules: vec![rule(
+            "/**",
+            CredentialPlacement::Basic,
+            ErrorShape::Scenario,
+        )],
+        cache: scenario_cache(),
+        credential: CredentialKind::KeyAndSecret,
+        public_reads: vec![
+            PathPattern::parse("/assets").expect("valid"),
+            PathPattern::parse("/assets/{assetId}").expect("valid"),
+        ],
+    }
+}
+
+/// Scenario's asset reads and the writes that change them. Scopes: `assets`
+/// (lists) and `asset:{assetId}` (one detail, wrapped as `{asset}`).
+fn scenario_cache() -> CachePolicy {
+    const MINUTE: u64 = 60;
+    CachePolicy {
+        reads: reads(&[
+            // The key holds the exact query: paginationToken, pageSize, projectId, sortBy, types …
+            ("GET /assets", 30, "assets", 0, 5 * MINUTE),
+            (
+                "GET /assets/{assetId}",
+                5 * MINUTE,
+                "asset:{assetId}",
+                0,
+                10 * MINUTE,
+            ),
+        ]),
+        writes: writes(&[
+            // Reads made over POST invalidate nothing; they come before the catch-all.
+            ("POST /assets/get-bulk", &[]),
+            ("POST /assets/download", &[]),
+            ("POST /assets/{assetId}/download", &[]),
+            ("POST /search/assets", &[]),
+            // DELETE /assets names its assets in the JSON body: {"assetIds": [...]}.
+            ("DELETE /assets", &["asset:{body.assetIds}", "assets"]),
+            ("PUT /assets/{assetId}", &["asset:{assetId}", "assets"]),
+            ("PUT /assets/{assetId}/tags", &["asset:{assetId}", "assets"]),
+            ("PUT /assets/{assetId}/lock", &["asset:{assetId}", "assets"]),
+            (
+                "PUT /assets/{assetId}/unlock",
+                &["asset:{assetId}", "assets"],
+            ),
+            ("POST /assets", &["assets"]),
+            ("POST /assets/{assetId}/copy", &["assets"]),
+            ("POST /assets/restore", &["assets"]),
+            ("PUT|DELETE /collections/{collectionId}/assets", &["assets"]),
+            ("POST /uploads/**", &["assets"]),
+            ("POST /generate/**", &["assets"]),
+            // The safe default for any other write under /assets.
+            ("* /assets/**", &["assets", "asset"]),
+        ]),
     }
 }
 
@@ -212,6 +293,91 @@ mod tests {
             rule_for(&preset, "/api/jobs").error_shape,
             ErrorShape::ComfyFlat
         );
+    }
+
+    #[test]
+    fn scenario_signs_every_route_with_basic_and_answers_in_its_shape() {
+        let preset = by_name("scenario").unwrap();
+        let rule = rule_for(&preset, "/assets/asset_1/tags");
+        assert_eq!(rule.credential, CredentialPlacement::Basic);
+        assert_eq!(rule.error_shape, ErrorShape::Scenario);
+        assert_eq!(preset.credential, CredentialKind::KeyAndSecret);
+        assert!(
+            preset
+                .public_reads
+                .iter()
+                .any(|p| p.matches("/assets/asset_1"))
+        );
+        assert!(
+            !preset
+                .public_reads
+                .iter()
+                .any(|p| p.matches("/assets/asset_1/tags"))
+        );
+    }
+
+    #[test]
+    fn scenario_cache_rules_follow_the_issue() {
+        use crate::cache::policy::CacheRoute;
+        let preset = by_name("scenario").unwrap();
+        let classify =
+            |method: &str, path: &str| preset.cache.classify(&method.parse().unwrap(), path);
+        let write_scopes = |method: &str, path: &str| match classify(method, path) {
+            Some(CacheRoute::Write { scopes, from_body }) => {
+                let mut names: Vec<String> = scopes
+                    .iter()
+                    .map(|s| {
+                        format!(
+                            "{}{}",
+                            s.family,
+                            s.member
+                                .as_deref()
+                                .map(|m| format!(":{m}"))
+                                .unwrap_or_default()
+                        )
+                    })
+                    .collect();
+                names.extend(
+                    from_body
+                        .iter()
+                        .map(|b| format!("{}:{{body.{}}}", b.family, b.field)),
+                );
+                names.sort();
+                names
+            }
+            other => panic!("{method} {path}: {other:?}"),
+        };
+        assert!(matches!(
+            classify("GET", "/assets"),
+            Some(CacheRoute::Read { .. })
+        ));
+        assert!(matches!(
+            classify("GET", "/assets/asset_1"),
+            Some(CacheRoute::Read { .. })
+        ));
+        assert_eq!(
+            write_scopes("DELETE", "/assets"),
+            ["asset:{body.assetIds}", "assets"]
+        );
+        assert_eq!(
+            write_scopes("PUT", "/assets/a1/lock"),
+            ["asset:a1", "assets"]
+        );
+        assert_eq!(write_scopes("POST", "/assets/a1/copy"), ["assets"]);
+        assert_eq!(write_scopes("DELETE", "/collections/c1/assets"), ["assets"]);
+        assert_eq!(write_scopes("POST", "/uploads/u1/action"), ["assets"]);
+        assert_eq!(write_scopes("POST", "/generate/custom/m1"), ["assets"]);
+        for read_over_post in [
+            "/assets/get-bulk",
+            "/search/assets",
+            "/assets/download",
+            "/assets/a1/download",
+        ] {
+            assert!(
+                write_scopes("POST", read_over_post).is_empty(),
+                "{read_over_post}"
+            );
+        }
     }
 
     #[test]

@@ -14,6 +14,7 @@
 //! error status, or a dropped connection.
 
 mod comfy;
+mod scenario;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -106,11 +107,22 @@ struct Traffic {
     recorded: std::collections::VecDeque<RecordedRequest>,
 }
 
+/// Which API an emulator speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flavor {
+    /// Comfy Cloud v1 and v2, at `/`.
+    Comfy,
+    /// Scenario, at `/v1` (`https://api.cloud.scenario.com/v1`).
+    Scenario,
+}
+
 #[derive(Debug)]
 struct Shared {
-    /// API key → account name.
+    flavor: Flavor,
+    /// API key (Comfy) or `key:secret` (Scenario) → account name.
     accounts: HashMap<String, String>,
     store: Mutex<comfy::Store>,
+    scenario: Mutex<scenario::Store>,
     traffic: Mutex<Traffic>,
     faults: Mutex<Vec<Fault>>,
     /// Requests being handled now, and the most ever at once.
@@ -139,9 +151,20 @@ impl Emulator {
     }
 
     pub fn with_event_interval(accounts: Vec<Account>, event_interval: Duration) -> Self {
+        Self::build(Flavor::Comfy, accounts, event_interval)
+    }
+
+    /// A Scenario emulator; each account's `api_key` is its `key:secret` pair.
+    pub fn scenario(accounts: Vec<Account>) -> Self {
+        Self::build(Flavor::Scenario, accounts, Duration::from_millis(100))
+    }
+
+    fn build(flavor: Flavor, accounts: Vec<Account>, event_interval: Duration) -> Self {
         let names: Vec<String> = accounts.iter().map(|a| a.name.clone()).collect();
         Emulator {
             shared: Arc::new(Shared {
+                flavor,
+                scenario: Mutex::new(scenario::Store::seeded(&names)),
                 accounts: accounts
                     .into_iter()
                     .map(|account| (account.api_key, account.name))
@@ -164,7 +187,10 @@ impl Emulator {
 
     /// Serves on `listener` forever.
     pub async fn serve(self, listener: TcpListener) {
-        let router = comfy::router(self.clone());
+        let router = match self.shared.flavor {
+            Flavor::Comfy => comfy::router(self.clone()),
+            Flavor::Scenario => scenario::router(self.clone()),
+        };
         let builder = auto::Builder::new(TokioExecutor::new());
         loop {
             let Ok((stream, _)) = listener.accept().await else {
@@ -278,11 +304,23 @@ impl Emulator {
         });
     }
 
-    /// Checks the credential where Comfy Cloud expects it for this path.
+    /// Checks the credential where the upstream expects it for this path.
     fn authenticate(
         &self,
         mut request: Request<Incoming>,
     ) -> Result<Request<Incoming>, Box<Response<axum::body::Body>>> {
+        if self.shared.flavor == Flavor::Scenario {
+            return match scenario::account(&request, &self.shared.accounts) {
+                Some(account) => {
+                    request.extensions_mut().insert(account);
+                    Ok(request)
+                }
+                None => Err(Box::new(scenario::error(
+                    StatusCode::UNAUTHORIZED,
+                    "Unauthorized",
+                ))),
+            };
+        }
         let path = request.uri().path();
         let v2 = path.starts_with("/api/v2/");
         let key = if path == "/ws" {

@@ -29,6 +29,11 @@ pub const DESIGN_UPSTREAM_KEY: &str = "comfy-upstream-design-5ecret";
 pub const RESEARCH_UPSTREAM_KEY: &str = "comfy-upstream-research-5ecret";
 /// The admin API token (`admin.token = "env:ADMIN_TOKEN"` where a test sets it).
 pub const ADMIN_TOKEN: &str = "admin-token-for-tests";
+/// Team design's Scenario key pair (team research has none).
+pub const SCN_KEY_DESIGN: &str = "scn-design-key";
+pub const SCN_SECRET_DESIGN: &str = "scn-design-5ecret";
+pub const SCN_KEY_RESEARCH: &str = "scn-research-key";
+pub const SCN_SECRET_RESEARCH: &str = "scn-research-5ecret";
 
 pub fn hash(key: &str) -> String {
     teamgate::auth::keys::KeyDigest::of_key(key).to_stored()
@@ -73,6 +78,10 @@ pub fn test_env(name: &str) -> Option<String> {
         "DESIGN_COMFY_KEY" => Some(DESIGN_UPSTREAM_KEY.into()),
         "RESEARCH_COMFY_KEY" => Some(RESEARCH_UPSTREAM_KEY.into()),
         "ADMIN_TOKEN" => Some(ADMIN_TOKEN.into()),
+        "SCN_KEY_DESIGN" => Some(SCN_KEY_DESIGN.into()),
+        "SCN_SECRET_DESIGN" => Some(SCN_SECRET_DESIGN.into()),
+        "SCN_KEY_RESEARCH" => Some(SCN_KEY_RESEARCH.into()),
+        "SCN_SECRET_RESEARCH" => Some(SCN_SECRET_RESEARCH.into()),
         _ => None,
     }
 }
@@ -157,6 +166,18 @@ impl Harness {
         Self::start_in_front_of_with(emulator, emulator_addr, base_url, upstream_extra, "").await
     }
 
+    /// Starts a gateway with exactly `text` as its config (`{emulator}` is replaced
+    /// by the Comfy emulator's address).
+    pub async fn start_with_text(
+        emulator: Emulator,
+        emulator_addr: SocketAddr,
+        text: &str,
+    ) -> Self {
+        let config = config::load_str(text, "test.toml", None, &test_env, Secrets::Resolve)
+            .unwrap_or_else(|error| panic!("{error}"));
+        Self::start_config(emulator, emulator_addr, config).await
+    }
+
     pub async fn start_in_front_of_with(
         emulator: Emulator,
         emulator_addr: SocketAddr,
@@ -167,6 +188,14 @@ impl Harness {
         let text = config_text(base_url, upstream_extra, top_extra);
         let config = config::load_str(&text, "test.toml", None, &test_env, Secrets::Resolve)
             .unwrap_or_else(|error| panic!("{error}"));
+        Self::start_config(emulator, emulator_addr, config).await
+    }
+
+    async fn start_config(
+        emulator: Emulator,
+        emulator_addr: SocketAddr,
+        config: teamgate::config::Config,
+    ) -> Self {
         let listeners = Listeners {
             gateway: TcpListener::bind("127.0.0.1:0").await.unwrap(),
             admin: TcpListener::bind("127.0.0.1:0").await.unwrap(),
