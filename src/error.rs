@@ -52,6 +52,20 @@ pub enum GatewayError {
     Internal,
     #[error("rate limit exceeded; retry after the time in Retry-After")]
     RateLimited,
+    #[error("the request path has `.`/`..` segments or encoded slashes; send it normalised")]
+    UnsafePath,
+    #[error("a header value has control characters or non-ASCII bytes")]
+    InvalidHeader,
+    #[error("the query has control characters or is not UTF-8 once decoded")]
+    InvalidQuery,
+    #[error("the request headers are too large")]
+    HeadersTooLarge,
+    #[error("the request body is too large")]
+    PayloadTooLarge,
+    #[error("the request body is malformed")]
+    MalformedBody,
+    #[error("the gateway is at its connection limit; retry shortly")]
+    TooManyConnections,
 }
 
 impl GatewayError {
@@ -68,6 +82,13 @@ impl GatewayError {
             GatewayError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             GatewayError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
             GatewayError::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            GatewayError::UnsafePath
+            | GatewayError::InvalidHeader
+            | GatewayError::InvalidQuery
+            | GatewayError::MalformedBody => StatusCode::BAD_REQUEST,
+            GatewayError::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            GatewayError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            GatewayError::TooManyConnections => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -83,6 +104,13 @@ impl GatewayError {
             GatewayError::UpstreamTimeout => "gateway_timeout",
             GatewayError::Internal => "internal_error",
             GatewayError::RateLimited => "rate_limited",
+            GatewayError::UnsafePath
+            | GatewayError::InvalidHeader
+            | GatewayError::InvalidQuery
+            | GatewayError::MalformedBody => "bad_request",
+            GatewayError::HeadersTooLarge => "request_header_fields_too_large",
+            GatewayError::PayloadTooLarge => "payload_too_large",
+            GatewayError::TooManyConnections => "service_unavailable",
         }
     }
 
@@ -197,6 +225,13 @@ mod tests {
             (UpstreamTimeout, 504),
             (Internal, 500),
             (RateLimited, 429),
+            (UnsafePath, 400),
+            (InvalidHeader, 400),
+            (InvalidQuery, 400),
+            (MalformedBody, 400),
+            (HeadersTooLarge, 431),
+            (PayloadTooLarge, 413),
+            (TooManyConnections, 503),
         ] {
             assert_eq!(error.status().as_u16(), status, "{error:?}");
         }

@@ -107,8 +107,9 @@ pub async fn run(
         metrics,
     };
     let admin = tokio::spawn(serve_admin(listeners.admin, admin_state, admin_stopped));
-    let builder = auto::Builder::new(TokioExecutor::new());
+    let builder = client_connection_builder(&config.server);
     let graceful = GracefulShutdown::new();
+    let connection_slots = Arc::new(tokio::sync::Semaphore::new(config.server.max_connections));
     tracing::info!(
         listen = %listeners.gateway.local_addr()?,
         upstreams = config.upstreams.len(),
@@ -120,7 +121,11 @@ pub async fn run(
     loop {
         tokio::select! {
             accepted = listeners.gateway.accept() => match accepted {
-                Ok((stream, peer)) => {
+                                Ok((stream, peer)) => {
+                    let Ok(slot) = Arc::clone(&connection_slots).try_acquire_owned() else {
+                        tokio::spawn(refuse_connection(stream));
+                        continue;
+                    };
                     let _ = stream.set_nodelay(true);
                     let service = service.clone().map_request(move |request: Request<Incoming>| {
                         let mut request = request.map(Body::Incoming);
@@ -131,10 +136,11 @@ pub async fn run(
                         .serve_connection_with_upgrades(TokioIo::new(stream), TowerToHyperService::new(service))
                         .into_owned();
                     let connection = graceful.watch(connection);
-                    tokio::spawn(async move {
+                                        tokio::spawn(async move {
                         if let Err(error) = connection.await {
                             tracing::debug!(%error, %peer, "client connection ended with an error");
                         }
+                        drop(slot);
                     });
                 }
                 Err(error) => {
@@ -161,6 +167,39 @@ pub async fn run(
     let _ = admin.await;
     tracing::info!("teamgate stopped");
     Ok(())
+}
+
+/// HTTP/1.1 and h2c (prior knowledge) on one port, with the protocol-level
+/// limits from the config: the header-read timeout (slowloris) and hyper's own
+/// buffer bound, set above `max_header_bytes` so the 431 the stack answers (in
+/// the upstream's JSON shape) is the one clients normally see.
+fn client_connection_builder(settings: &config::ServerSettings) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(settings.header_read_timeout)
+        .max_buf_size((settings.max_header_bytes * 2).max(16 * 1024));
+    builder
+        .http2()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .max_header_list_size(u32::try_from(settings.max_header_bytes * 2).unwrap_or(u32::MAX));
+    builder
+}
+
+/// Over `max_connections`: a short 503 in the primary upstream's JSON shape, then close.
+async fn refuse_connection(mut stream: tokio::net::TcpStream) {
+    use tokio::io::AsyncWriteExt;
+    let body =
+        error::GatewayError::TooManyConnections.json_body(error::ErrorShape::ComfyFlat, None);
+    let head = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nretry-after: 1\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    let _ = stream.write_all(head.as_bytes()).await;
+    let _ = stream.write_all(&body).await;
+    let _ = stream.shutdown().await;
+    tracing::warn!("connection refused: at server.max_connections");
 }
 
 async fn serve_admin(

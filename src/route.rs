@@ -142,6 +142,84 @@ impl Router {
     }
 }
 
+/// Size limits checked before routing.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestLimits {
+    pub max_header_bytes: usize,
+    pub max_request_body: u64,
+}
+
+/// Refuses what must never reach an upstream: oversized header sections,
+/// declared bodies over the cap, header values with control or non-ASCII bytes,
+/// paths with dot-segments or encoded separators, queries that decode to
+/// control characters or invalid UTF-8. Cheap: one pass over what hyper parsed.
+pub fn check_request<B>(request: &Request<B>, limits: RequestLimits) -> Result<(), GatewayError> {
+    let uri = request.uri();
+    let mut header_bytes =
+        request.method().as_str().len() + uri.path().len() + uri.query().map_or(0, str::len) + 12;
+    for (name, value) in request.headers() {
+        header_bytes += name.as_str().len() + value.len() + 4;
+        if value
+            .as_bytes()
+            .iter()
+            .any(|&b| (b < 0x20 && b != b'\t') || b >= 0x7f)
+        {
+            return Err(GatewayError::InvalidHeader);
+        }
+    }
+    if header_bytes > limits.max_header_bytes {
+        return Err(GatewayError::HeadersTooLarge);
+    }
+    // (Content-Length with Transfer-Encoding never gets here: hyper applies
+    // RFC 9112 §6.3 — chunked wins, Content-Length is dropped, the connection
+    // closes after the answer; see tests/hostile.rs.)
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse::<u64>().ok());
+    if declared.is_some_and(|length| length > limits.max_request_body) {
+        return Err(GatewayError::PayloadTooLarge);
+    }
+    check_path(uri.path())?;
+    if let Some(query) = uri.query() {
+        check_query(query)?;
+    }
+    Ok(())
+}
+
+/// A path is forwarded byte for byte, so it must already be normal: no `.` or
+/// `..` segment, raw or percent-encoded, and no encoded `/` or `\` that an
+/// upstream could decode into a different route.
+fn check_path(path: &str) -> Result<(), GatewayError> {
+    if path == "*" {
+        // `OPTIONS *` matches no mount and is answered 404 by routing.
+        return Ok(());
+    }
+    for segment in path.split('/') {
+        let decoded = percent_encoding::percent_decode_str(segment).collect::<Vec<u8>>();
+        let Ok(decoded) = std::str::from_utf8(&decoded) else {
+            return Err(GatewayError::UnsafePath);
+        };
+        if decoded == "."
+            || decoded == ".."
+            || decoded.contains(['/', '\\'])
+            || decoded.chars().any(char::is_control)
+        {
+            return Err(GatewayError::UnsafePath);
+        }
+    }
+    Ok(())
+}
+
+fn check_query(query: &str) -> Result<(), GatewayError> {
+    let decoded = percent_encoding::percent_decode_str(query).collect::<Vec<u8>>();
+    match std::str::from_utf8(&decoded) {
+        Ok(text) if !text.chars().any(char::is_control) => Ok(()),
+        _ => Err(GatewayError::InvalidQuery),
+    }
+}
+
 /// Where the upstream's part of `path` starts, if `mount` covers it.
 /// Mounts match whole segments: `/scenario` covers `/scenario/x`, not `/scenariox`.
 fn mount_offset(mount: &str, path: &str) -> Option<usize> {
@@ -356,6 +434,95 @@ mod tests {
     }
 
     #[test]
+    fn unsafe_paths_and_queries_are_refused() {
+        for path in [
+            "/api/../admin",
+            "/api/./assets",
+            "/api/%2e%2e/x",
+            "/api/%2E%2E/x",
+            "/api/.%2e/x",
+            "/api/assets%2f..%2fjobs",
+            "/api/a%5cb",
+            "/api/%00",
+            "/api/%ff",
+            "/..",
+        ] {
+            assert_eq!(check_path(path), Err(GatewayError::UnsafePath), "{path}");
+        }
+        for path in [
+            "/",
+            "/api/assets",
+            "/api/assets/",
+            "/api/a%20b",
+            "/api/..x",
+            "/api/.well-known",
+            "*",
+        ] {
+            assert_eq!(check_path(path), Ok(()), "{path}");
+        }
+        for query in ["a=%00", "a=%0a", "a=%ff%fe", "a=%7f"] {
+            assert_eq!(
+                check_query(query),
+                Err(GatewayError::InvalidQuery),
+                "{query}"
+            );
+        }
+        for query in [
+            "include_tags=a,b",
+            "name_contains=%E2%9C%93",
+            "metadata_filter=%7B%22k%22%3A1%7D",
+            "a=b+c",
+        ] {
+            assert_eq!(check_query(query), Ok(()), "{query}");
+        }
+    }
+
+    #[test]
+    fn headers_over_the_limit_or_with_control_bytes_are_refused() {
+        let limits = RequestLimits {
+            max_header_bytes: 1024,
+            max_request_body: 100,
+        };
+        let ok = Request::get("/api/assets")
+            .header("x-a", "plain value\twith tab")
+            .body(())
+            .unwrap();
+        assert_eq!(check_request(&ok, limits), Ok(()));
+        let big = Request::get("/api/assets")
+            .header("x-a", "v".repeat(2000))
+            .body(())
+            .unwrap();
+        assert_eq!(
+            check_request(&big, limits),
+            Err(GatewayError::HeadersTooLarge)
+        );
+        // (Control bytes never get this far: `http` and hyper refuse them when parsing.)
+        let high = Request::get("/api/assets")
+            .header("x-a", HeaderValueExt::bytes(b"caf\xc3\xa9"))
+            .body(())
+            .unwrap();
+        assert_eq!(
+            check_request(&high, limits),
+            Err(GatewayError::InvalidHeader)
+        );
+        let body = Request::post("/api/assets")
+            .header("content-length", "101")
+            .body(())
+            .unwrap();
+        assert_eq!(
+            check_request(&body, limits),
+            Err(GatewayError::PayloadTooLarge)
+        );
+    }
+
+    struct HeaderValueExt;
+    impl HeaderValueExt {
+        fn bytes(bytes: &[u8]) -> http::HeaderValue {
+            http::HeaderValue::from_bytes(bytes).unwrap()
+        }
+    }
+
+    #[test]
     fn upgrade_needs_both_headers_on_http_1_1() {
         let mut headers = HeaderMap::new();
         headers.insert(header::UPGRADE, "websocket".parse().unwrap());
@@ -370,12 +537,14 @@ mod tests {
 #[derive(Debug, Clone)]
 pub struct ClassifyLayer {
     router: Arc<Router>,
+    limits: RequestLimits,
 }
 
 impl ClassifyLayer {
-    pub fn new(router: Router) -> Self {
+    pub fn new(router: Router, limits: RequestLimits) -> Self {
         ClassifyLayer {
             router: Arc::new(router),
+            limits,
         }
     }
 }
@@ -386,6 +555,7 @@ impl<S> tower::Layer<S> for ClassifyLayer {
     fn layer(&self, inner: S) -> Self::Service {
         Classify {
             router: Arc::clone(&self.router),
+            limits: self.limits,
             inner,
         }
     }
@@ -395,6 +565,7 @@ impl<S> tower::Layer<S> for ClassifyLayer {
 #[derive(Debug, Clone)]
 pub struct Classify<S> {
     router: Arc<Router>,
+    limits: RequestLimits,
     inner: S,
 }
 
@@ -422,7 +593,9 @@ where
 
     fn call(&mut self, mut request: Request<crate::body::Body>) -> Self::Future {
         use futures_util::future::{Either, ready};
-        match self.router.classify(&request) {
+        let checked =
+            check_request(&request, self.limits).and_then(|()| self.router.classify(&request));
+        match checked {
             Ok(route) => {
                 let span = tracing::Span::current();
                 span.record("upstream", route.upstream.name.as_str());

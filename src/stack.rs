@@ -15,8 +15,8 @@ use crate::cache::{CacheLayer, CacheService, Store};
 use crate::config::Config;
 use crate::limit::layer::{ClientQuota, UpstreamBudget};
 use crate::limit::{ClientQuotaLayer, Quotas, UpstreamBudgetLayer};
-use crate::proxy::Forward;
-use crate::route::{Classify, ClassifyLayer, Router};
+use crate::proxy::{Forward, ForwardLimits};
+use crate::route::{Classify, ClassifyLayer, RequestLimits, Router};
 use crate::telemetry::metrics::Metrics;
 use crate::telemetry::{Observe, ObserveLayer};
 
@@ -42,7 +42,13 @@ pub fn build(shared: &Shared) -> GatewayService {
         .layer(ObserveLayer::new(Arc::clone(&shared.metrics)))
         // Classify once: upstream, rule and class travel as an extension, so no
         // layer below parses the path again. Unroutable targets stop here.
-        .layer(ClassifyLayer::new(Router::new(&config.upstreams)))
+        .layer(ClassifyLayer::new(
+            Router::new(&config.upstreams),
+            RequestLimits {
+                max_header_bytes: config.server.max_header_bytes,
+                max_request_body: config.server.max_request_body,
+            },
+        ))
         // Before anything costs upstream capacity: unknown keys get 401 here,
         // and no limiter or cache state is ever created for them.
         .layer(AuthenticateLayer::new(Arc::clone(config)))
@@ -66,5 +72,13 @@ pub fn build(shared: &Shared) -> GatewayService {
         ))
         // Last before the wire: swap the client's credential for the team's upstream one.
         .layer(InjectCredentialsLayer::new(config.server.clone()))
-        .service(Forward::new(&config.upstreams, Arc::clone(&shared.metrics)))
+        .service(Forward::new(
+            &config.upstreams,
+            Arc::clone(&shared.metrics),
+            ForwardLimits {
+                max_request_body: config.server.max_request_body,
+                first_body_byte: config.server.header_read_timeout,
+                websocket_idle: config.server.websocket_idle_timeout,
+            },
+        ))
 }

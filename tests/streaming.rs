@@ -53,7 +53,8 @@ fn reset_peak_rss() {
 async fn a_100_mb_upload_streams_through_with_bounded_memory() {
     const TOTAL: u64 = 100 * 1024 * 1024;
     const CHUNK: usize = 64 * 1024;
-    let h = Harness::start().await;
+    // Above the default body cap (64 MiB, room for Comfy's 50 MB uploads).
+    let h = Harness::start_with_server("max_request_body = \"1GiB\"").await;
 
     let boundary = "teamgate-test-boundary";
     let head = Bytes::from(format!(

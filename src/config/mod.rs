@@ -76,6 +76,16 @@ pub struct ServerSettings {
     pub forwarded_headers: bool,
     /// Add `Via: 1.1 teamgate` to forwarded requests.
     pub via: bool,
+    /// Request line + header section, in bytes; above it: 431.
+    pub max_header_bytes: usize,
+    /// Request body, in bytes; above it: 413.
+    pub max_request_body: u64,
+    /// A client must send its whole header section within this (slowloris).
+    pub header_read_timeout: Duration,
+    /// Concurrent client connections; beyond: a 503 and the connection is closed.
+    pub max_connections: usize,
+    /// A websocket tunnel with no traffic either way for this long is closed.
+    pub websocket_idle_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -393,6 +403,11 @@ struct FileServer {
     shutdown_grace: Option<String>,
     forwarded_headers: Option<bool>,
     via: Option<bool>,
+    max_header_bytes: Option<String>,
+    max_request_body: Option<String>,
+    header_read_timeout: Option<String>,
+    max_connections: Option<usize>,
+    websocket_idle_timeout: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -546,7 +561,39 @@ fn validate(
         shutdown_grace,
         forwarded_headers: file.server.forwarded_headers.unwrap_or(true),
         via: file.server.via.unwrap_or(true),
+        max_header_bytes: size_or(
+            file.server.max_header_bytes.as_deref(),
+            64 << 10,
+            "server.max_header_bytes",
+            &mut problem,
+        ) as usize,
+        // Comfy's uploads go up to 50 MB (`/api/upload/image`); room for multipart framing.
+        max_request_body: size_or(
+            file.server.max_request_body.as_deref(),
+            64 << 20,
+            "server.max_request_body",
+            &mut problem,
+        ),
+        header_read_timeout: duration_or(
+            file.server.header_read_timeout.as_deref(),
+            Duration::from_secs(10),
+            "server.header_read_timeout",
+            &mut problem,
+        ),
+        max_connections: file.server.max_connections.unwrap_or(10_000),
+        websocket_idle_timeout: duration_or(
+            file.server.websocket_idle_timeout.as_deref(),
+            Duration::from_secs(300),
+            "server.websocket_idle_timeout",
+            &mut problem,
+        ),
     };
+    if server.max_header_bytes < 1024 {
+        problem("server.max_header_bytes", "must be at least 1KiB".into());
+    }
+    if server.max_connections == 0 {
+        problem("server.max_connections", "must be at least 1".into());
+    }
 
     // [log]
     let format = pick(

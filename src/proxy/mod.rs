@@ -7,6 +7,7 @@
 //! Transport failures map to 502 (refused, reset, closed early) or 504
 //! (connect or response timeout), answered in the route's error shape.
 
+mod idle;
 mod watch;
 
 use std::convert::Infallible;
@@ -15,6 +16,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use http::{Request, Response, StatusCode};
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
@@ -40,6 +42,16 @@ type HttpsClient = Client<HttpsConnector<HttpConnector>, WatchedBody>;
 pub struct Forward {
     clients: Arc<[HttpsClient]>,
     metrics: Arc<Metrics>,
+    limits: ForwardLimits,
+}
+
+/// Client-side limits the forwarder enforces while streaming.
+#[derive(Debug, Clone, Copy)]
+pub struct ForwardLimits {
+    pub max_request_body: u64,
+    /// How long to wait for the first bytes of a request body before giving up.
+    pub first_body_byte: Duration,
+    pub websocket_idle: Duration,
 }
 
 impl std::fmt::Debug for Forward {
@@ -51,12 +63,16 @@ impl std::fmt::Debug for Forward {
 }
 
 impl Forward {
-    pub fn new(upstreams: &[Arc<Upstream>], metrics: Arc<Metrics>) -> Self {
+    pub fn new(upstreams: &[Arc<Upstream>], metrics: Arc<Metrics>, limits: ForwardLimits) -> Self {
         let clients = upstreams
             .iter()
             .map(|upstream| client_for(upstream))
             .collect();
-        Forward { clients, metrics }
+        Forward {
+            clients,
+            metrics,
+            limits,
+        }
     }
 }
 
@@ -90,13 +106,16 @@ impl Service<Request<Body>> for Forward {
     fn call(&mut self, request: Request<Body>) -> Self::Future {
         let clients = Arc::clone(&self.clients);
         let metrics = Arc::clone(&self.metrics);
+        let limits = self.limits;
         Box::pin(async move {
             let span = tracing::info_span!(
                 "upstream",
                 upstream = tracing::field::Empty,
                 upstream_status = tracing::field::Empty
             );
-            Ok(forward(&clients, &metrics, request).instrument(span).await)
+            Ok(forward(&clients, &metrics, limits, request)
+                .instrument(span)
+                .await)
         })
     }
 }
@@ -104,6 +123,7 @@ impl Service<Request<Body>> for Forward {
 async fn forward(
     clients: &[HttpsClient],
     metrics: &Metrics,
+    limits: ForwardLimits,
     mut request: Request<Body>,
 ) -> Response<Body> {
     let Some(route) = request.extensions_mut().remove::<RouteMatch>() else {
@@ -120,10 +140,17 @@ async fn forward(
         .get::<Arc<crate::telemetry::metrics::RequestLabels>>()
         .cloned();
     let (mut parts, body) = request.into_parts();
+    // Nothing goes upstream until the body has shown its first bytes: a body
+    // that is broken from the start (bad chunked framing, too big) is refused
+    // here and the upstream never sees the request.
+    let body = match first_frame(body, limits.first_body_byte).await {
+        Ok(body) => body,
+        Err(error) => return error.into_response(shape, request_id),
+    };
     let span = tracing::Span::current();
     span.record("upstream", route.upstream.name.as_str());
     crate::telemetry::traces::propagate(&span, &mut parts.headers);
-    let (body, body_sent) = WatchedBody::new(body);
+    let (body, body_sent) = WatchedBody::new(body, limits.max_request_body);
     let upstream_request = Request::from_parts(parts, body);
 
     let response_timeout = route.upstream.timeouts.response;
@@ -149,6 +176,13 @@ async fn forward(
         Err(error) => {
             timer.stop_and_discard();
             let gateway_error = classify_client_error(&error);
+            if matches!(
+                gateway_error,
+                GatewayError::PayloadTooLarge | GatewayError::MalformedBody
+            ) {
+                // The client's body, not the upstream, broke this request.
+                return gateway_error.into_response(shape, request_id);
+            }
             metrics.upstream_error(
                 upstream_name,
                 match gateway_error {
@@ -173,7 +207,11 @@ async fn forward(
     if let Some(client_upgrade) = client_upgrade {
         if response.status() == StatusCode::SWITCHING_PROTOCOLS {
             let upstream_upgrade = hyper::upgrade::on(&mut response);
-            tokio::spawn(tunnel(client_upgrade, upstream_upgrade));
+            tokio::spawn(tunnel(
+                client_upgrade,
+                upstream_upgrade,
+                limits.websocket_idle,
+            ));
         }
     }
     let is_switch = response.status() == StatusCode::SWITCHING_PROTOCOLS;
@@ -181,10 +219,36 @@ async fn forward(
     response.map(Body::Incoming)
 }
 
+/// Waits for a request body's first frame and puts it back in front of the
+/// rest. Empty bodies pass at once.
+async fn first_frame(mut body: Body, wait: Duration) -> Result<Body, GatewayError> {
+    use http_body_util::BodyExt;
+    if http_body::Body::is_end_stream(&body) {
+        return Ok(body);
+    }
+    match tokio::time::timeout(wait, body.frame()).await {
+        Err(_) => Err(GatewayError::MalformedBody),
+        Ok(None) => Ok(Body::Empty),
+        Ok(Some(Err(_))) => Err(GatewayError::MalformedBody),
+        Ok(Some(Ok(frame))) => match frame.into_data() {
+            Ok(head) => Ok(Body::Chained {
+                head: Some(head),
+                tail: Box::new(body),
+            }),
+            // Trailers first means no data at all.
+            Err(_) => Ok(Body::Empty),
+        },
+    }
+}
+
 /// Copies bytes both ways between an upgraded client and upstream connection.
 /// Frames (text, binary, ping, pong, close) pass through untouched; the tunnel
-/// ends when either side closes.
-async fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+/// ends when either side closes, or when nothing moved either way for `idle`.
+async fn tunnel(
+    client: hyper::upgrade::OnUpgrade,
+    upstream: hyper::upgrade::OnUpgrade,
+    idle: Duration,
+) {
     let (client, upstream) = match tokio::try_join!(client, upstream) {
         Ok(pair) => pair,
         Err(error) => {
@@ -192,11 +256,15 @@ async fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnU
             return;
         }
     };
-    let mut client = TokioIo::new(client);
-    let mut upstream = TokioIo::new(upstream);
-    match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-        Ok((sent, received)) => tracing::debug!(sent, received, "tunnel closed"),
-        Err(error) => tracing::debug!(%error, "tunnel ended with an error"),
+    let activity = Arc::new(idle::Activity::default());
+    let mut client = idle::Tracked::new(TokioIo::new(client), Arc::clone(&activity));
+    let mut upstream = idle::Tracked::new(TokioIo::new(upstream), Arc::clone(&activity));
+    tokio::select! {
+        copied = tokio::io::copy_bidirectional(&mut client, &mut upstream) => match copied {
+            Ok((sent, received)) => tracing::debug!(sent, received, "tunnel closed"),
+            Err(error) => tracing::debug!(%error, "tunnel ended with an error"),
+        },
+        () = activity.idle_for(idle) => tracing::debug!(?idle, "idle tunnel closed"),
     }
 }
 
@@ -206,6 +274,15 @@ fn classify_client_error(error: &hyper_util::client::legacy::Error) -> GatewayEr
     let mut timed_out = false;
     let mut cause = error.source();
     while let Some(inner) = cause {
+        if inner.downcast_ref::<watch::BodyTooLarge>().is_some() {
+            return GatewayError::PayloadTooLarge;
+        }
+        if inner
+            .downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_parse)
+        {
+            return GatewayError::MalformedBody;
+        }
         timed_out |= inner
             .downcast_ref::<std::io::Error>()
             .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut);

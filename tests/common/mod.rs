@@ -139,6 +139,18 @@ impl Harness {
         Self::start_with_config(upstream_extra, "").await
     }
 
+    /// Starts with extra settings in `[server]`.
+    pub async fn start_with_server(settings: &str) -> Self {
+        let emulator =
+            Emulator::with_event_interval(accounts(), std::time::Duration::from_millis(50));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        emulator.spawn(listener);
+        let text = config_text(&format!("http://{addr}"), "", "")
+            .replace("[server]\n", &format!("[server]\n{settings}\n"));
+        Self::start_with_text(emulator, addr, &text).await
+    }
+
     /// Starts with extra settings in `[upstreams.comfy]` and at the top level.
     pub async fn start_with_config(upstream_extra: &str, top_extra: &str) -> Self {
         let emulator =
