@@ -128,6 +128,8 @@ struct Shared {
     /// Requests being handled now, and the most ever at once.
     in_flight: std::sync::atomic::AtomicUsize,
     peak_in_flight: std::sync::atomic::AtomicUsize,
+    /// Bytes produced by `/emulator/bytes/{n}` so far.
+    bytes_streamed: Arc<std::sync::atomic::AtomicU64>,
     /// Pause between SSE events and websocket progress messages.
     event_interval: Duration,
 }
@@ -174,6 +176,7 @@ impl Emulator {
                 faults: Mutex::new(Vec::new()),
                 in_flight: Default::default(),
                 peak_in_flight: Default::default(),
+                bytes_streamed: Default::default(),
                 event_interval,
             }),
         }
@@ -389,6 +392,13 @@ impl Emulator {
         self.shared
             .peak_in_flight
             .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Bytes `/emulator/bytes/{n}` has produced so far (sent, or buffered to send).
+    pub fn bytes_streamed(&self) -> u64 {
+        self.shared
+            .bytes_streamed
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Requests being handled right now.

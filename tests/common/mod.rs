@@ -339,3 +339,25 @@ pub fn everything_upstream_saw(emulator: &Emulator) -> String {
     }
     seen
 }
+
+/// VmHWM (peak resident set) of this process, in bytes.
+pub fn peak_rss() -> u64 {
+    proc_status_kib("VmHWM:") * 1024
+}
+
+/// VmRSS (resident set now) of this process, in bytes.
+pub fn current_rss() -> u64 {
+    proc_status_kib("VmRSS:") * 1024
+}
+
+/// Resets VmHWM to the current RSS (Linux `clear_refs` value 5).
+pub fn reset_peak_rss() {
+    std::fs::write("/proc/self/clear_refs", "5")
+        .expect("clear_refs is writable for our own process");
+}
+
+fn proc_status_kib(field: &str) -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|line| line.starts_with(field)).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
