@@ -30,6 +30,7 @@ pub mod proxy;
 pub mod route;
 pub mod stack;
 pub mod telemetry;
+pub mod tls;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -45,7 +46,7 @@ use tokio::net::TcpListener;
 use tower::ServiceExt;
 
 use crate::admin::Readiness;
-use crate::auth::inject::ClientAddr;
+use crate::auth::inject::{ClientAddr, ClientTls};
 use crate::body::Body;
 use crate::config::Config;
 
@@ -107,8 +108,14 @@ pub async fn run(
         metrics,
     };
     let admin = tokio::spawn(serve_admin(listeners.admin, admin_state, admin_stopped));
-    let builder = client_connection_builder(&config.server);
+    let builder = Arc::new(client_connection_builder(&config.server));
     let graceful = GracefulShutdown::new();
+    let tls = match &config.server.tls {
+        Some(settings) => Some(tls::Tls::new(settings).map_err(anyhow::Error::msg)?),
+        None => None,
+    };
+    let tls_watcher = tls.clone().map(|tls| tokio::spawn(tls.watch()));
+    let handshake_timeout = config.server.header_read_timeout;
     let connection_slots = Arc::new(tokio::sync::Semaphore::new(config.server.max_connections));
     tracing::info!(
         listen = %listeners.gateway.local_addr()?,
@@ -126,18 +133,45 @@ pub async fn run(
                         tokio::spawn(refuse_connection(stream));
                         continue;
                     };
-                    let _ = stream.set_nodelay(true);
+                                        let _ = stream.set_nodelay(true);
+                    let is_tls = tls.is_some();
                     let service = service.clone().map_request(move |request: Request<Incoming>| {
                         let mut request = request.map(Body::Incoming);
                         request.extensions_mut().insert(ClientAddr(peer));
+                        if is_tls {
+                            request.extensions_mut().insert(ClientTls);
+                        }
                         request
                     });
-                    let connection = builder
-                        .serve_connection_with_upgrades(TokioIo::new(stream), TowerToHyperService::new(service))
-                        .into_owned();
-                    let connection = graceful.watch(connection);
-                                        tokio::spawn(async move {
-                        if let Err(error) = connection.await {
+                    let service = TowerToHyperService::new(service);
+                    let builder = Arc::clone(&builder);
+                    let watcher = graceful.watcher();
+                    let acceptor = tls.as_ref().map(|tls| tls.acceptor.clone());
+                    tokio::spawn(async move {
+                        let served = match acceptor {
+                            None => {
+                                let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                                watcher.watch(connection.into_owned()).await
+                            }
+                            Some(acceptor) => {
+                                // The handshake counts against the header-read timeout (slowloris over TLS).
+                                match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                                    Ok(Ok(stream)) => {
+                                        let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                                        watcher.watch(connection.into_owned()).await
+                                    }
+                                    Ok(Err(error)) => {
+                                        tracing::debug!(%error, %peer, "TLS handshake failed");
+                                        Ok(())
+                                    }
+                                    Err(_) => {
+                                        tracing::debug!(%peer, "TLS handshake timed out");
+                                        Ok(())
+                                    }
+                                }
+                            }
+                        };
+                        if let Err(error) = served {
                             tracing::debug!(%error, %peer, "client connection ended with an error");
                         }
                         drop(slot);
@@ -163,6 +197,9 @@ pub async fn run(
         tracing::warn!("shutdown grace period over; remaining connections are closed");
     }
     sweeper.abort();
+    if let Some(watcher) = tls_watcher {
+        watcher.abort();
+    }
     let _ = admin_stop.send(true);
     let _ = admin.await;
     tracing::info!("teamgate stopped");

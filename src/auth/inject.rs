@@ -33,6 +33,10 @@ use crate::telemetry::RequestId;
 #[derive(Debug, Clone, Copy)]
 pub struct ClientAddr(pub SocketAddr);
 
+/// Present when the client connected over TLS, attached by the listener.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientTls;
+
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
@@ -124,6 +128,7 @@ pub fn prepare_upstream_request(
     let auth = extensions.get::<Authenticated>().cloned();
     let public_read = extensions.get::<super::PublicRead>().is_some();
     let client_addr = extensions.get::<ClientAddr>().map(|addr| addr.0.ip());
+    let client_tls = extensions.get::<ClientTls>().is_some();
     let upstream = &route.upstream;
     // A public read carries no team credential: the client's own
     // `Authorization: public-auth-token` is what the upstream expects.
@@ -181,7 +186,8 @@ pub fn prepare_upstream_request(
         if let Some(ip) = client_addr {
             append_list(headers, &X_FORWARDED_FOR, &ip.to_string());
         }
-        headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+        let proto = if client_tls { "https" } else { "http" };
+        headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(proto));
     }
     if settings.via {
         let via = if received_version == Version::HTTP_2 {

@@ -619,6 +619,9 @@ fn fill_request(request: &Request<Body>) -> Request<Body> {
     if let Some(addr) = from.get::<ClientAddr>() {
         to.insert(*addr);
     }
+    if let Some(tls) = from.get::<crate::auth::inject::ClientTls>() {
+        to.insert(*tls);
+    }
     // The leader's labels: its access-log line reports the fill's upstream status.
     if let Some(labels) = from.get::<Arc<crate::telemetry::metrics::RequestLabels>>() {
         to.insert(Arc::clone(labels));

@@ -86,6 +86,16 @@ pub struct ServerSettings {
     pub max_connections: usize,
     /// A websocket tunnel with no traffic either way for this long is closed.
     pub websocket_idle_timeout: Duration,
+    /// Terminate TLS for clients (`[server.tls]`); plain HTTP when absent.
+    pub tls: Option<TlsSettings>,
+}
+
+/// `[server.tls]`: PEM files, re-read when they change.
+#[derive(Debug, Clone)]
+pub struct TlsSettings {
+    pub cert: std::path::PathBuf,
+    pub key: std::path::PathBuf,
+    pub reload_interval: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -408,6 +418,14 @@ struct FileServer {
     header_read_timeout: Option<String>,
     max_connections: Option<usize>,
     websocket_idle_timeout: Option<String>,
+    tls: Option<FileTls>,
+}
+
+#[derive(Debug, Deserialize)]
+struct FileTls {
+    cert: String,
+    key: String,
+    reload_interval: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -587,7 +605,30 @@ fn validate(
             "server.websocket_idle_timeout",
             &mut problem,
         ),
+        tls: file.server.tls.as_ref().map(|tls| {
+            let relative = |path: &str| match dir {
+                Some(dir) if Path::new(path).is_relative() => dir.join(path),
+                _ => Path::new(path).to_path_buf(),
+            };
+            TlsSettings {
+                cert: relative(&tls.cert),
+                key: relative(&tls.key),
+                reload_interval: duration_or(
+                    tls.reload_interval.as_deref(),
+                    Duration::from_secs(30),
+                    "server.tls.reload_interval",
+                    &mut problem,
+                ),
+            }
+        }),
     };
+    // The files must load now, not at the first client handshake (skipped in
+    // `--no-secrets` mode: the key is a secret the checking machine may not hold).
+    if let (Some(tls), Secrets::Resolve) = (&server.tls, secrets) {
+        if let Err(message) = crate::tls::load_pair(&tls.cert, &tls.key) {
+            problem("server.tls", message);
+        }
+    }
     if server.max_header_bytes < 1024 {
         problem("server.max_header_bytes", "must be at least 1KiB".into());
     }
