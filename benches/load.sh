@@ -1,0 +1,206 @@
+#!/usr/bin/env bash
+# Load benchmark: teamgate against nginx proxy_cache, Varnish and a bare hyper
+# server (the physical limit), in one run on one machine, as ratios.
+#
+#   bash benches/load.sh            # 3 runs of each measurement, 5 s each
+#   RUNS=5 DURATION=8 bash benches/load.sh
+#
+# Every server under test is pinned to CPU 0 and gets one core; wrk runs
+# with one thread on CPU 1. Peers come from ../shared/bench/peers (started and
+# stopped here). Results: one table on stdout, one JSON line appended to
+# benches/results/history.jsonl. Exits non-zero when a measurement fails.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+peers=${TEAMGATE_BENCH_PEERS:-$root/../shared/bench/peers}
+runs=${RUNS:-3}
+duration=${DURATION:-5}
+connections=${CONNECTIONS:-64}
+port=18085
+admin=18095
+work=$(mktemp -d /tmp/teamgate-bench.XXXXXX)
+gateway_pid=""
+
+cleanup() {
+  [ -n "$gateway_pid" ] && kill "$gateway_pid" 2>/dev/null || true
+  "$peers/stop-peers.sh" || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+need=()
+command -v wrk >/dev/null || need+=(wrk)
+command -v curl >/dev/null || need+=(curl)
+command -v taskset >/dev/null || need+=(util-linux)
+if [ ${#need[@]} -gt 0 ]; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+echo "== building teamgate (release)" >&2
+cargo build --release --locked --quiet
+echo "== starting peers" >&2
+bash "$peers/run-peers.sh" >&2
+
+# teamgate: same job as the peers — key swap to X-API-Key, per-team cache.
+# team-a uses the peers' client key; teams t0..t9 hold 100 keys each (mixed run).
+hash() { printf '%s' "$1" | sha256sum | cut -d' ' -f1; }
+{
+  echo "[server]"
+  echo "listen = \"127.0.0.1:$port\""
+  echo "admin_listen = \"127.0.0.1:$admin\""
+  echo "[cache]"
+  echo "max_bytes = \"512MiB\""
+  echo "[upstreams.comfy]"
+  echo "base_url = \"http://127.0.0.1:18081\""
+  echo "preset = \"comfy-cloud\""
+  echo "[teams.team-a]"
+  echo "upstream_keys = { comfy = \"env:BENCH_UPSTREAM_KEY\" }"
+  echo "client_keys = [\"sha256:$(hash team-a-client-key)\"]"
+  for t in $(seq 0 9); do
+    echo "[teams.t$t]"
+    echo "upstream_keys = { comfy = \"env:BENCH_UPSTREAM_KEY_$t\" }"
+    printf 'client_keys = ['
+    for k in $(seq 0 99); do printf '"sha256:%s",' "$(hash "team-$t-key-$k")"; done
+    echo ']'
+  done
+} > "$work/base.toml"
+export BENCH_UPSTREAM_KEY=comfy-team-a-secret
+for t in $(seq 0 9); do export "BENCH_UPSTREAM_KEY_$t=comfy-team-$t-secret"; done
+
+start_gateway() { # $1: log level
+  sed "1i [log]\nlevel = \"$1\"\nformat = \"json\"" "$work/base.toml" > "$work/teamgate.toml"
+  taskset -c 0 "$root/target/release/teamgate" serve --config "$work/teamgate.toml" 2>"$work/teamgate-$1.log" &
+  gateway_pid=$!
+  for _ in $(seq 100); do curl -fs -o /dev/null "http://127.0.0.1:$admin/readyz" && return 0; sleep 0.05; done
+  echo "teamgate did not start" >&2; cat "$work/teamgate-$1.log" >&2; exit 1
+}
+stop_gateway() { kill "$gateway_pid"; wait "$gateway_pid" 2>/dev/null || true; gateway_pid=""; }
+
+# wrk → "req_per_s p50_ms p99_ms"
+measure() { # $1 url, $2.. extra wrk args
+  local url=$1; shift
+  curl -fs -o /dev/null -H "Authorization: Bearer team-a-client-key" "$url"   # warm the cache / pool
+  taskset -c 1 wrk -t1 -c"$connections" -d"${duration}s" --latency \
+    -H "Authorization: Bearer team-a-client-key" "$@" "$url" > "$work/wrk.out" 2>&1 || true
+  python3 - "$work/wrk.out" <<'PY'
+import re, sys
+text = open(sys.argv[1]).read()
+def ms(v):
+    n, unit = re.match(r"([\d.]+)(us|ms|s)", v).groups()
+    return float(n) * {"us": 0.001, "ms": 1, "s": 1000}[unit]
+rps = re.search(r"Requests/sec:\s+([\d.]+)", text)
+p50 = re.search(r"^\s+50%\s+(\S+)", text, re.M)
+p99 = re.search(r"^\s+99%\s+(\S+)", text, re.M)
+errors = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+if not (rps and p50 and p99) or errors:
+    sys.stderr.write("wrk failed or saw errors:\n" + text)
+    sys.exit(1)
+print(rps.group(1), ms(p50.group(1)), ms(p99.group(1)))
+PY
+}
+
+results="$work/results.txt"
+: > "$results"
+record() { echo "$1 $2" >> "$results"; }
+
+start_gateway warn
+for run in $(seq "$runs"); do
+  echo "== run $run/$runs" >&2
+  record hit/teamgate "$(measure "http://127.0.0.1:$port/api/assets?limit=20")"
+  record hit/nginx "$(measure "http://127.0.0.1:18082/api/assets?limit=20")"
+  record hit/varnish "$(measure "http://127.0.0.1:18083/api/assets?limit=20")"
+  record hit/limit "$(measure "http://127.0.0.1:18084/api/assets?limit=20")"
+  record pass/teamgate "$(measure "http://127.0.0.1:$port/api/jobs")"
+  record pass/nginx "$(measure "http://127.0.0.1:18082/api/jobs")"
+  record pass/varnish "$(measure "http://127.0.0.1:18083/api/jobs")"
+  cat > "$work/mixed.lua" <<'LUA'
+local keys = {}
+for t = 0, 9 do for k = 0, 99 do keys[#keys + 1] = "Bearer team-" .. t .. "-key-" .. k end end
+local n = 0
+request = function()
+  n = n + 1
+  local path = (n % 10 == 0) and "/api/jobs" or "/api/assets?limit=20"
+  return wrk.format("GET", path, { ["Authorization"] = keys[(n * 7919) % #keys + 1] })
+end
+LUA
+  record mixed/teamgate "$(measure "http://127.0.0.1:$port/api/assets?limit=20" -s "$work/mixed.lua")"
+done
+
+# Coalescing: 500 concurrent first requests for one new key; count upstream requests.
+upstream_count() {
+  curl -fs "http://127.0.0.1:$admin/metrics" | awk '/^teamgate_upstream_duration_seconds_count/ {s += $2} END {print s + 0}'
+}
+coalesce_key="coalesce=$(date +%s%N)"
+for _ in $(seq 500); do
+  echo "url = \"http://127.0.0.1:$port/api/assets?limit=20&$coalesce_key\""
+  echo "output = \"/dev/null\""
+done > "$work/coalesce.curl"
+before=$(upstream_count)
+taskset -c 1 curl -s -Z --parallel-immediate --parallel-max 500 -H "Authorization: Bearer team-a-client-key" -K "$work/coalesce.curl"
+coalesce_upstream=$(( $(upstream_count) - before ))
+
+# Memory: RSS after caching 10k distinct list pages, against the bytes cached.
+for i in $(seq 10000); do
+  echo "url = \"http://127.0.0.1:$port/api/assets?limit=20&page=$i\""
+  echo "output = \"/dev/null\""
+done > "$work/fill.curl"
+taskset -c 1 curl -s -Z --parallel-max 64 -H "Authorization: Bearer team-a-client-key" -K "$work/fill.curl"
+rss_kib=$(awk '/^VmRSS/ {print $2}' "/proc/$gateway_pid/status")
+cached_bytes=$(curl -fs "http://127.0.0.1:$admin/admin/cache" | python3 -c 'import json,sys; print(json.load(sys.stdin)["bytes"])')
+cached_entries=$(curl -fs "http://127.0.0.1:$admin/admin/cache" | python3 -c 'import json,sys; print(json.load(sys.stdin)["entries"])')
+stop_gateway
+
+# Telemetry: the access log and spans on (info), against off (warn), on cache hits.
+start_gateway info
+for run in $(seq "$runs"); do
+  record hit_telemetry_on/teamgate "$(measure "http://127.0.0.1:$port/api/assets?limit=20")"
+done
+stop_gateway
+
+python3 - "$results" "$runs" "$duration" "$connections" "$coalesce_upstream" "$rss_kib" "$cached_bytes" "$cached_entries" \
+  "$root/benches/results/history.jsonl" "$(git rev-parse --short HEAD 2>/dev/null || echo unknown)" <<'PY'
+import json, statistics, sys, datetime, os, platform
+path, runs, duration, conns, coalesce, rss_kib, cached, entries, history, commit = sys.argv[1:]
+rows = {}
+for line in open(path):
+    name, rps, p50, p99 = line.split()
+    rows.setdefault(name, []).append((float(rps), float(p50), float(p99)))
+med = {name: tuple(statistics.median(v[i] for v in values) for i in range(3)) for name, values in rows.items()}
+def ratio(a, b): return med[a][0] / med[b][0]
+cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor())
+print(f"\nteamgate load benchmark — medians of {runs} runs, wrk -t1 -c{conns} -d{duration}s, 12 KB body")
+print(f"machine: {os.cpu_count()} CPUs ({cpu}); servers pinned to CPU 0, wrk to CPU 1\n")
+print(f"| {'scenario / server':<26} | {'req/s':>9} | {'p50 ms':>7} | {'p99 ms':>7} |")
+print(f"|{'-'*28}|{'-'*11}|{'-'*9}|{'-'*9}|")
+for name in ["hit/teamgate", "hit/nginx", "hit/varnish", "hit/limit", "pass/teamgate", "pass/nginx", "pass/varnish", "mixed/teamgate", "hit_telemetry_on/teamgate"]:
+    if name in med:
+        rps, p50, p99 = med[name]
+        print(f"| {name:<26} | {rps:>9.0f} | {p50:>7.2f} | {p99:>7.2f} |")
+memory_ratio = (int(rss_kib) * 1024) / max(int(cached), 1)
+summary = {
+    "hit_vs_nginx": ratio("hit/teamgate", "hit/nginx"),
+    "hit_vs_limit": ratio("hit/teamgate", "hit/limit"),
+    "hit_p99_vs_nginx": med["hit/teamgate"][2] / med["hit/nginx"][2],
+    "pass_vs_nginx": ratio("pass/teamgate", "pass/nginx"),
+    "pass_p99_vs_nginx": med["pass/teamgate"][2] / med["pass/nginx"][2],
+    "telemetry_cost": 1 - ratio("hit_telemetry_on/teamgate", "hit/teamgate"),
+    "coalesce_upstream_requests": int(coalesce),
+    "rss_mib": int(rss_kib) / 1024,
+    "cached_mib": int(cached) / 2**20,
+    "cached_entries": int(entries),
+    "rss_limit_mib": 1.3 * int(cached) / 2**20 + 30,
+}
+print()
+print(f"cache hit:    teamgate/nginx {summary['hit_vs_nginx']:.2f}x (target >= 1.10), teamgate/limit {summary['hit_vs_limit']:.2f}x (target >= 0.90), p99 teamgate/nginx {summary['hit_p99_vs_nginx']:.2f} (target <= 1)")
+print(f"pass-through: teamgate/nginx {summary['pass_vs_nginx']:.2f}x (target >= 1.0), p99 teamgate/nginx {summary['pass_p99_vs_nginx']:.2f} (target <= 1)")
+print(f"coalescing:   {summary['coalesce_upstream_requests']} upstream request(s) for 500 concurrent first requests (target 1)")
+print(f"memory:       RSS {summary['rss_mib']:.1f} MiB with {summary['cached_entries']} entries / {summary['cached_mib']:.1f} MiB cached (target <= {summary['rss_limit_mib']:.1f} MiB)")
+print(f"telemetry:    access log + spans cost {100 * summary['telemetry_cost']:.1f}% of cache-hit throughput (target <= 5%)")
+entry = {"at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "commit": commit,
+         "machine": {"cpus": os.cpu_count(), "model": cpu}, "runs": int(runs), "duration_s": int(duration),
+         "connections": int(conns), "medians": {k: {"rps": v[0], "p50_ms": v[1], "p99_ms": v[2]} for k, v in med.items()},
+         "summary": summary}
+with open(history, "a") as out:
+    out.write(json.dumps(entry) + "\n")
+print(f"\nappended to {history}")
+PY

@@ -1,0 +1,128 @@
+//! Micro-benchmarks of the per-request pure work on the hot path:
+//! classification, client-key hashing and lookup, cache-key building, and the
+//! upstream header rewrite. `cargo bench --bench micro`.
+
+use std::hint::black_box;
+use std::sync::Arc;
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use http::{HeaderMap, Request};
+use teamgate::auth::Authenticated;
+use teamgate::auth::inject::{ClientAddr, prepare_upstream_request, strip_hop_by_hop};
+use teamgate::auth::keys::KeyDigest;
+use teamgate::body::Body;
+use teamgate::cache::policy::{CacheKey, CredentialId, Partition};
+use teamgate::config::{self, Config, Secrets};
+use teamgate::route::{RequestLimits, Router, check_request};
+
+const CLIENT_KEY: &str = "tg_bench_key_0123456789abcdefghijkl";
+
+fn config() -> Arc<Config> {
+    let keys: Vec<String> = (0..1000)
+        .map(|i| {
+            format!(
+                "\"{}\"",
+                KeyDigest::of_key(&format!("tg_other_{i}")).to_stored()
+            )
+        })
+        .chain(std::iter::once(format!(
+            "\"{}\"",
+            KeyDigest::of_key(CLIENT_KEY).to_stored()
+        )))
+        .collect();
+    let text = format!(
+        r#"
+[upstreams.comfy]
+base_url = "https://cloud.comfy.org"
+[upstreams.scenario]
+base_url = "https://api.cloud.scenario.com/v1"
+preset = "scenario"
+mount = "/scenario"
+[teams.design]
+upstream_keys = {{ comfy = "env:K" }}
+client_keys = [{}]
+"#,
+        keys.join(", ")
+    );
+    let env = |name: &str| (name == "K").then(|| "comfy-upstream-key".to_owned());
+    Arc::new(config::load_str(&text, "bench.toml", None, &env, Secrets::Resolve).unwrap())
+}
+
+fn request(target: &str) -> Request<Body> {
+    Request::get(target)
+        .header("authorization", format!("Bearer {CLIENT_KEY}"))
+        .header("accept", "application/json")
+        .header("accept-encoding", "gzip, br")
+        .header("user-agent", "comfy-cli/1.0")
+        .header("connection", "keep-alive")
+        .body(Body::Empty)
+        .unwrap()
+}
+
+fn benches(c: &mut Criterion) {
+    let config = config();
+    let router = Router::new(&config.upstreams);
+    let limits = RequestLimits {
+        max_header_bytes: 64 * 1024,
+        max_request_body: 64 << 20,
+    };
+    let list = request("/api/assets?limit=20&include_tags=input,output");
+    let detail = request("/api/assets/3f2504e0-4f89-41d3-9a0c-0305e82c3301");
+
+    c.bench_function("check_and_classify/list", |b| {
+        b.iter(|| {
+            check_request(black_box(&list), limits).unwrap();
+            router.classify(black_box(&list)).unwrap()
+        })
+    });
+    c.bench_function("check_and_classify/detail", |b| {
+        b.iter(|| router.classify(black_box(&detail)).unwrap())
+    });
+    c.bench_function("key_hash_and_lookup/1001_keys", |b| {
+        b.iter(|| config.keys.lookup(black_box(CLIENT_KEY)).unwrap())
+    });
+    let partition = Partition::Team {
+        upstream: 0,
+        credential: CredentialId::of("comfy-upstream-key"),
+    };
+    c.bench_function("cache_key/build", |b| {
+        b.iter(|| {
+            CacheKey::new(
+                partition,
+                black_box("/api/assets?limit=20&include_tags=input,output"),
+                list.headers(),
+            )
+        })
+    });
+    c.bench_function("headers/strip_hop_by_hop", |b| {
+        b.iter_batched(
+            || list.headers().clone(),
+            |mut headers: HeaderMap| strip_hop_by_hop(&mut headers, false),
+            criterion::BatchSize::SmallInput,
+        )
+    });
+    let entry = config.keys.lookup(CLIENT_KEY).unwrap();
+    let authenticated = Authenticated {
+        team: Arc::clone(&entry.owner),
+        key: entry.digest,
+    };
+    let route = router.classify(&list).unwrap();
+    c.bench_function("headers/prepare_upstream_request", |b| {
+        b.iter_batched(
+            || {
+                let mut request = request("/api/assets?limit=20&include_tags=input,output");
+                request.extensions_mut().insert(route.clone());
+                request.extensions_mut().insert(authenticated.clone());
+                request
+                    .extensions_mut()
+                    .insert(ClientAddr("127.0.0.1:5000".parse().unwrap()));
+                request
+            },
+            |mut request| prepare_upstream_request(&mut request, &config.server).unwrap(),
+            criterion::BatchSize::SmallInput,
+        )
+    });
+}
+
+criterion_group!(micro, benches);
+criterion_main!(micro);
