@@ -93,7 +93,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn with_runtime(work: impl Future<Output = anyhow::Result<()>>) -> ExitCode {
+fn with_runtime(work: impl Future<Output = anyhow::Result<()>> + Send + 'static) -> ExitCode {
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(error) => {
@@ -101,10 +101,18 @@ fn with_runtime(work: impl Future<Output = anyhow::Result<()>>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(work) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
+    // Run the work on a worker thread, not in `block_on` on the main thread:
+    // the accept loop then shares threads with the connections it spawns
+    // instead of waking a different thread for each one.
+    let outcome = runtime.block_on(async { tokio::spawn(work).await });
+    match outcome {
+        Ok(Ok(())) => ExitCode::SUCCESS,
+        Ok(Err(error)) => {
             eprintln!("teamgate: {error:#}");
+            ExitCode::FAILURE
+        }
+        Err(panic) => {
+            eprintln!("teamgate: the server task failed: {panic}");
             ExitCode::FAILURE
         }
     }

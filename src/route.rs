@@ -197,6 +197,14 @@ fn check_path(path: &str) -> Result<(), GatewayError> {
         return Ok(());
     }
     for segment in path.split('/') {
+        if !segment.contains('%') {
+            // Nothing encoded: only the literal dot-segments can be wrong
+            // (hyper has already refused raw control bytes).
+            if segment == "." || segment == ".." {
+                return Err(GatewayError::UnsafePath);
+            }
+            continue;
+        }
         let decoded = percent_encoding::percent_decode_str(segment).collect::<Vec<u8>>();
         let Ok(decoded) = std::str::from_utf8(&decoded) else {
             return Err(GatewayError::UnsafePath);
@@ -213,6 +221,10 @@ fn check_path(path: &str) -> Result<(), GatewayError> {
 }
 
 fn check_query(query: &str) -> Result<(), GatewayError> {
+    if !query.contains('%') {
+        // Raw control and non-ASCII bytes never parse into a URI; only encoded ones can hide.
+        return Ok(());
+    }
     let decoded = percent_encoding::percent_decode_str(query).collect::<Vec<u8>>();
     match std::str::from_utf8(&decoded) {
         Ok(text) if !text.chars().any(char::is_control) => Ok(()),

@@ -240,12 +240,14 @@ fn append_list(headers: &mut HeaderMap, name: &HeaderName, item: &str) {
 /// Tower layer for [`InjectCredentials`].
 #[derive(Debug, Clone)]
 pub struct InjectCredentialsLayer {
-    settings: ServerSettings,
+    settings: std::sync::Arc<ServerSettings>,
 }
 
 impl InjectCredentialsLayer {
     pub fn new(settings: ServerSettings) -> Self {
-        InjectCredentialsLayer { settings }
+        InjectCredentialsLayer {
+            settings: std::sync::Arc::new(settings),
+        }
     }
 }
 
@@ -254,7 +256,7 @@ impl<S> Layer<S> for InjectCredentialsLayer {
 
     fn layer(&self, inner: S) -> Self::Service {
         InjectCredentials {
-            settings: self.settings.clone(),
+            settings: std::sync::Arc::clone(&self.settings),
             inner,
         }
     }
@@ -263,7 +265,7 @@ impl<S> Layer<S> for InjectCredentialsLayer {
 /// Applies [`prepare_upstream_request`]; the last step before the wire.
 #[derive(Debug, Clone)]
 pub struct InjectCredentials<S> {
-    settings: ServerSettings,
+    settings: std::sync::Arc<ServerSettings>,
     inner: S,
 }
 

@@ -91,13 +91,13 @@ pub struct KeyEntry<T> {
 /// Hash → owner (a team). Built once at config load; read-only afterwards.
 #[derive(Debug)]
 pub struct KeyStore<T> {
-    entries: HashMap<KeyDigest, KeyEntry<T>>,
+    entries: HashMap<KeyDigest, KeyEntry<T>, foldhash::fast::RandomState>,
 }
 
 impl<T> KeyStore<T> {
     pub fn new() -> Self {
         KeyStore {
-            entries: HashMap::new(),
+            entries: HashMap::default(),
         }
     }
 

@@ -180,7 +180,7 @@ where
                     None => route.upstream_path(request.uri().path()).to_owned(),
                 };
                 let key = CacheKey::new(partition, &target, request.headers());
-                let span = tracing::info_span!("cache.lookup", scope = %scope.family);
+                let span = tracing::debug_span!("cache.lookup", scope = %scope.family);
                 Either::Right(Box::pin(
                     read(store, inner, request, key, scope, lifetimes).instrument(span),
                 ))
@@ -297,7 +297,7 @@ where
                 outcome,
                 Some(leader),
             );
-            tokio::spawn(fill.instrument(tracing::info_span!("cache.fill")));
+            tokio::spawn(fill.instrument(tracing::debug_span!("cache.fill")));
             let (stored_status, unstored_status) = match mode {
                 RequestMode::Refresh => (cache_status::REFRESH_STORED, cache_status::REFRESH),
                 _ => (cache_status::MISS_STORED, cache_status::MISS),
@@ -414,7 +414,7 @@ fn refresh_in_background<S>(
             outcome,
             None,
         );
-        tokio::spawn(fill.instrument(tracing::info_span!("cache.fill", background = true)));
+        tokio::spawn(fill.instrument(tracing::debug_span!("cache.fill", background = true)));
     }
 }
 
@@ -567,10 +567,13 @@ async fn collect_capped(mut body: Body, cap: usize) -> Collected {
     Collected::Complete(concat(chunks))
 }
 
-fn concat(mut chunks: Vec<Bytes>) -> Bytes {
+/// One exact-size buffer for the stored body. A single chunk is copied too:
+/// it is usually a slice of the connection's much larger read buffer, which
+/// the cache would otherwise keep alive for the entry's whole life.
+fn concat(chunks: Vec<Bytes>) -> Bytes {
     match chunks.len() {
         0 => Bytes::new(),
-        1 => chunks.pop().expect("one chunk"),
+        1 => Bytes::copy_from_slice(&chunks[0]),
         _ => {
             let mut joined = BytesMut::with_capacity(chunks.iter().map(Bytes::len).sum());
             for chunk in chunks {

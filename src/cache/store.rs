@@ -107,8 +107,8 @@ struct Generations {
     /// Source of new generation values: each bump takes a never-used value, so
     /// a stamp can never become valid again.
     next: AtomicU64,
-    counters: Mutex<HashMap<u64, u64>>,
-    hasher: std::collections::hash_map::RandomState,
+    counters: Mutex<HashMap<u64, u64, foldhash::fast::RandomState>>,
+    hasher: foldhash::fast::RandomState,
     /// How many counters are kept before the table is reset (see `bump_locked`).
     limit: usize,
 }
@@ -130,8 +130,8 @@ impl Generations {
     fn new(limit: usize) -> Self {
         Generations {
             next: AtomicU64::new(1),
-            counters: Mutex::new(HashMap::new()),
-            hasher: std::collections::hash_map::RandomState::new(),
+            counters: Mutex::new(HashMap::default()),
+            hasher: foldhash::fast::RandomState::default(),
             limit,
         }
     }
@@ -140,7 +140,7 @@ impl Generations {
         self.hasher.hash_one(level)
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<u64, u64>> {
+    fn lock(&self) -> MutexGuard<'_, HashMap<u64, u64, foldhash::fast::RandomState>> {
         self.counters
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -162,11 +162,18 @@ impl Generations {
         ]
     }
 
-    fn stamp_locked(counters: &HashMap<u64, u64>, levels: &[u64; 5]) -> Stamp {
+    fn stamp_locked(
+        counters: &HashMap<u64, u64, foldhash::fast::RandomState>,
+        levels: &[u64; 5],
+    ) -> Stamp {
         Stamp(levels.map(|level| counters.get(&level).copied().unwrap_or(0)))
     }
 
-    fn bump_locked(&self, counters: &mut HashMap<u64, u64>, level: u64) {
+    fn bump_locked(
+        &self,
+        counters: &mut HashMap<u64, u64, foldhash::fast::RandomState>,
+        level: u64,
+    ) {
         if counters.len() >= self.limit {
             // Bounded memory: forget every counter and move the global level to a
             // never-used value. Every existing stamp then fails — a full flush,
@@ -227,7 +234,7 @@ pub enum Join {
 pub struct Store {
     entries: moka::sync::Cache<CacheKey, Arc<CachedResponse>>,
     generations: Generations,
-    inflight: Mutex<HashMap<CacheKey, Inflight>>,
+    inflight: Mutex<HashMap<CacheKey, Inflight, foldhash::fast::RandomState>>,
     next_fill: AtomicU64,
     max_bytes: u64,
     pub max_entry_bytes: usize,
@@ -299,7 +306,7 @@ impl Store {
         Store {
             entries,
             generations: Generations::new(generation_limit),
-            inflight: Mutex::new(HashMap::new()),
+            inflight: Mutex::new(HashMap::default()),
             next_fill: AtomicU64::new(1),
             max_bytes,
             max_entry_bytes,

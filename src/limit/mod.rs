@@ -89,7 +89,7 @@ pub struct TeamQuotas {
 /// The limiter state of every team.
 #[derive(Debug)]
 pub struct Quotas {
-    teams: HashMap<String, Arc<TeamQuotas>>,
+    teams: HashMap<String, Arc<TeamQuotas>, foldhash::fast::RandomState>,
     pub settings: LimitSettings,
 }
 
@@ -105,7 +105,7 @@ impl Quotas {
     }
 
     fn build(config: &Config, previous: Option<&Quotas>) -> Self {
-        let mut teams = HashMap::new();
+        let mut teams = HashMap::default();
         for team in &config.teams {
             let old = previous.and_then(|quotas| quotas.teams.get(&team.name));
             let reuse = |old: Option<&Built>, spec: QuotaSpec, make: &dyn Fn() -> GovernorLimit| {

@@ -108,7 +108,7 @@ impl Service<Request<Body>> for Forward {
         let metrics = Arc::clone(&self.metrics);
         let limits = self.limits;
         Box::pin(async move {
-            let span = tracing::info_span!(
+            let span = tracing::debug_span!(
                 "upstream",
                 upstream = tracing::field::Empty,
                 upstream_status = tracing::field::Empty

@@ -21,10 +21,34 @@ const LATENCY_BUCKETS: &[f64] = &[
     5.0, 10.0, 30.0, 60.0,
 ];
 
+/// The per-request metrics for one label set, resolved once: label lookups
+/// hash every label value, which the hot path should not do per request.
+#[derive(Debug, Clone)]
+struct RequestHandles {
+    requests: IntCounter,
+    duration: Histogram,
+    cache: Option<IntCounter>,
+}
+
+/// Identifies a label set without its strings: teams and upstreams by
+/// address (they live as long as the config), the rest are `'static`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct LabelKey {
+    team: usize,
+    upstream: usize,
+    route_class: usize,
+    method: usize,
+    status_class: usize,
+    cache: usize,
+}
+
 /// Every metric the gateway exports.
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
+    resolved: std::sync::RwLock<
+        std::collections::HashMap<LabelKey, RequestHandles, foldhash::fast::RandomState>,
+    >,
     requests: IntCounterVec,
     request_duration: HistogramVec,
     upstream_duration: HistogramVec,
@@ -99,6 +123,7 @@ impl Metrics {
             metric
         };
         Metrics {
+            resolved: std::sync::RwLock::new(std::collections::HashMap::default()),
             requests: counter(
                 &registry,
                 "teamgate_requests_total",
@@ -183,32 +208,61 @@ impl Metrics {
         labels: &RequestLabels,
         method: &Method,
         status: StatusCode,
-        cache: &str,
+        cache: &'static str,
         seconds: f64,
     ) {
-        let team = labels.team.get().map_or("", |team| team.name.as_str());
-        let upstream = labels
-            .upstream
-            .get()
-            .map_or("", |upstream| upstream.name.as_str());
+        let team = labels.team.get();
+        let upstream = labels.upstream.get();
         let route_class = labels.route_class.get().copied().unwrap_or("none");
-        self.requests
-            .with_label_values(&[
-                team,
-                upstream,
-                route_class,
-                method_label(method),
-                status_class(status),
-                cache,
-            ])
-            .inc();
-        self.request_duration
-            .with_label_values(&[upstream, route_class, cache])
-            .observe(seconds);
-        if cache != "none" {
-            self.cache_requests
-                .with_label_values(&[upstream, cache])
-                .inc();
+        let method = method_label(method);
+        let status_class = status_class(status);
+        let key = LabelKey {
+            team: team.map_or(0, |team| Arc::as_ptr(team) as usize),
+            upstream: upstream.map_or(0, |upstream| Arc::as_ptr(upstream) as usize),
+            route_class: route_class.as_ptr() as usize,
+            method: method.as_ptr() as usize,
+            status_class: status_class.as_ptr() as usize,
+            cache: cache.as_ptr() as usize,
+        };
+        let cached = self
+            .resolved
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+            .cloned();
+        let handles = match cached {
+            Some(handles) => handles,
+            None => {
+                let team = team.map_or("", |team| team.name.as_str());
+                let upstream = upstream.map_or("", |upstream| upstream.name.as_str());
+                let handles = RequestHandles {
+                    requests: self.requests.with_label_values(&[
+                        team,
+                        upstream,
+                        route_class,
+                        method,
+                        status_class,
+                        cache,
+                    ]),
+                    duration: self.request_duration.with_label_values(&[
+                        upstream,
+                        route_class,
+                        cache,
+                    ]),
+                    cache: (cache != "none")
+                        .then(|| self.cache_requests.with_label_values(&[upstream, cache])),
+                };
+                self.resolved
+                    .write()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(key, handles.clone());
+                handles
+            }
+        };
+        handles.requests.inc();
+        handles.duration.observe(seconds);
+        if let Some(cache) = &handles.cache {
+            cache.inc();
         }
     }
 

@@ -55,10 +55,12 @@ impl RequestId {
         match supplied {
             Some(value) => RequestId(value.clone()),
             None => {
+                // A thread-local CSPRNG, not `Uuid::new_v4` (one `getrandom` syscall per request).
+                let mut random = [0u8; 16];
+                rand::RngCore::fill_bytes(&mut rand::rng(), &mut random);
+                let uuid = uuid::Builder::from_random_bytes(random).into_uuid();
                 let mut buffer = uuid::Uuid::encode_buffer();
-                let id = uuid::Uuid::new_v4()
-                    .as_hyphenated()
-                    .encode_lower(&mut buffer);
+                let id = uuid.as_hyphenated().encode_lower(&mut buffer);
                 RequestId(HeaderValue::from_str(id).expect("a UUID is a valid header value"))
             }
         }
@@ -132,7 +134,7 @@ where
 
     fn call(&mut self, mut request: Request<Body>) -> Self::Future {
         let request_id = RequestId::for_request(&request);
-        let span = tracing::info_span!(
+        let span = tracing::debug_span!(
             "request",
             request_id = %request_id.0.to_str().unwrap_or_default(),
             method = %request.method(),
@@ -146,6 +148,8 @@ where
             upstream_status = tracing::field::Empty,
         );
         traces::continue_trace(&span, request.headers());
+        let path = request.uri().path().to_owned();
+        let request_id_text = request_id.0.to_str().unwrap_or_default().to_owned();
         let labels = Arc::new(RequestLabels::default());
         request.extensions_mut().insert(Arc::clone(&labels));
         let method = request.method().clone();
@@ -163,6 +167,8 @@ where
             metrics: Arc::clone(&self.metrics),
             labels,
             method,
+            path,
+            request_id_text,
             _in_flight: InFlightGuard::enter(&self.metrics),
         }
     }
@@ -176,9 +182,12 @@ pin_project! {
         span: Span,
         request_id: Option<RequestId>,
         started: Instant,
-        metrics: Arc<Metrics>,
+                metrics: Arc<Metrics>,
         labels: Arc<RequestLabels>,
         method: http::Method,
+        // The path only, never the query (Comfy's `/ws` carries a key in `token=`).
+        path: String,
+        request_id_text: String,
         _in_flight: InFlightGuard,
     }
 }
@@ -207,12 +216,24 @@ where
         );
         this.span.record("status", response.status().as_u16());
         this.span.record("cache", cache);
-        if let Some(upstream_status) = this.labels.upstream_status.get() {
+        let upstream_status = this.labels.upstream_status.get().copied();
+        if let Some(upstream_status) = upstream_status {
             this.span.record("upstream_status", upstream_status);
         }
+        // The access log carries every field itself: at the default level the
+        // request span (DEBUG) is not even built, so this line costs one event.
+        let labels = &this.labels;
         tracing::info!(
             target: "teamgate::access",
+            request_id = this.request_id_text.as_str(),
+            method = %this.method,
+            path = this.path.as_str(),
+            team = labels.team.get().map_or("", |team| team.name.as_str()),
+            upstream = labels.upstream.get().map_or("", |upstream| upstream.name.as_str()),
+            route_class = labels.route_class.get().copied().unwrap_or("none"),
+            cache,
             status = response.status().as_u16(),
+            upstream_status,
             latency_us = elapsed.as_micros() as u64,
             "served"
         );

@@ -18,6 +18,7 @@ use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
 use tracing::Span;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::Layer as _;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
@@ -27,6 +28,8 @@ use crate::config::{LogFormat, LogSettings, OtlpProtocol, TraceSettings};
 #[derive(Debug, Default)]
 pub struct TelemetryGuard {
     provider: Option<SdkTracerProvider>,
+    /// Flushes buffered log lines when dropped.
+    _writer: Option<tracing_appender::non_blocking::WorkerGuard>,
 }
 
 impl TelemetryGuard {
@@ -49,36 +52,51 @@ pub fn init(log: &LogSettings, traces: &TraceSettings) -> anyhow::Result<Telemet
         .or_else(|_| EnvFilter::try_new(&log.level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    // Log lines go to stderr from a background thread: a request never waits on a write.
+    let (writer, writer_guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .finish(std::io::stderr());
     let text = (log.format == LogFormat::Text).then(|| {
         tracing_subscriber::fmt::layer()
-            .with_writer(std::io::stderr)
+            .with_writer(writer.clone())
             .with_ansi(ansi)
     });
     let json = (log.format == LogFormat::Json).then(|| {
         tracing_subscriber::fmt::layer()
             .json()
             .flatten_event(true)
-            .with_writer(std::io::stderr)
+            .with_writer(writer.clone())
     });
+    let log_layers = text
+        .map(|text| text.boxed())
+        .or(json.map(|json| json.boxed()));
     let provider = traces
         .endpoint
         .as_deref()
         .map(|endpoint| provider(endpoint, traces))
         .transpose()?;
-    let otel = provider
-        .as_ref()
-        .map(|provider| tracing_opentelemetry::layer().with_tracer(provider.tracer("teamgate")));
+    // Spans are DEBUG: the OTLP layer takes them (and everything the log
+    // takes), the log layer only what its own level allows.
+    let otel = provider.as_ref().map(|provider| {
+        tracing_opentelemetry::layer()
+            .with_tracer(provider.tracer("teamgate"))
+            .with_filter(
+                tracing_subscriber::filter::Targets::new()
+                    .with_target("teamgate", tracing::Level::DEBUG),
+            )
+    });
     if provider.is_some() {
         opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
     }
     // `try_init`: in tests and `demo` a subscriber may already be installed; keep it.
     let _ = tracing_subscriber::registry()
-        .with(filter)
-        .with(text)
-        .with(json)
+        .with(log_layers.map(|layer| layer.with_filter(filter)))
         .with(otel)
         .try_init();
-    Ok(TelemetryGuard { provider })
+    Ok(TelemetryGuard {
+        provider,
+        _writer: Some(writer_guard),
+    })
 }
 
 fn provider(endpoint: &str, settings: &TraceSettings) -> anyhow::Result<SdkTracerProvider> {
