@@ -175,11 +175,17 @@ where
                     },
                     (false, None) => return Either::Left(inner.call(request)),
                 };
-                let target = match request.uri().query() {
-                    Some(query) => format!("{}?{query}", route.upstream_path(request.uri().path())),
-                    None => route.upstream_path(request.uri().path()).to_owned(),
-                };
-                let key = CacheKey::new(partition, &target, request.headers());
+                // One exact-size allocation: the key's own copy of path and query.
+                let path = route.upstream_path(request.uri().path());
+                let query = request.uri().query();
+                let mut target =
+                    String::with_capacity(path.len() + query.map_or(0, |q| q.len() + 1));
+                target.push_str(path);
+                if let Some(query) = query {
+                    target.push('?');
+                    target.push_str(query);
+                }
+                let key = CacheKey::new(partition, target, request.headers());
                 let span = tracing::debug_span!("cache.lookup", scope = %scope.family);
                 Either::Right(Box::pin(
                     read(store, inner, request, key, scope, lifetimes).instrument(span),
@@ -689,7 +695,7 @@ fn respond(
     let headers = response.headers_mut();
     headers.insert(&CACHE_STATUS, status);
     if let Some(age) = age {
-        headers.insert(header::AGE, HeaderValue::from(age.as_secs()));
+        headers.insert(header::AGE, cache_status::age(age.as_secs()));
     }
     response
 }

@@ -63,7 +63,7 @@ pub struct CacheKey {
 }
 
 impl CacheKey {
-    pub fn new(partition: Partition, target: &str, headers: &HeaderMap) -> Self {
+    pub fn new(partition: Partition, target: impl Into<Box<str>>, headers: &HeaderMap) -> Self {
         CacheKey {
             partition,
             target: target.into(),
@@ -466,8 +466,27 @@ pub static CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
 pub mod cache_status {
     use http::HeaderValue;
 
+    /// Values for the first hour are built once and shared (a clone is a
+    /// reference-count increment); hits are the hot path.
     pub fn hit(ttl_left: u64) -> HeaderValue {
-        HeaderValue::from_str(&format!("teamgate; hit; ttl={ttl_left}")).expect("ascii")
+        static TABLE: std::sync::OnceLock<Vec<HeaderValue>> = std::sync::OnceLock::new();
+        let make =
+            |ttl: u64| HeaderValue::from_str(&format!("teamgate; hit; ttl={ttl}")).expect("ascii");
+        let table = TABLE.get_or_init(|| (0..=3600).map(make).collect());
+        table
+            .get(ttl_left as usize)
+            .cloned()
+            .unwrap_or_else(|| make(ttl_left))
+    }
+
+    /// `Age` values, shared the same way.
+    pub fn age(seconds: u64) -> HeaderValue {
+        static TABLE: std::sync::OnceLock<Vec<HeaderValue>> = std::sync::OnceLock::new();
+        let table = TABLE.get_or_init(|| (0..=3600u64).map(HeaderValue::from).collect());
+        table
+            .get(seconds as usize)
+            .cloned()
+            .unwrap_or_else(|| HeaderValue::from(seconds))
     }
     pub const MISS_STORED: HeaderValue = HeaderValue::from_static("teamgate; fwd=miss; stored");
     pub const MISS: HeaderValue = HeaderValue::from_static("teamgate; fwd=miss");

@@ -97,6 +97,14 @@ pub struct Observe<S> {
     inner: S,
 }
 
+/// What the access-log line needs that the request no longer holds at the end.
+#[derive(Debug)]
+struct AccessFields {
+    /// The path only, never the query (Comfy's `/ws` carries a key in `token=`).
+    path: String,
+    request_id: String,
+}
+
 /// Counts a request in `teamgate_requests_in_flight` until dropped, so a
 /// client that goes away mid-request is counted out too.
 struct InFlightGuard(Arc<Metrics>);
@@ -148,8 +156,14 @@ where
             upstream_status = tracing::field::Empty,
         );
         traces::continue_trace(&span, request.headers());
-        let path = request.uri().path().to_owned();
-        let request_id_text = request_id.0.to_str().unwrap_or_default().to_owned();
+        // Kept for the access log only, and only built when that line is on.
+        let access =
+            tracing::enabled!(target: "teamgate::access", tracing::Level::INFO).then(|| {
+                AccessFields {
+                    path: request.uri().path().to_owned(),
+                    request_id: request_id.0.to_str().unwrap_or_default().to_owned(),
+                }
+            });
         let labels = Arc::new(RequestLabels::default());
         request.extensions_mut().insert(Arc::clone(&labels));
         let method = request.method().clone();
@@ -167,8 +181,7 @@ where
             metrics: Arc::clone(&self.metrics),
             labels,
             method,
-            path,
-            request_id_text,
+            access,
             _in_flight: InFlightGuard::enter(&self.metrics),
         }
     }
@@ -185,9 +198,7 @@ pin_project! {
                 metrics: Arc<Metrics>,
         labels: Arc<RequestLabels>,
         method: http::Method,
-        // The path only, never the query (Comfy's `/ws` carries a key in `token=`).
-        path: String,
-        request_id_text: String,
+                access: Option<AccessFields>,
         _in_flight: InFlightGuard,
     }
 }
@@ -223,20 +234,22 @@ where
         // The access log carries every field itself: at the default level the
         // request span (DEBUG) is not even built, so this line costs one event.
         let labels = &this.labels;
-        tracing::info!(
+        if let Some(access) = this.access.take() {
+            tracing::info!(
             target: "teamgate::access",
-            request_id = this.request_id_text.as_str(),
+            request_id = access.request_id.as_str(),
             method = %this.method,
-            path = this.path.as_str(),
+            path = access.path.as_str(),
             team = labels.team.get().map_or("", |team| team.name.as_str()),
             upstream = labels.upstream.get().map_or("", |upstream| upstream.name.as_str()),
             route_class = labels.route_class.get().copied().unwrap_or("none"),
             cache,
             status = response.status().as_u16(),
             upstream_status,
-            latency_us = elapsed.as_micros() as u64,
+                        latency_us = elapsed.as_micros() as u64,
             "served"
-        );
+            );
+        }
         Poll::Ready(Ok(response))
     }
 }
