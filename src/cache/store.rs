@@ -232,7 +232,7 @@ pub enum Join {
 
 /// The cache's storage: entries, generations, fills in progress.
 pub struct Store {
-    entries: moka::sync::Cache<CacheKey, Arc<CachedResponse>>,
+    entries: moka::sync::Cache<CacheKey, Arc<CachedResponse>, foldhash::fast::RandomState>,
     generations: Generations,
     inflight: Mutex<HashMap<CacheKey, Inflight, foldhash::fast::RandomState>>,
     next_fill: AtomicU64,
@@ -302,7 +302,8 @@ impl Store {
                 }
             })
             .support_invalidation_closures()
-            .build();
+            // Keys hold the whole target string; SipHash over it on every hit was measurable.
+            .build_with_hasher(foldhash::fast::RandomState::default());
         Store {
             entries,
             generations: Generations::new(generation_limit),
