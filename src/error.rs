@@ -167,6 +167,20 @@ impl GatewayError {
     }
 }
 
+/// The shape a request's errors are answered in: its upstream route's, or
+/// the primary upstream's (Comfy v1) before routing.
+pub fn shape_of<B>(request: &http::Request<B>) -> ErrorShape {
+    request
+        .extensions()
+        .get::<crate::route::RouteMatch>()
+        .map_or(ErrorShape::ComfyFlat, crate::route::RouteMatch::error_shape)
+}
+
+/// `error` as the answer to `request`: the route's error shape and the request id.
+pub fn reject<B>(request: &http::Request<B>, error: GatewayError) -> Response<Body> {
+    error.into_response(shape_of(request), crate::telemetry::RequestId::of(request))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

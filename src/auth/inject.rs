@@ -27,7 +27,6 @@ use crate::body::Body;
 use crate::config::{CredentialPlacement, ServerSettings};
 use crate::error::GatewayError;
 use crate::route::{RouteClass, RouteMatch};
-use crate::telemetry::RequestId;
 
 /// The client's address, attached by the listener.
 #[derive(Debug, Clone, Copy)]
@@ -285,14 +284,8 @@ where
         match prepare_upstream_request(&mut request, &self.settings) {
             Ok(()) => Either::Right(self.inner.call(request)),
             Err(error) => {
-                let shape = request
-                    .extensions()
-                    .get::<RouteMatch>()
-                    .map_or(crate::error::ErrorShape::ComfyFlat, RouteMatch::error_shape);
                 tracing::error!(%error, "could not build the upstream request");
-                Either::Left(ready(Ok(
-                    error.into_response(shape, RequestId::of(&request))
-                )))
+                Either::Left(ready(Ok(crate::error::reject(&request, error))))
             }
         }
     }

@@ -25,7 +25,6 @@ use crate::body::Body;
 use crate::config::{Config, CredentialPlacement, Team};
 use crate::error::GatewayError;
 use crate::route::RouteMatch;
-use crate::telemetry::RequestId;
 use keys::KeyDigest;
 
 /// A keyless public read the upstream allows (Scenario's `public-auth-token`);
@@ -180,13 +179,8 @@ where
                 Either::Right(self.inner.call(request))
             }
             Err(error) => {
-                let shape = request
-                    .extensions()
-                    .get::<RouteMatch>()
-                    .map_or(crate::error::ErrorShape::ComfyFlat, RouteMatch::error_shape);
-                let request_id = RequestId::of(&request);
                 tracing::debug!(%error, "request refused by authentication");
-                Either::Left(ready(Ok(error.into_response(shape, request_id))))
+                Either::Left(ready(Ok(crate::error::reject(&request, error))))
             }
         }
     }

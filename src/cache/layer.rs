@@ -40,7 +40,7 @@ use super::store::{CachedResponse, Freshness, Join, Outcome, Store};
 use crate::auth::Authenticated;
 use crate::auth::inject::ClientAddr;
 use crate::body::Body;
-use crate::error::{ErrorShape, GatewayError};
+use crate::error::GatewayError;
 use crate::route::RouteMatch;
 use crate::telemetry::RequestId;
 use crate::telemetry::metrics::Metrics;
@@ -338,7 +338,7 @@ where
                     response
                 }
                 Err(_) => GatewayError::Internal
-                    .into_response(shape_of(&request), RequestId::of(&request)),
+                    .into_response(crate::error::shape_of(&request), RequestId::of(&request)),
             })
         }
         Join::Waiter(mut outcome, _ticket) => {
@@ -372,13 +372,6 @@ where
             }
         }
     }
-}
-
-fn shape_of(request: &Request<Body>) -> ErrorShape {
-    request
-        .extensions()
-        .get::<RouteMatch>()
-        .map_or(ErrorShape::ComfyFlat, RouteMatch::error_shape)
 }
 
 /// The stale entry to serve instead of a failed fill, if the rule allows it.
@@ -454,7 +447,7 @@ async fn fill<S>(
     S::Future: Send,
 {
     let request_id = RequestId::of(&request).map(str::to_owned);
-    let shape = shape_of(&request);
+    let shape = crate::error::shape_of(&request);
     let Ok(response) = inner.oneshot(request).await;
     let (parts, body) = response.into_parts();
     let declared_length = parts

@@ -58,13 +58,6 @@ pub fn too_many_requests(
     response
 }
 
-fn shape_of(request: &Request<Body>) -> ErrorShape {
-    request
-        .extensions()
-        .get::<RouteMatch>()
-        .map_or(ErrorShape::ComfyFlat, RouteMatch::error_shape)
-}
-
 /// Tower layer for [`ClientQuota`].
 #[derive(Debug, Clone)]
 pub struct ClientQuotaLayer {
@@ -162,7 +155,7 @@ where
                 Verdict::Denied(denial) => {
                     let response = too_many_requests(
                         &denial,
-                        shape_of(&request),
+                        crate::error::shape_of(&request),
                         RequestId::of(&request),
                         &self.metrics,
                         &auth.team.name,
@@ -288,7 +281,7 @@ where
         let inner = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, inner);
         Either::Right(Box::pin(async move {
-            let shape = shape_of(&request);
+            let shape = crate::error::shape_of(&request);
             let refuse = |denial: Denial| {
                 Ok(too_many_requests(
                     &denial,
