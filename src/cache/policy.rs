@@ -72,6 +72,23 @@ impl CacheKey {
         }
     }
 
+    /// The key with its header values in their own allocations, for storing:
+    /// values parsed by hyper are slices of the connection's read buffer,
+    /// which a stored key would otherwise keep alive for the entry's life.
+    pub fn detached(&self) -> Self {
+        let own = |value: &Option<HeaderValue>| {
+            value.as_ref().map(|value| {
+                HeaderValue::from_bytes(value.as_bytes()).expect("copied from a valid value")
+            })
+        };
+        CacheKey {
+            partition: self.partition,
+            target: self.target.clone(),
+            accept: own(&self.accept),
+            accept_encoding: own(&self.accept_encoding),
+        }
+    }
+
     /// Approximate bytes the key occupies, for the weigher.
     pub fn weight(&self) -> usize {
         self.target.len()

@@ -342,7 +342,7 @@ impl Store {
         if Generations::stamp_locked(&counters, &levels) != response.stamp {
             return false;
         }
-        self.entries.insert(key, response);
+        self.entries.insert(key.detached(), response);
         self.metrics.cache_stored();
         true
     }
@@ -407,7 +407,7 @@ impl Store {
         let id = self.next_fill.fetch_add(1, Ordering::Relaxed);
         let (sender, receiver) = watch::channel(None);
         inflight.insert(
-            key.clone(),
+            key.detached(),
             Inflight {
                 id,
                 stamp,
