@@ -10,7 +10,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::*;
 use http::{Method, Request, StatusCode};
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde_json::json;
@@ -268,16 +268,7 @@ async fn a_fill_racing_a_write_is_not_stored_and_not_joined() {
         .times(1),
     );
 
-    let client = h.client.clone();
-    let url = h.url(LIST);
-    let early = tokio::spawn(async move {
-        let request = Request::get(url)
-            .header("x-api-key", DESIGN_KEY)
-            .body(Full::new(Bytes::new()))
-            .unwrap();
-        let response = client.request(request).await.unwrap();
-        response.into_body().collect().await.unwrap().to_bytes()
-    });
+    let early = spawn_get(&h.client, h.url(LIST), DESIGN_KEY);
     eventually("the early read reaches upstream", async || {
         h.emulator.count(Method::GET, "/api/assets") == 1
     })
@@ -297,7 +288,7 @@ async fn a_fill_racing_a_write_is_not_stored_and_not_joined() {
     assert_eq!(h.emulator.count(Method::GET, "/api/assets"), 2);
 
     gate.add_permits(1);
-    let early_body: serde_json::Value = serde_json::from_slice(&early.await.unwrap()).unwrap();
+    let early_body = early.await.unwrap().json();
     assert!(
         !early_body.to_string().contains("raced.png"),
         "the early answer was computed before the write"
@@ -336,22 +327,7 @@ async fn a_thousand_concurrent_misses_make_one_upstream_request() {
             .http2_only(true)
             .build_http();
         for _ in 0..100 {
-            let client = client.clone();
-            let url = h.url(LIST);
-            requests.push(tokio::spawn(async move {
-                let request = Request::get(url)
-                    .header("x-api-key", DESIGN_KEY)
-                    .body(Full::new(Bytes::new()))
-                    .unwrap();
-                let response = client.request(request).await.unwrap();
-                let status = response.status();
-                let cache_status = response.headers()["cache-status"]
-                    .to_str()
-                    .unwrap()
-                    .to_owned();
-                let body = response.into_body().collect().await.unwrap().to_bytes();
-                (status, cache_status, body)
-            }));
+            requests.push(spawn_get(&client, h.url(LIST), DESIGN_KEY));
         }
     }
     // All 999 others wait on the one fill before it is let go.
@@ -365,10 +341,10 @@ async fn a_thousand_concurrent_misses_make_one_upstream_request() {
     let mut collapsed = 0;
     let mut bodies = std::collections::HashSet::new();
     for request in requests {
-        let (status, cache_status, body) = request.await.unwrap();
-        assert_eq!(status, StatusCode::OK);
-        collapsed += usize::from(cache_status == "teamgate; fwd=miss; collapsed");
-        bodies.insert(body);
+        let answer = request.await.unwrap();
+        assert_eq!(answer.status, StatusCode::OK);
+        collapsed += usize::from(answer.cache_status() == "teamgate; fwd=miss; collapsed");
+        bodies.insert(answer.body);
     }
     assert_eq!(
         h.emulator.count(Method::GET, "/api/assets"),
@@ -392,35 +368,14 @@ async fn the_fill_completes_for_waiters_when_the_leading_client_goes_away() {
         )
         .times(1),
     );
-    let leader_client = h.client.clone();
-    let url = h.url(LIST);
-    let leader = tokio::spawn(async move {
-        let request = Request::get(url)
-            .header("x-api-key", DESIGN_KEY)
-            .body(Full::new(Bytes::new()))
-            .unwrap();
-        let _ = leader_client.request(request).await;
-    });
+    let leader = spawn_get(&h.client, h.url(LIST), DESIGN_KEY);
     eventually("the leader's fill reaches upstream", async || {
         h.emulator.count(Method::GET, "/api/assets") == 1
     })
     .await;
+    // Its own client, so the waiter's connection is not the one torn down.
     let waiter_client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
-    let url = h.url(LIST);
-    let waiter = tokio::spawn(async move {
-        let request = Request::get(url)
-            .header("x-api-key", DESIGN_KEY)
-            .body(Full::new(Bytes::new()))
-            .unwrap();
-        let response = waiter_client.request(request).await.unwrap();
-        (
-            response.status(),
-            response.headers()["cache-status"]
-                .to_str()
-                .unwrap()
-                .to_owned(),
-        )
-    });
+    let waiter = spawn_get(&waiter_client, h.url(LIST), DESIGN_KEY);
     eventually("the waiter joins", async || {
         cache_stats(&h).await["waiting"] == 1
     })
@@ -428,9 +383,9 @@ async fn the_fill_completes_for_waiters_when_the_leading_client_goes_away() {
     leader.abort();
     let _ = leader.await;
     gate.add_permits(1);
-    let (status, cache_status) = waiter.await.unwrap();
-    assert_eq!(status, StatusCode::OK);
-    assert_eq!(cache_status, "teamgate; fwd=miss; collapsed");
+    let answer = waiter.await.unwrap();
+    assert_eq!(answer.status, StatusCode::OK);
+    assert_eq!(answer.cache_status(), "teamgate; fwd=miss; collapsed");
     assert!(
         h.get(LIST, DESIGN_KEY).await.cache_status().contains("hit"),
         "and it was stored"
@@ -454,15 +409,7 @@ async fn an_upstream_error_is_shared_with_current_waiters_but_not_cached() {
     );
     let mut waiting = Vec::new();
     for _ in 0..5 {
-        let client = h.client.clone();
-        let url = h.url(&missing);
-        waiting.push(tokio::spawn(async move {
-            let request = Request::get(url)
-                .header("x-api-key", DESIGN_KEY)
-                .body(Full::new(Bytes::new()))
-                .unwrap();
-            client.request(request).await.unwrap().status()
-        }));
+        waiting.push(spawn_get(&h.client, h.url(&missing), DESIGN_KEY));
     }
     eventually("four wait on the fill", async || {
         cache_stats(&h).await["waiting"] == 4
@@ -470,7 +417,7 @@ async fn an_upstream_error_is_shared_with_current_waiters_but_not_cached() {
     .await;
     gate.add_permits(1);
     for request in waiting {
-        assert_eq!(request.await.unwrap(), StatusCode::NOT_FOUND);
+        assert_eq!(request.await.unwrap().status, StatusCode::NOT_FOUND);
     }
     assert_eq!(h.emulator.count(Method::GET, &missing), 1);
     let again = h.get(&missing, DESIGN_KEY).await;

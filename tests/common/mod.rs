@@ -361,3 +361,28 @@ fn proc_status_kib(field: &str) -> u64 {
     let line = status.lines().find(|line| line.starts_with(field)).unwrap();
     line.split_whitespace().nth(1).unwrap().parse().unwrap()
 }
+
+/// Sends `GET url` with `key` in `X-API-Key` on a task of its own; the task
+/// yields the whole answer. For requests that must be in flight while a test
+/// does something else (held fills, races, coalescing).
+pub fn spawn_get(
+    client: &Client<HttpConnector, Full<Bytes>>,
+    url: String,
+    key: &'static str,
+) -> JoinHandle<Answer> {
+    let client = client.clone();
+    tokio::spawn(async move {
+        let request = Request::get(url)
+            .header("x-api-key", key)
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let response = client.request(request).await.expect("the gateway answers");
+        let (parts, body) = response.into_parts();
+        let body = body.collect().await.expect("the body arrives").to_bytes();
+        Answer {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+        }
+    })
+}
