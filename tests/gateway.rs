@@ -530,3 +530,33 @@ async fn unknown_paths_outside_any_mount_get_404_in_shape() {
     assert_eq!(h.emulator.total(), 0);
     h.stop().await;
 }
+
+#[tokio::test]
+async fn a_malformed_upstream_answer_is_a_502_not_the_clients_fault() {
+    // An "upstream" that answers garbage instead of HTTP.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut buffer = [0u8; 4096];
+                let _ = stream.read(&mut buffer).await;
+                let _ = stream.write_all(b"this is not HTTP\r\n\r\n").await;
+            });
+        }
+    });
+    let emulator = teamgate::emulator::Emulator::new(accounts());
+    let h = Harness::start_in_front_of(emulator, addr, &format!("http://{addr}"), "").await;
+    let answer = h.get("/api/jobs", DESIGN_KEY).await;
+    assert_eq!(
+        answer.status,
+        StatusCode::BAD_GATEWAY,
+        "{}",
+        String::from_utf8_lossy(&answer.body)
+    );
+    assert_eq!(answer.json()["code"], "bad_gateway");
+    h.stop().await;
+}

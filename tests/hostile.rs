@@ -154,6 +154,13 @@ async fn broken_chunked_bodies_get_400_and_no_upstream_request() {
         400
     );
     assert_eq!(h.emulator.total(), 0, "no upstream request");
+    // Broken after a good first chunk: the upstream saw the head, but the
+    // answer still blames the client's body, not the upstream.
+    let broken_later = format!(
+        "POST /emulator/sink HTTP/1.1\r\nHost: x\r\nX-API-Key: {DESIGN_KEY}\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\nZZZ\r\n"
+    );
+    let answer = raw(h.gateway, broken_later.as_bytes()).await;
+    assert_eq!(status_of(&answer), 400, "{answer}");
     still_serving(&h).await;
     h.stop().await;
 }

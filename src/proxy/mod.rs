@@ -271,23 +271,26 @@ async fn tunnel(
 /// Connect failures are 502 unless they timed out (504); anything after
 /// connecting (reset, closed before the answer) is a 502 as well.
 fn classify_client_error(error: &hyper_util::client::legacy::Error) -> GatewayError {
-    let mut timed_out = false;
-    let mut cause = error.source();
-    while let Some(inner) = cause {
-        if inner.downcast_ref::<watch::BodyTooLarge>().is_some() {
-            return GatewayError::PayloadTooLarge;
-        }
-        if inner
-            .downcast_ref::<hyper::Error>()
-            .is_some_and(hyper::Error::is_parse)
-        {
-            return GatewayError::MalformedBody;
-        }
-        timed_out |= inner
-            .downcast_ref::<std::io::Error>()
-            .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut);
-        cause = inner.source();
+    let chain: Vec<&(dyn StdError + 'static)> =
+        std::iter::successors(error.source(), |cause| (*cause).source()).collect();
+    if chain.iter().any(|cause| cause.is::<watch::BodyTooLarge>()) {
+        return GatewayError::PayloadTooLarge;
     }
+    // hyper reports a failing request body as a *user* error: the client's
+    // body broke, not the upstream. A parse error without it is the upstream's
+    // answer being malformed, which is a bad gateway like any other.
+    if chain.iter().any(|cause| {
+        cause
+            .downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_user)
+    }) {
+        return GatewayError::MalformedBody;
+    }
+    let timed_out = chain.iter().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
+    });
     if timed_out {
         GatewayError::UpstreamTimeout
     } else if error.is_connect() {
