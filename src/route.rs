@@ -62,10 +62,7 @@ impl RouteMatch {
 
     /// The path to send upstream (before the upstream base path is prepended).
     pub fn upstream_path<'a>(&self, request_path: &'a str) -> &'a str {
-        match &request_path[self.path_offset..] {
-            "" => "/",
-            rest => rest,
-        }
+        below_mount(request_path, self.path_offset)
     }
 }
 
@@ -116,10 +113,7 @@ impl Router {
             .iter()
             .find_map(|upstream| mount_offset(&upstream.mount, path).map(|at| (upstream, at)))
             .ok_or(GatewayError::NoRoute)?;
-        let upstream_path = match &path[path_offset..] {
-            "" => "/",
-            rest => rest,
-        };
+        let upstream_path = below_mount(path, path_offset);
         let rule_index = upstream
             .preset
             .rules
@@ -229,6 +223,14 @@ fn check_query(query: &str) -> Result<(), GatewayError> {
     match std::str::from_utf8(&decoded) {
         Ok(text) if !text.chars().any(char::is_control) => Ok(()),
         _ => Err(GatewayError::InvalidQuery),
+    }
+}
+
+/// The part of `path` below its mount; the mount itself is the upstream's `/`.
+fn below_mount(path: &str, offset: usize) -> &str {
+    match &path[offset..] {
+        "" => "/",
+        rest => rest,
     }
 }
 

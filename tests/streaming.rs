@@ -3,16 +3,9 @@
 
 mod common;
 
-use std::convert::Infallible;
-
 use bytes::Bytes;
 use common::*;
-use http::{Request, StatusCode};
-use http_body::Frame;
-use http_body_util::combinators::BoxBody;
-use http_body_util::{BodyExt, StreamBody};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
+use http::StatusCode;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_100_mb_upload_streams_through_with_bounded_memory() {
@@ -29,41 +22,27 @@ async fn a_100_mb_upload_streams_through_with_bounded_memory() {
     // One chunk, shared: the test itself holds 64 KiB, whatever the total.
     let chunk = Bytes::from(vec![0x5au8; CHUNK]);
     let chunks = (TOTAL / CHUNK as u64) as usize;
-    let frames = std::iter::once(head.clone())
+    let chunks = std::iter::once(head.clone())
         .chain(std::iter::repeat_n(chunk, chunks))
-        .chain(std::iter::once(tail.clone()))
-        .map(|bytes| Ok::<_, Infallible>(Frame::data(bytes)));
-    let body = BoxBody::new(StreamBody::new(futures_util::stream::iter(frames)));
+        .chain(std::iter::once(tail.clone()));
     let length = head.len() as u64 + TOTAL + tail.len() as u64;
-
-    let client: Client<_, BoxBody<Bytes, Infallible>> =
-        Client::builder(TokioExecutor::new()).build_http();
-    let request = Request::post(h.url("/api/assets"))
-        .header("x-api-key", DESIGN_KEY)
-        .header(
+    let headers = [
+        (
             "content-type",
             format!("multipart/form-data; boundary={boundary}"),
-        )
-        .header("content-length", length)
-        .body(body)
-        .unwrap();
-
-    let baseline = current_rss();
-    reset_peak_rss();
-    let response = client.request(request).await.unwrap();
-    let status = response.status();
-    let answer = response.into_body().collect().await.unwrap().to_bytes();
-    let peak = peak_rss();
+        ),
+        ("content-length", length.to_string()),
+    ];
+    let (answer, grown) = post_streamed(&h, "/api/assets", &headers, chunks).await;
 
     assert_eq!(
-        status,
+        answer.status,
         StatusCode::CREATED,
         "{}",
-        String::from_utf8_lossy(&answer)
+        String::from_utf8_lossy(&answer.body)
     );
-    let asset: serde_json::Value = serde_json::from_slice(&answer).unwrap();
+    let asset = answer.json();
     assert_eq!(asset["size"], TOTAL, "every byte arrived upstream");
-    let grown = peak.saturating_sub(baseline);
     eprintln!("peak RSS growth during the upload: {} KiB", grown / 1024);
     // Gateway + emulator + client in one process: far below the 100 MiB body.
     assert!(

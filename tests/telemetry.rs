@@ -179,6 +179,14 @@ async fn metrics_count_what_happened_with_bounded_labels() {
         ),
         Some(1.0)
     );
+    assert_eq!(
+        sample(
+            &text,
+            "teamgate_config_reloads_total",
+            &[("result", "success")]
+        ),
+        Some(0.0)
+    );
 
     for unbounded in [
         asset_id.as_str(),

@@ -573,10 +573,7 @@ async fn collect_capped(mut body: Body, cap: usize) -> Collected {
 fn owned_headers(headers: &http::HeaderMap) -> http::HeaderMap {
     let mut owned = http::HeaderMap::with_capacity(headers.len());
     for (name, value) in headers {
-        let mut copy =
-            HeaderValue::from_bytes(value.as_bytes()).expect("copied from a valid value");
-        copy.set_sensitive(value.is_sensitive());
-        owned.append(name.clone(), copy);
+        owned.append(name.clone(), super::policy::owned_value(value));
     }
     owned
 }

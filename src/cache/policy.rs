@@ -76,16 +76,11 @@ impl CacheKey {
     /// values parsed by hyper are slices of the connection's read buffer,
     /// which a stored key would otherwise keep alive for the entry's life.
     pub fn detached(&self) -> Self {
-        let own = |value: &Option<HeaderValue>| {
-            value.as_ref().map(|value| {
-                HeaderValue::from_bytes(value.as_bytes()).expect("copied from a valid value")
-            })
-        };
         CacheKey {
             partition: self.partition,
             target: self.target.clone(),
-            accept: own(&self.accept),
-            accept_encoding: own(&self.accept_encoding),
+            accept: self.accept.as_ref().map(owned_value),
+            accept_encoding: self.accept_encoding.as_ref().map(owned_value),
         }
     }
 
@@ -96,6 +91,14 @@ impl CacheKey {
             + self.accept_encoding.as_ref().map_or(0, HeaderValue::len)
             + 64
     }
+}
+
+/// A header value in its own allocation. Values hyper parsed are slices of
+/// a connection's read buffer; anything the cache keeps must not pin those.
+pub fn owned_value(value: &HeaderValue) -> HeaderValue {
+    let mut copy = HeaderValue::from_bytes(value.as_bytes()).expect("copied from a valid value");
+    copy.set_sensitive(value.is_sensitive());
+    copy
 }
 
 /// All values of a header as one (they are a comma-separated list semantically).

@@ -61,7 +61,6 @@ pub struct Metrics {
     cache_entries: IntGauge,
     cache_bytes: IntGauge,
     ratelimit_rejections: IntCounterVec,
-    config_reloads: IntCounterVec,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -122,6 +121,17 @@ impl Metrics {
                 .expect("registered once");
             metric
         };
+        let config_reloads = counter(
+            &registry,
+            "teamgate_config_reloads_total",
+            "Config reloads, by result.",
+            &["result"],
+        );
+        // Registered (the registry keeps it) with both series at 0, so dashboards
+        // and alerts see them; config reload, which will count here, is not built yet.
+        for result in ["success", "failure"] {
+            config_reloads.with_label_values(&[result]);
+        }
         Metrics {
             resolved: std::sync::RwLock::new(std::collections::HashMap::default()),
             requests: counter(
@@ -191,12 +201,6 @@ impl Metrics {
                 "teamgate_ratelimit_rejections_total",
                 "Requests refused with 429 by a quota, by team and quota.",
                 &["team", "quota"],
-            ),
-            config_reloads: counter(
-                &registry,
-                "teamgate_config_reloads_total",
-                "Config reloads, by result.",
-                &["result"],
             ),
             registry,
         }
@@ -297,12 +301,6 @@ impl Metrics {
     pub fn rate_limited(&self, team: &str, quota: &str) {
         self.ratelimit_rejections
             .with_label_values(&[team, quota])
-            .inc();
-    }
-
-    pub fn config_reloaded(&self, ok: bool) {
-        self.config_reloads
-            .with_label_values(&[if ok { "success" } else { "failure" }])
             .inc();
     }
 

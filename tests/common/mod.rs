@@ -386,3 +386,41 @@ pub fn spawn_get(
         }
     })
 }
+
+/// POSTs `chunks` as one streamed body (share one `Bytes` so the client itself
+/// holds almost nothing) and returns the answer with how much this process's
+/// peak RSS grew while it was sent and answered.
+pub async fn post_streamed(
+    h: &Harness,
+    path: &str,
+    headers: &[(&str, String)],
+    chunks: impl Iterator<Item = Bytes> + Send + Sync + 'static,
+) -> (Answer, u64) {
+    use http_body::Frame;
+    use http_body_util::StreamBody;
+    use http_body_util::combinators::BoxBody;
+    let frames = chunks.map(|bytes| Ok::<_, std::convert::Infallible>(Frame::data(bytes)));
+    let body = BoxBody::new(StreamBody::new(futures_util::stream::iter(frames)));
+    let client: Client<_, BoxBody<Bytes, std::convert::Infallible>> =
+        Client::builder(TokioExecutor::new()).build_http();
+    let mut request = Request::post(h.url(path)).header("x-api-key", DESIGN_KEY);
+    for (name, value) in headers {
+        request = request.header(*name, value);
+    }
+    let request = request.body(body).unwrap();
+
+    let idle = current_rss();
+    reset_peak_rss();
+    let response = client.request(request).await.expect("the gateway answers");
+    let (parts, body) = response.into_parts();
+    let body = body.collect().await.expect("the body arrives").to_bytes();
+    let grown = peak_rss().saturating_sub(idle);
+    (
+        Answer {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+        },
+        grown,
+    )
+}
