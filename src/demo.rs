@@ -59,7 +59,8 @@ pub async fn run(options: DemoOptions, shutdown: impl Future<Output = ()>) -> an
     let scenario_addr = scenario_listener.local_addr()?;
     let scenario_task = scenario.spawn(scenario_listener);
 
-    // The demo reads nothing from the process environment: what it needs, it made.
+    // The demo reads nothing from the process environment but the log format
+    // (and `RUST_LOG`): what it needs, it made.
     let env = |name: &str| match name {
         "TEAMGATE_DEMO_COMFY_KEY_DESIGN" => Some(design_upstream_key.clone()),
         "TEAMGATE_DEMO_COMFY_KEY_RESEARCH" => Some(research_upstream_key.clone()),
@@ -69,6 +70,7 @@ pub async fn run(options: DemoOptions, shutdown: impl Future<Output = ()>) -> an
         "TEAMGATE_UPSTREAM_SCENARIO_BASE_URL" => Some(format!("http://{scenario_addr}/v1")),
         "TEAMGATE_LISTEN" => Some(options.listen.to_string()),
         "TEAMGATE_ADMIN_LISTEN" => Some(options.admin_listen.to_string()),
+        "TEAMGATE_LOG_FORMAT" => std::env::var(name).ok(),
         _ => None,
     };
     let config = config::load_str(

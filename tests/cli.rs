@@ -194,12 +194,21 @@ async fn demo_runs_without_an_account_and_stops_cleanly_on_sigint() {
             "127.0.0.1:0",
         ])
         .env_remove("RUST_LOG")
+        .env("TEAMGATE_LOG_FORMAT", "json")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
         .unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let logs = tokio::spawn(async move {
+        let mut text = String::new();
+        tokio::io::AsyncReadExt::read_to_string(&mut stderr, &mut text)
+            .await
+            .unwrap();
+        text
+    });
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let mut banner = Vec::new();
     let ready = tokio::time::timeout(Duration::from_secs(60), async {
@@ -272,6 +281,38 @@ async fn demo_runs_without_an_account_and_stops_cleanly_on_sigint() {
         .expect("the demo stops")
         .unwrap();
     assert!(status.success(), "exit status {status:?}");
+
+    // Every log line the process wrote is JSON, written out before it
+    // exited; one access line per request, and no key anywhere.
+    let logs = logs.await.unwrap();
+    let lines: Vec<serde_json::Value> = logs
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|_| panic!("not JSON: {line}")))
+        .collect();
+    let access: Vec<&serde_json::Value> = lines
+        .iter()
+        .filter(|line| line["target"] == "teamgate::access")
+        .collect();
+    let detail = access
+        .iter()
+        .find(|line| line["path"] == format!("/api/assets/{id}"))
+        .unwrap_or_else(|| panic!("an access line for the detail read in {logs}"));
+    assert_eq!(detail["team"], "design", "{detail}");
+    assert_eq!(detail["status"], 200, "{detail}");
+    assert_eq!(detail["cache"], "miss", "{detail}");
+    assert!(detail["latency_us"].is_u64(), "{detail}");
+    assert!(
+        detail["request_id"]
+            .as_str()
+            .is_some_and(|id| id.len() == 36),
+        "{detail}"
+    );
+    assert!(
+        access.iter().any(|line| line["status"] == 401),
+        "the refused request is logged too: {logs}"
+    );
+    assert!(access.len() >= 5, "{logs}");
+    assert!(!logs.contains(&key), "the client key leaked into the logs");
 }
 
 /// A tiny HTTP client over hyper, enough for the demo test.

@@ -20,6 +20,7 @@ use tracing::Span;
 
 use crate::body::Body;
 
+pub mod logging;
 pub mod metrics;
 pub mod traces;
 
@@ -97,12 +98,13 @@ pub struct Observe<S> {
     inner: S,
 }
 
-/// What the access-log line needs that the request no longer holds at the end.
+/// What the access-log line needs that the request no longer holds at the
+/// end. Both are reference-counted clones, not copies.
 #[derive(Debug)]
 struct AccessFields {
-    /// The path only, never the query (Comfy's `/ws` carries a key in `token=`).
-    path: String,
-    request_id: String,
+    /// Logged by its path only, never the query (Comfy's `/ws` carries a key in `token=`).
+    uri: http::Uri,
+    request_id: HeaderValue,
 }
 
 /// Counts a request in `teamgate_requests_in_flight` until dropped, so a
@@ -151,17 +153,17 @@ where
             route_class = tracing::field::Empty,
             team = tracing::field::Empty,
             key = tracing::field::Empty,
-                        cache = tracing::field::Empty,
+            cache = tracing::field::Empty,
             status = tracing::field::Empty,
             upstream_status = tracing::field::Empty,
         );
         traces::continue_trace(&span, request.headers());
         // Kept for the access log only, and only built when that line is on.
         let access =
-            tracing::enabled!(target: "teamgate::access", tracing::Level::INFO).then(|| {
+            tracing::enabled!(target: logging::ACCESS_TARGET, tracing::Level::INFO).then(|| {
                 AccessFields {
-                    path: request.uri().path().to_owned(),
-                    request_id: request_id.0.to_str().unwrap_or_default().to_owned(),
+                    uri: request.uri().clone(),
+                    request_id: request_id.0.clone(),
                 }
             });
         let labels = Arc::new(RequestLabels::default());
@@ -195,10 +197,10 @@ pin_project! {
         span: Span,
         request_id: Option<RequestId>,
         started: Instant,
-                metrics: Arc<Metrics>,
+        metrics: Arc<Metrics>,
         labels: Arc<RequestLabels>,
         method: http::Method,
-                access: Option<AccessFields>,
+        access: Option<AccessFields>,
         _in_flight: InFlightGuard,
     }
 }
@@ -236,18 +238,18 @@ where
         let labels = &this.labels;
         if let Some(access) = this.access.take() {
             tracing::info!(
-            target: "teamgate::access",
-            request_id = access.request_id.as_str(),
-            method = %this.method,
-            path = access.path.as_str(),
-            team = labels.team.get().map_or("", |team| team.name.as_str()),
-            upstream = labels.upstream.get().map_or("", |upstream| upstream.name.as_str()),
-            route_class = labels.route_class.get().copied().unwrap_or("none"),
-            cache,
-            status = response.status().as_u16(),
-            upstream_status,
-                        latency_us = elapsed.as_micros() as u64,
-            "served"
+                target: logging::ACCESS_TARGET,
+                request_id = access.request_id.to_str().unwrap_or_default(),
+                method = %this.method,
+                path = access.uri.path(),
+                team = labels.team.get().map_or("", |team| team.name.as_str()),
+                upstream = labels.upstream.get().map_or("", |upstream| upstream.name.as_str()),
+                route_class = labels.route_class.get().copied().unwrap_or("none"),
+                cache,
+                status = response.status().as_u16(),
+                upstream_status,
+                latency_us = elapsed.as_micros() as u64,
+                "served"
             );
         }
         Poll::Ready(Ok(response))

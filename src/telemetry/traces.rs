@@ -22,14 +22,15 @@ use tracing_subscriber::Layer as _;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
+use super::logging::{FastAccessLines, LogSink, LogSinkGuard};
 use crate::config::{LogFormat, LogSettings, OtlpProtocol, TraceSettings};
 
 /// Keeps the trace pipeline alive; [`TelemetryGuard::shutdown`] flushes it.
 #[derive(Debug, Default)]
 pub struct TelemetryGuard {
     provider: Option<SdkTracerProvider>,
-    /// Flushes buffered log lines when dropped.
-    _writer: Option<tracing_appender::non_blocking::WorkerGuard>,
+    /// Writes the buffered log lines when dropped.
+    _log_sink: Option<LogSinkGuard>,
 }
 
 impl TelemetryGuard {
@@ -52,29 +53,24 @@ pub fn init(log: &LogSettings, traces: &TraceSettings) -> anyhow::Result<Telemet
         .or_else(|_| EnvFilter::try_new(&log.level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    // Log lines go to stderr from a background thread: a request never waits
-    // on a write. The worker drains every queued line, then flushes, so the
-    // buffer batches lines under load and adds no delay when idle.
-    let (writer, writer_guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .lossy(false)
-        .finish(std::io::BufWriter::with_capacity(
-            64 * 1024,
-            std::io::stderr(),
-        ));
-    let text = (log.format == LogFormat::Text).then(|| {
-        tracing_subscriber::fmt::layer()
-            .with_writer(writer.clone())
+    // Every line goes to stderr from a background thread (see `logging`):
+    // a request never waits on a write. The per-request access line has a
+    // formatter of its own; every other line is the stock text or JSON.
+    let (sink, sink_guard) = LogSink::spawn(std::io::stderr());
+    let format = log.format;
+    let log_layer = match format {
+        LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_writer(sink)
             .with_ansi(ansi)
-    });
-    let json = (log.format == LogFormat::Json).then(|| {
-        tracing_subscriber::fmt::layer()
+            .map_event_format(|general| FastAccessLines::new(general, format))
+            .boxed(),
+        LogFormat::Json => tracing_subscriber::fmt::layer()
             .json()
             .flatten_event(true)
-            .with_writer(writer.clone())
-    });
-    let log_layers = text
-        .map(|text| text.boxed())
-        .or(json.map(|json| json.boxed()));
+            .with_writer(sink)
+            .map_event_format(|general| FastAccessLines::new(general, format))
+            .boxed(),
+    };
     let provider = traces
         .endpoint
         .as_deref()
@@ -95,12 +91,12 @@ pub fn init(log: &LogSettings, traces: &TraceSettings) -> anyhow::Result<Telemet
     }
     // `try_init`: in tests and `demo` a subscriber may already be installed; keep it.
     let _ = tracing_subscriber::registry()
-        .with(log_layers.map(|layer| layer.with_filter(filter)))
+        .with(log_layer.with_filter(filter))
         .with(otel)
         .try_init();
     Ok(TelemetryGuard {
         provider,
-        _writer: Some(writer_guard),
+        _log_sink: Some(sink_guard),
     })
 }
 

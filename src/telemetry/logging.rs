@@ -1,0 +1,932 @@
+//! Where log lines go, and the fast path for the one line every request writes.
+//!
+//! [`LogSink`] is an in-process buffer that every log line is appended to,
+//! drained to stderr by one background thread. Appending is a copy under a
+//! lock nobody holds for long, so a request never waits on the terminal, a
+//! pipe or a disk. The writer thread is woken by the first line after it
+//! went idle and then drains in batches (at most one write per
+//! [`BATCH_WINDOW`] under load), like nginx's `access_log … buffer= flush=`.
+//! If stderr stops draining, the buffer stops growing at
+//! [`MAX_BUFFERED_BYTES`]: lines are dropped and counted, and the count is
+//! written as its own line once the writer catches up. A gateway that blocks
+//! its requests on a stuck log pipe fails everyone; one that drops lines and
+//! says so fails nobody.
+//!
+//! [`FastAccessLines`] is the event formatter of the `tracing_subscriber::fmt`
+//! layer: it writes `teamgate::access` events (one per request) itself —
+//! JSON or text, in the same shape the general formatter gives every other
+//! line — with a per-second cached timestamp and no intermediate values,
+//! and hands every other event to the general formatter. The access line
+//! stays an ordinary `tracing` event under the one log filter:
+//! `RUST_LOG=teamgate::access=off` turns it off, and any other subscriber
+//! (tests, an embedding program) sees it like any other.
+
+use std::cell::RefCell;
+use std::fmt::{self, Write as _};
+use std::io::Write;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tracing::field::{Field, Visit};
+use tracing::{Event, Level, Subscriber};
+use tracing_subscriber::fmt::format::Writer;
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, MakeWriter};
+use tracing_subscriber::registry::LookupSpan;
+
+use crate::config::LogFormat;
+
+/// The target of the per-request access-log event.
+pub const ACCESS_TARGET: &str = "teamgate::access";
+
+/// How long the writer lets lines gather after a write before it looks
+/// again: under load, one write (and one wake-up of this thread) per window.
+pub const BATCH_WINDOW: Duration = Duration::from_millis(5);
+
+/// Lines beyond this many buffered bytes are dropped (and counted).
+pub const MAX_BUFFERED_BYTES: usize = 16 * 1024 * 1024;
+
+/// The shared log buffer; cheap to clone.
+#[derive(Clone)]
+pub struct LogSink {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    state: Mutex<SinkState>,
+    wake: Condvar,
+    max_buffered: usize,
+}
+
+#[derive(Default)]
+struct SinkState {
+    buffer: Vec<u8>,
+    /// The writer is waiting for a notification (not sleeping out a batch window).
+    writer_idle: bool,
+    dropped_lines: u64,
+    closed: bool,
+}
+
+impl fmt::Debug for LogSink {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LogSink").finish_non_exhaustive()
+    }
+}
+
+/// Stops the writer thread when dropped, after it has written every line.
+#[derive(Debug)]
+pub struct LogSinkGuard {
+    sink: LogSink,
+    writer: Option<JoinHandle<()>>,
+}
+
+impl LogSink {
+    /// A sink draining to `out` from a thread of its own.
+    pub fn spawn<W: Write + Send + 'static>(out: W) -> (LogSink, LogSinkGuard) {
+        Self::spawn_with_limit(out, MAX_BUFFERED_BYTES)
+    }
+
+    fn spawn_with_limit<W: Write + Send + 'static>(
+        out: W,
+        max_buffered: usize,
+    ) -> (LogSink, LogSinkGuard) {
+        let sink = LogSink {
+            shared: Arc::new(Shared {
+                state: Mutex::new(SinkState::default()),
+                wake: Condvar::new(),
+                max_buffered,
+            }),
+        };
+        let shared = Arc::clone(&sink.shared);
+        let writer = std::thread::Builder::new()
+            .name("teamgate-log".into())
+            .spawn(move || drain(&shared, out))
+            .expect("spawning the log writer thread");
+        let guard = LogSinkGuard {
+            sink: sink.clone(),
+            writer: Some(writer),
+        };
+        (sink, guard)
+    }
+
+    /// Appends whole lines; never blocks on the output.
+    pub fn append(&self, lines: &[u8]) {
+        let mut state = self.shared.lock();
+        if state.buffer.len() + lines.len() > self.shared.max_buffered {
+            state.dropped_lines += 1;
+            return;
+        }
+        state.buffer.extend_from_slice(lines);
+        if state.writer_idle {
+            state.writer_idle = false;
+            drop(state);
+            self.shared.wake.notify_one();
+        }
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, SinkState> {
+        // A panic while holding the lock leaves a buffer of whole lines; keep going.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+fn drain<W: Write>(shared: &Shared, mut out: W) {
+    let mut batch = Vec::with_capacity(64 * 1024);
+    loop {
+        let (dropped, closed) = {
+            let mut state = shared.lock();
+            while state.buffer.is_empty() && state.dropped_lines == 0 && !state.closed {
+                state.writer_idle = true;
+                state = shared
+                    .wake
+                    .wait(state)
+                    .unwrap_or_else(PoisonError::into_inner);
+            }
+            state.writer_idle = false;
+            std::mem::swap(&mut batch, &mut state.buffer);
+            (std::mem::take(&mut state.dropped_lines), state.closed)
+        };
+        // Write errors (a closed stderr) have nowhere to be reported; the
+        // lines are gone either way, and the gateway keeps serving.
+        let _ = out.write_all(&batch);
+        if dropped > 0 {
+            let _ = writeln!(
+                out,
+                "teamgate: {dropped} log line(s) dropped: the log output did not keep up"
+            );
+        }
+        let _ = out.flush();
+        batch.clear();
+        if closed && shared.lock().buffer.is_empty() {
+            return;
+        }
+        if !closed {
+            std::thread::sleep(BATCH_WINDOW);
+        }
+    }
+}
+
+impl Drop for LogSinkGuard {
+    fn drop(&mut self) {
+        self.sink.shared.lock().closed = true;
+        self.sink.shared.wake.notify_one();
+        if let Some(writer) = self.writer.take() {
+            let _ = writer.join();
+        }
+    }
+}
+
+/// `tracing_subscriber::fmt` writes each event with one `write_all` of the
+/// whole line, so a line is appended in one piece.
+impl<'a> MakeWriter<'a> for LogSink {
+    type Writer = SinkWriter<'a>;
+
+    fn make_writer(&'a self) -> SinkWriter<'a> {
+        SinkWriter(self)
+    }
+}
+
+/// [`std::io::Write`] over a [`LogSink`].
+#[derive(Debug)]
+pub struct SinkWriter<'a>(&'a LogSink);
+
+impl Write for SinkWriter<'_> {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.append(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// An event formatter: `teamgate::access` events are written directly,
+/// everything else by `general` (the stock text or JSON format).
+#[derive(Debug)]
+pub struct FastAccessLines<F> {
+    general: F,
+    format: LogFormat,
+}
+
+impl<F> FastAccessLines<F> {
+    pub fn new(general: F, format: LogFormat) -> Self {
+        FastAccessLines { general, format }
+    }
+}
+
+/// Whether an event is the per-request access line.
+pub fn is_access_event(metadata: &tracing::Metadata<'_>) -> bool {
+    metadata.target() == ACCESS_TARGET
+}
+
+thread_local! {
+    /// Per thread: the formatted current second, and a line to format into
+    /// (plain `String` pushes inline; the fmt layer's `Writer` is a `dyn`).
+    static SCRATCH: RefCell<(SecondClock, String)> =
+        RefCell::new((SecondClock::default(), String::with_capacity(512)));
+}
+
+impl<S, N, F> FormatEvent<S, N> for FastAccessLines<F>
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+    F: FormatEvent<S, N>,
+{
+    fn format_event(
+        &self,
+        context: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> fmt::Result {
+        if !is_access_event(event.metadata()) {
+            return self.general.format_event(context, writer, event);
+        }
+        let now = SystemTime::now();
+        SCRATCH.with(|scratch| {
+            let Ok(mut scratch) = scratch.try_borrow_mut() else {
+                // Only if formatting a field logged an access event itself.
+                return self.general.format_event(context, writer.by_ref(), event);
+            };
+            let (clock, line) = &mut *scratch;
+            line.clear();
+            match self.format {
+                LogFormat::Json => format_json(line, clock, now, event)?,
+                LogFormat::Text => {
+                    let style = Style {
+                        ansi: writer.has_ansi_escapes(),
+                        sanitize: writer.sanitizes_ansi_escapes(),
+                    };
+                    format_text(line, clock, now, event, style)?;
+                }
+            }
+            writer.write_str(line)
+        })
+    }
+}
+
+/// `YYYY-MM-DDTHH:MM:SS` for the current second, formatted once per second.
+#[derive(Default)]
+struct SecondClock {
+    second: u64,
+    text: String,
+}
+
+impl SecondClock {
+    /// Writes `2026-11-23T13:07:39.743223Z`, the shape `tracing_subscriber`'s timer writes.
+    fn write(&mut self, out: &mut impl fmt::Write, now: SystemTime) -> fmt::Result {
+        let since_epoch = now.duration_since(UNIX_EPOCH).unwrap_or_default();
+        let second = since_epoch.as_secs();
+        if second != self.second || self.text.is_empty() {
+            self.second = second;
+            self.text.clear();
+            let at = i64::try_from(second)
+                .ok()
+                .and_then(|second| time::OffsetDateTime::from_unix_timestamp(second).ok())
+                .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+            write!(
+                self.text,
+                "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}",
+                at.year(),
+                u8::from(at.month()),
+                at.day(),
+                at.hour(),
+                at.minute(),
+                at.second()
+            )?;
+        }
+        out.write_str(&self.text)?;
+        let mut digits = *b".000000Z";
+        let mut micros = since_epoch.subsec_micros();
+        for slot in digits[1..7].iter_mut().rev() {
+            *slot = b'0' + (micros % 10) as u8;
+            micros /= 10;
+        }
+        out.write_str(std::str::from_utf8(&digits).map_err(|_| fmt::Error)?)
+    }
+}
+
+fn level_name(level: &Level) -> &'static str {
+    match *level {
+        Level::ERROR => "ERROR",
+        Level::WARN => "WARN",
+        Level::INFO => "INFO",
+        Level::DEBUG => "DEBUG",
+        Level::TRACE => "TRACE",
+    }
+}
+
+/// `{"timestamp":…,"level":…,<fields in order>,"target":…}` — the flattened
+/// JSON `tracing_subscriber::fmt().json().flatten_event(true)` writes.
+fn format_json(
+    out: &mut impl fmt::Write,
+    clock: &mut SecondClock,
+    now: SystemTime,
+    event: &Event<'_>,
+) -> fmt::Result {
+    out.write_str("{\"timestamp\":\"")?;
+    clock.write(out, now)?;
+    out.write_str("\",\"level\":\"")?;
+    out.write_str(level_name(event.metadata().level()))?;
+    out.write_char('"')?;
+    let mut fields = JsonFields {
+        out,
+        result: Ok(()),
+    };
+    event.record(&mut fields);
+    fields.result?;
+    out.write_str(",\"target\":")?;
+    json_string(out, event.metadata().target())?;
+    out.write_str("}\n")
+}
+
+/// Writes each field as `,"name":value`; the first error is kept.
+struct JsonFields<'a, W> {
+    out: &'a mut W,
+    result: fmt::Result,
+}
+
+impl<W: fmt::Write> JsonFields<'_, W> {
+    fn field(&mut self, field: &Field, value: impl FnOnce(&mut W) -> fmt::Result) {
+        if self.result.is_err() {
+            return;
+        }
+        self.result = (|| {
+            self.out.write_char(',')?;
+            json_string(self.out, field.name())?;
+            self.out.write_char(':')?;
+            value(self.out)
+        })();
+    }
+}
+
+impl<W: fmt::Write> Visit for JsonFields<'_, W> {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.field(field, |out| json_string(out, value));
+    }
+
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        self.field(field, |out| integer(out, value));
+    }
+
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        self.field(field, |out| integer(out, value));
+    }
+
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        self.field(field, |out| {
+            out.write_str(if value { "true" } else { "false" })
+        });
+    }
+
+    fn record_f64(&mut self, field: &Field, value: f64) {
+        self.field(field, |out| {
+            if value.is_finite() {
+                write!(out, "{value}")
+            } else {
+                out.write_str("null")
+            }
+        });
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        self.field(field, |out| {
+            out.write_char('"')?;
+            write!(JsonEscaped(out), "{value:?}")?;
+            out.write_char('"')
+        });
+    }
+}
+
+/// `2026-11-23T13:07:39.743223Z  INFO teamgate::access: served a=1 b="x"` —
+/// the default `tracing_subscriber::fmt` line (strings quoted, `%` values bare).
+fn format_text(
+    out: &mut impl fmt::Write,
+    clock: &mut SecondClock,
+    now: SystemTime,
+    event: &Event<'_>,
+    style: Style,
+) -> fmt::Result {
+    let metadata = event.metadata();
+    style.dim(out, |out| clock.write(out, now))?;
+    out.write_char(' ')?;
+    let level = level_name(metadata.level());
+    let color = match *metadata.level() {
+        Level::ERROR => "\x1b[31m",
+        Level::WARN => "\x1b[33m",
+        Level::INFO => "\x1b[32m",
+        Level::DEBUG => "\x1b[34m",
+        Level::TRACE => "\x1b[35m",
+    };
+    style.paint(out, color, |out| write!(out, "{level:>5}"))?;
+    out.write_char(' ')?;
+    style.dim(out, |out| {
+        out.write_str(metadata.target())?;
+        out.write_char(':')
+    })?;
+    let mut fields = TextFields {
+        out,
+        style,
+        result: Ok(()),
+    };
+    event.record(&mut fields);
+    fields.result?;
+    out.write_char('\n')
+}
+
+/// ANSI styling when the output is a terminal, nothing otherwise; and
+/// whether the message is made terminal-safe, as the stock formatter does.
+#[derive(Clone, Copy)]
+struct Style {
+    ansi: bool,
+    sanitize: bool,
+}
+
+impl Style {
+    fn paint<W: fmt::Write>(
+        self,
+        out: &mut W,
+        code: &str,
+        text: impl FnOnce(&mut W) -> fmt::Result,
+    ) -> fmt::Result {
+        if self.ansi {
+            out.write_str(code)?;
+        }
+        text(out)?;
+        if self.ansi {
+            out.write_str("\x1b[0m")?;
+        }
+        Ok(())
+    }
+
+    fn dim<W: fmt::Write>(
+        self,
+        out: &mut W,
+        text: impl FnOnce(&mut W) -> fmt::Result,
+    ) -> fmt::Result {
+        self.paint(out, "\x1b[2m", text)
+    }
+}
+
+/// Writes ` message` and ` name=value` (strings quoted); the first error is kept.
+struct TextFields<'a, W> {
+    out: &'a mut W,
+    style: Style,
+    result: fmt::Result,
+}
+
+impl<W: fmt::Write> TextFields<'_, W> {
+    fn field(&mut self, field: &Field, value: impl FnOnce(&mut W) -> fmt::Result) {
+        if self.result.is_err() {
+            return;
+        }
+        let style = self.style;
+        self.result = (|| {
+            self.out.write_char(' ')?;
+            if field.name() != "message" {
+                style.paint(self.out, "\x1b[3m", |out| out.write_str(field.name()))?;
+                self.out.write_char('=')?;
+            }
+            value(self.out)
+        })();
+    }
+}
+
+impl<W: fmt::Write> Visit for TextFields<'_, W> {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        if field.name() == "message" {
+            self.record_debug(field, &format_args!("{value}"));
+        } else {
+            self.field(field, |out| write!(out, "{value:?}"));
+        }
+    }
+
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        self.field(field, |out| integer(out, value));
+    }
+
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        self.field(field, |out| integer(out, value));
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        if field.name() == "message" && self.style.sanitize {
+            self.field(field, |out| write!(TerminalSafe(out), "{value:?}"));
+        } else {
+            self.field(field, |out| write!(out, "{value:?}"));
+        }
+    }
+}
+
+/// `fmt::Write` adaptor that spells out the characters a terminal would act
+/// on (ESC, BEL, BS, FF, DEL, the C1 controls), like the stock formatter
+/// does for messages: a logged value cannot restyle or rewrite the terminal.
+struct TerminalSafe<'a, W>(&'a mut W);
+
+impl<W: fmt::Write> fmt::Write for TerminalSafe<'_, W> {
+    fn write_str(&mut self, text: &str) -> fmt::Result {
+        for ch in text.chars() {
+            match ch {
+                '\x1b' => self.0.write_str("\\x1b")?,
+                '\x07' => self.0.write_str("\\x07")?,
+                '\x08' => self.0.write_str("\\x08")?,
+                '\x0c' => self.0.write_str("\\x0c")?,
+                '\x7f' => self.0.write_str("\\x7f")?,
+                '\u{80}'..='\u{9f}' => write!(self.0, "\\u{{{:x}}}", u32::from(ch))?,
+                _ => self.0.write_char(ch)?,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `fmt::Write` adaptor that JSON-escapes what is written through it (no quotes).
+struct JsonEscaped<'a, W>(&'a mut W);
+
+impl<W: fmt::Write> fmt::Write for JsonEscaped<'_, W> {
+    fn write_str(&mut self, text: &str) -> fmt::Result {
+        escape_json_into(self.0, text)
+    }
+}
+
+fn integer(out: &mut impl fmt::Write, value: impl itoa::Integer) -> fmt::Result {
+    out.write_str(itoa::Buffer::new().format(value))
+}
+
+fn json_string(out: &mut impl fmt::Write, text: &str) -> fmt::Result {
+    out.write_char('"')?;
+    escape_json_into(out, text)?;
+    out.write_char('"')
+}
+
+/// RFC 8259 string escaping: `"`, `\` and control characters; everything
+/// else (UTF-8 included) is copied as is, in runs. Every escaped character
+/// is ASCII, so the runs between them are whole UTF-8 sequences.
+fn escape_json_into(out: &mut impl fmt::Write, text: &str) -> fmt::Result {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    if !needs_escaping(text.as_bytes()) {
+        return out.write_str(text);
+    }
+    let mut start = 0;
+    for (at, byte) in text.bytes().enumerate() {
+        if !NEEDS_ESCAPE[usize::from(byte)] {
+            continue;
+        }
+        out.write_str(&text[start..at])?;
+        match byte {
+            b'"' => out.write_str("\\\"")?,
+            b'\\' => out.write_str("\\\\")?,
+            b'\n' => out.write_str("\\n")?,
+            b'\r' => out.write_str("\\r")?,
+            b'\t' => out.write_str("\\t")?,
+            _ => {
+                out.write_str("\\u00")?;
+                out.write_char(char::from(HEX[usize::from(byte >> 4)]))?;
+                out.write_char(char::from(HEX[usize::from(byte & 0xf)]))?;
+            }
+        }
+        start = at + 1;
+    }
+    out.write_str(&text[start..])
+}
+
+/// Whether any byte is in [`NEEDS_ESCAPE`], eight bytes at a time: almost
+/// every value logged (ids, names, paths) needs no escaping at all.
+fn needs_escaping(bytes: &[u8]) -> bool {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGHS: u64 = 0x8080_8080_8080_8080;
+    // High bit set for each byte of `word` below `n` (n ≤ 0x80): the classic
+    // "has less than" test; a byte with its own high bit set never counts.
+    let below = |word: u64, n: u64| word.wrapping_sub(ONES * n) & !word & HIGHS;
+    let mut chunks = bytes.chunks_exact(8);
+    for chunk in &mut chunks {
+        let word = u64::from_le_bytes(chunk.try_into().expect("8 bytes"));
+        // Controls below 0x20; `"`, `\` and DEL as the zero bytes of a XOR.
+        let found = below(word, 0x20)
+            | below(word ^ (ONES * u64::from(b'"')), 1)
+            | below(word ^ (ONES * u64::from(b'\\')), 1)
+            | below(word ^ (ONES * 0x7f), 1);
+        if found != 0 {
+            return true;
+        }
+    }
+    chunks
+        .remainder()
+        .iter()
+        .any(|&byte| NEEDS_ESCAPE[usize::from(byte)])
+}
+
+/// `"`, `\`, the C0 controls and DEL.
+static NEEDS_ESCAPE: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut byte = 0;
+    while byte < 0x20 {
+        table[byte] = true;
+        byte += 1;
+    }
+    table[b'"' as usize] = true;
+    table[b'\\' as usize] = true;
+    table[0x7f] = true;
+    table
+};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tracing_subscriber::layer::SubscriberExt;
+
+    /// An `io::Write` the test can read back.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Captured {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Captured {
+        fn text(&self) -> String {
+            String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
+        }
+    }
+
+    /// What a `tracing_subscriber::fmt` layer writing into a [`LogSink`]
+    /// makes of `emit`'s events: with [`FastAccessLines`] when `fast`, with
+    /// the stock formatter alone otherwise.
+    fn capture(format: LogFormat, fast: bool, emit: impl FnOnce()) -> String {
+        use tracing_subscriber::Layer as _;
+        let out = Captured::default();
+        let (sink, guard) = LogSink::spawn(out.clone());
+        let layer = match (format, fast) {
+            (LogFormat::Json, false) => tracing_subscriber::fmt::layer()
+                .json()
+                .flatten_event(true)
+                .with_writer(sink)
+                .boxed(),
+            (LogFormat::Json, true) => tracing_subscriber::fmt::layer()
+                .json()
+                .flatten_event(true)
+                .with_writer(sink)
+                .map_event_format(|general| FastAccessLines::new(general, format))
+                .boxed(),
+            (LogFormat::Text, false) => tracing_subscriber::fmt::layer()
+                .with_ansi(false)
+                .with_writer(sink)
+                .boxed(),
+            (LogFormat::Text, true) => tracing_subscriber::fmt::layer()
+                .with_ansi(false)
+                .with_writer(sink)
+                .map_event_format(|general| FastAccessLines::new(general, format))
+                .boxed(),
+        };
+        tracing::subscriber::with_default(tracing_subscriber::registry().with(layer), emit);
+        drop(guard); // writes everything, then stops the thread
+        out.text()
+    }
+
+    /// Drops the timestamp (the first JSON member / the first word).
+    fn without_timestamp(format: LogFormat, line: &str) -> String {
+        match format {
+            LogFormat::Json => {
+                let mut value: serde_json::Value = serde_json::from_str(line).expect(line);
+                value.as_object_mut().unwrap().remove("timestamp");
+                value.to_string()
+            }
+            LogFormat::Text => line.split_once(' ').unwrap().1.to_owned(),
+        }
+    }
+
+    fn access_line() {
+        let upstream_status: Option<u16> = Some(200);
+        tracing::info!(
+            target: "teamgate::access",
+            request_id = "a6ca8185-b4c9",
+            method = %http::Method::GET,
+            path = "/api/\"odd\"\\path\n\u{1}é",
+            team = "design",
+            status = 200u16,
+            upstream_status,
+            missing = Option::<u16>::None,
+            negative = -3i64,
+            ok = true,
+            "served"
+        );
+        // Terminal control characters in a message and in a field.
+        tracing::info!(
+            target: "teamgate::access",
+            path = "/x\u{1b}[2J",
+            "odd \u{1b}[31m message\u{7}\u{85}"
+        );
+    }
+
+    #[test]
+    fn access_lines_are_the_lines_the_stock_formatter_writes() {
+        for format in [LogFormat::Json, LogFormat::Text] {
+            let fast = capture(format, true, access_line);
+            let stock = capture(format, false, access_line);
+            assert_eq!(fast.lines().count(), 2, "{fast}");
+            assert!(!fast.contains('\u{1b}'), "{fast}");
+            let strip = |text: &str| -> Vec<String> {
+                text.lines()
+                    .map(|line| without_timestamp(format, line))
+                    .collect()
+            };
+            assert_eq!(strip(&fast), strip(&stock), "{format:?}");
+        }
+    }
+
+    #[test]
+    fn json_access_lines_are_valid_json_with_every_field_in_order() {
+        let text = capture(LogFormat::Json, true, access_line);
+        let line = text.lines().next().expect("one line");
+        let value: serde_json::Value = serde_json::from_str(line).expect(line);
+        assert_eq!(value["level"], "INFO");
+        assert_eq!(value["message"], "served");
+        assert_eq!(value["method"], "GET");
+        assert_eq!(value["path"], "/api/\"odd\"\\path\n\u{1}é");
+        assert_eq!(value["status"], 200);
+        assert_eq!(value["upstream_status"], 200);
+        assert_eq!(value["negative"], -3);
+        assert_eq!(value["ok"], true);
+        assert_eq!(value["target"], "teamgate::access");
+        assert!(value.get("missing").is_none(), "None fields are left out");
+        let positions: Vec<usize> = ["timestamp", "level", "message", "request_id", "target"]
+            .iter()
+            .map(|key| line.find(&format!("\"{key}\":")).unwrap())
+            .collect();
+        assert!(positions.is_sorted(), "field order in {line}");
+        let timestamp = value["timestamp"].as_str().unwrap();
+        assert_eq!(
+            timestamp.len(),
+            "2026-11-23T13:07:39.743223Z".len(),
+            "{timestamp}"
+        );
+        assert!(
+            time::OffsetDateTime::parse(timestamp, &time::format_description::well_known::Rfc3339)
+                .is_ok(),
+            "{timestamp}"
+        );
+    }
+
+    #[test]
+    fn other_events_are_left_to_the_stock_formatter() {
+        let emit = || {
+            tracing::info!(target: "teamgate", answer = 42, "not an access line");
+            tracing::warn!("neither");
+        };
+        for format in [LogFormat::Json, LogFormat::Text] {
+            let fast = capture(format, true, emit);
+            let stock = capture(format, false, emit);
+            let strip = |text: &str| -> Vec<String> {
+                text.lines()
+                    .map(|line| without_timestamp(format, line))
+                    .collect()
+            };
+            assert_eq!(strip(&fast).len(), 2, "{fast}");
+            assert_eq!(strip(&fast), strip(&stock));
+        }
+    }
+
+    #[test]
+    fn the_clock_formats_each_second_once_and_micros_with_zeros() {
+        let mut clock = SecondClock::default();
+        let at = UNIX_EPOCH + Duration::new(1_795_440_459, 5_000);
+        let mut written = |now| {
+            let mut out = String::new();
+            clock.write(&mut out, now).unwrap();
+            out
+        };
+        assert_eq!(written(at), "2026-11-23T13:27:39.000005Z");
+        assert_eq!(
+            written(at + Duration::from_micros(999_990)),
+            "2026-11-23T13:27:39.999995Z"
+        );
+        assert_eq!(
+            written(at + Duration::from_secs(61)),
+            "2026-11-23T13:28:40.000005Z"
+        );
+    }
+
+    #[test]
+    fn the_sink_keeps_line_order_across_threads_and_writes_everything_on_drop() {
+        let out = Captured::default();
+        let (sink, guard) = LogSink::spawn(out.clone());
+        let writers: Vec<_> = (0..4)
+            .map(|thread| {
+                let sink = sink.clone();
+                std::thread::spawn(move || {
+                    for n in 0..2000 {
+                        sink.append(format!("{thread} {n}\n").as_bytes());
+                    }
+                })
+            })
+            .collect();
+        for writer in writers {
+            writer.join().unwrap();
+        }
+        drop(guard);
+        let text = out.text();
+        assert_eq!(text.lines().count(), 8000);
+        for thread in 0..4 {
+            let numbers: Vec<u32> = text
+                .lines()
+                .filter_map(|line| line.split_once(' '))
+                .filter(|(from, _)| *from == thread.to_string())
+                .map(|(_, n)| n.parse().unwrap())
+                .collect();
+            assert_eq!(numbers, (0..2000).collect::<Vec<_>>(), "thread {thread}");
+        }
+    }
+
+    /// A writer that blocks until the test lets it go: stderr into a pipe nobody reads.
+    struct Stuck {
+        release: Arc<(Mutex<bool>, Condvar)>,
+        out: Captured,
+    }
+
+    impl Write for Stuck {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            let (released, wake) = &*self.release;
+            let mut released = released.lock().unwrap();
+            while !*released {
+                released = wake.wait(released).unwrap();
+            }
+            self.out.write(bytes)
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_stuck_output_drops_lines_and_says_how_many_instead_of_blocking() {
+        let release = Arc::new((Mutex::new(false), Condvar::new()));
+        let out = Captured::default();
+        let (sink, guard) = LogSink::spawn_with_limit(
+            Stuck {
+                release: Arc::clone(&release),
+                out: out.clone(),
+            },
+            100,
+        );
+        sink.append(b"first line taken by the writer, which then blocks\n");
+        // Wait until the writer has taken the first line and is stuck writing it.
+        while !sink.shared.lock().buffer.is_empty() {
+            std::thread::yield_now();
+        }
+        for n in 0..50 {
+            sink.append(format!("line {n:02}\n").as_bytes()); // 8 bytes each: 12 fit
+        }
+        *release.0.lock().unwrap() = true;
+        release.1.notify_all();
+        drop(guard);
+        let text = out.text();
+        assert!(
+            text.contains("line 11\n") && !text.contains("line 12\n"),
+            "{text}"
+        );
+        assert!(text.contains("teamgate: 38 log line(s) dropped"), "{text}");
+    }
+
+    #[test]
+    fn the_word_at_a_time_check_agrees_with_the_table_for_every_byte_at_every_position() {
+        for byte in 0..=255u8 {
+            for position in 0..20 {
+                let mut bytes = vec![b'a'; 20];
+                bytes[position] = byte;
+                assert_eq!(
+                    needs_escaping(&bytes),
+                    NEEDS_ESCAPE[usize::from(byte)],
+                    "byte {byte:#04x} at {position}"
+                );
+            }
+        }
+        // Neighbours whose borrows could spill into each other.
+        assert!(!needs_escaping(&[
+            0x20, 0x80, 0xff, 0x21, 0x23, 0x5b, 0x5d, 0x7e, 0x80
+        ]));
+        assert!(!needs_escaping(&[
+            0xa2, 0xdc, 0xff, 0x80, 0xa0, 0x9f, 0xe2, 0xfe
+        ]));
+        assert!(needs_escaping(&[
+            0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x1f
+        ]));
+        assert!(needs_escaping(&[
+            0x00, 0x01, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80
+        ]));
+    }
+
+    #[test]
+    fn json_escaping_covers_quotes_backslashes_and_control_characters() {
+        let mut out = String::new();
+        escape_json_into(&mut out, "a\"b\\c\u{0}\u{1f}\u{7f}\té").unwrap();
+        assert_eq!(out, "a\\\"b\\\\c\\u0000\\u001f\\u007f\\té");
+    }
+}
