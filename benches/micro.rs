@@ -115,7 +115,7 @@ fn benches(c: &mut Criterion) {
                 request.extensions_mut().insert(authenticated.clone());
                 request
                     .extensions_mut()
-                    .insert(ClientAddr("127.0.0.1:5000".parse().unwrap()));
+                    .insert(ClientAddr::new("127.0.0.1:5000".parse().unwrap()));
                 request
             },
             |mut request| prepare_upstream_request(&mut request, &config.server).unwrap(),

@@ -128,16 +128,17 @@ pub async fn run(
     loop {
         tokio::select! {
             accepted = listeners.gateway.accept() => match accepted {
-                                Ok((stream, peer)) => {
+                Ok((stream, peer)) => {
                     let Ok(slot) = Arc::clone(&connection_slots).try_acquire_owned() else {
                         tokio::spawn(refuse_connection(stream));
                         continue;
                     };
-                                        let _ = stream.set_nodelay(true);
+                    let _ = stream.set_nodelay(true);
                     let is_tls = tls.is_some();
+                    let client_addr = ClientAddr::new(peer);
                     let service = service.clone().map_request(move |request: Request<Incoming>| {
                         let mut request = request.map(Body::Incoming);
-                        request.extensions_mut().insert(ClientAddr(peer));
+                        request.extensions_mut().insert(client_addr.clone());
                         if is_tls {
                             request.extensions_mut().insert(ClientTls);
                         }

@@ -24,13 +24,29 @@ use tower::{Layer, Service};
 
 use super::{Authenticated, X_API_KEY};
 use crate::body::Body;
+use crate::config::secret::HeaderForm;
 use crate::config::{CredentialPlacement, ServerSettings};
 use crate::error::GatewayError;
 use crate::route::{RouteClass, RouteMatch};
 
-/// The client's address, attached by the listener.
-#[derive(Debug, Clone, Copy)]
-pub struct ClientAddr(pub SocketAddr);
+/// The client's address, attached by the listener to every request of a
+/// connection, with its `X-Forwarded-For` item made once per connection.
+#[derive(Debug, Clone)]
+pub struct ClientAddr {
+    pub addr: SocketAddr,
+    forwarded_for: HeaderValue,
+}
+
+impl ClientAddr {
+    pub fn new(addr: SocketAddr) -> Self {
+        let forwarded_for = HeaderValue::try_from(addr.ip().to_string())
+            .expect("an IP address is a valid header value");
+        ClientAddr {
+            addr,
+            forwarded_for,
+        }
+    }
+}
 
 /// Present when the client connected over TLS, attached by the listener.
 #[derive(Debug, Clone, Copy)]
@@ -108,12 +124,6 @@ pub fn replace_query_param(query: Option<&str>, name: &str, value: &str) -> Stri
     rewritten
 }
 
-fn sensitive(value: &str) -> Result<HeaderValue, GatewayError> {
-    let mut value = HeaderValue::from_str(value).map_err(|_| GatewayError::Internal)?;
-    value.set_sensitive(true);
-    Ok(value)
-}
-
 /// Rewrites `request` in place into the upstream request.
 pub fn prepare_upstream_request(
     request: &mut Request<Body>,
@@ -126,7 +136,9 @@ pub fn prepare_upstream_request(
         .ok_or(GatewayError::Internal)?;
     let auth = extensions.get::<Authenticated>().cloned();
     let public_read = extensions.get::<super::PublicRead>().is_some();
-    let client_addr = extensions.get::<ClientAddr>().map(|addr| addr.0.ip());
+    let client_addr = extensions
+        .get::<ClientAddr>()
+        .map(|addr| addr.forwarded_for.clone());
     let client_tls = extensions.get::<ClientTls>().is_some();
     let upstream = &route.upstream;
     // A public read carries no team credential: the client's own
@@ -183,16 +195,16 @@ pub fn prepare_upstream_request(
     headers.insert(header::HOST, host);
     if settings.forwarded_headers {
         if let Some(ip) = client_addr {
-            append_list(headers, &X_FORWARDED_FOR, &ip.to_string());
+            append_list(headers, &X_FORWARDED_FOR, ip);
         }
         let proto = if client_tls { "https" } else { "http" };
         headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(proto));
     }
     if settings.via {
         let via = if received_version == Version::HTTP_2 {
-            "2 teamgate"
+            HeaderValue::from_static("2 teamgate")
         } else {
-            "1.1 teamgate"
+            HeaderValue::from_static("1.1 teamgate")
         };
         append_list(headers, &header::VIA, via);
     }
@@ -200,38 +212,31 @@ pub fn prepare_upstream_request(
         // A public read: the client's `Authorization: public-auth-token` stays.
         return Ok(());
     };
-    match placement {
-        CredentialPlacement::Header(name) => {
-            headers.insert(name.clone(), sensitive(secret.expose())?);
-        }
-        CredentialPlacement::Bearer => {
-            headers.insert(
-                header::AUTHORIZATION,
-                sensitive(&format!("Bearer {}", secret.expose()))?,
-            );
-        }
-        CredentialPlacement::Basic => {
-            headers.insert(
-                header::AUTHORIZATION,
-                sensitive(&format!("Basic {}", secret.expose()))?,
-            );
-        }
-        CredentialPlacement::QueryParam(_) => {}
-    }
+    let (name, form) = match placement {
+        CredentialPlacement::Header(name) => (name.clone(), HeaderForm::Plain),
+        CredentialPlacement::Bearer => (header::AUTHORIZATION, HeaderForm::Bearer),
+        CredentialPlacement::Basic => (header::AUTHORIZATION, HeaderForm::Basic),
+        CredentialPlacement::QueryParam(_) => return Ok(()),
+    };
+    let value = secret.header_value(form).ok_or(GatewayError::Internal)?;
+    headers.insert(name, value);
     Ok(())
 }
 
-/// Appends to a comma-separated list header, joining any existing values.
-fn append_list(headers: &mut HeaderMap, name: &HeaderName, item: &str) {
-    let mut joined = String::new();
-    for value in headers.get_all(name) {
-        if let Ok(value) = value.to_str() {
-            joined.push_str(value);
-            joined.push_str(", ");
-        }
+/// Appends to a comma-separated list header, joining any existing values
+/// into one. Without existing values (the usual case) `item` goes in as is.
+fn append_list(headers: &mut HeaderMap, name: &HeaderName, item: HeaderValue) {
+    if !headers.contains_key(name) {
+        headers.insert(name.clone(), item);
+        return;
     }
-    joined.push_str(item);
-    if let Ok(value) = HeaderValue::from_str(&joined) {
+    let mut joined = Vec::new();
+    for value in headers.get_all(name) {
+        joined.extend_from_slice(value.as_bytes());
+        joined.extend_from_slice(b", ");
+    }
+    joined.extend_from_slice(item.as_bytes());
+    if let Ok(value) = HeaderValue::from_bytes(&joined) {
         headers.insert(name.clone(), value);
     }
 }
@@ -339,9 +344,43 @@ mod tests {
 
     #[test]
     fn lists_are_appended_to() {
+        let item = || HeaderValue::from_static("127.0.0.1");
         let mut headers = HeaderMap::new();
+        append_list(&mut headers, &X_FORWARDED_FOR, item());
+        assert_eq!(headers[&X_FORWARDED_FOR], "127.0.0.1");
         headers.insert(&X_FORWARDED_FOR, "10.0.0.1".parse().unwrap());
-        append_list(&mut headers, &X_FORWARDED_FOR, "127.0.0.1");
+        append_list(&mut headers, &X_FORWARDED_FOR, item());
         assert_eq!(headers[&X_FORWARDED_FOR], "10.0.0.1, 127.0.0.1");
+        // Several existing lines become one list, in order.
+        headers.append(&X_FORWARDED_FOR, "10.0.0.2".parse().unwrap());
+        append_list(&mut headers, &X_FORWARDED_FOR, item());
+        assert_eq!(
+            headers.get_all(&X_FORWARDED_FOR).iter().collect::<Vec<_>>(),
+            ["10.0.0.1, 127.0.0.1, 10.0.0.2, 127.0.0.1"]
+        );
+    }
+
+    #[test]
+    fn credential_header_values_are_built_once_and_marked_sensitive() {
+        use crate::config::secret::Secret;
+        let secret = Secret::new("sk-test");
+        for (form, text) in [
+            (HeaderForm::Plain, "sk-test"),
+            (HeaderForm::Bearer, "Bearer sk-test"),
+            (HeaderForm::Basic, "Basic sk-test"),
+        ] {
+            let first = secret.header_value(form).unwrap();
+            assert_eq!(first, text);
+            assert!(first.is_sensitive());
+            // The second is the same shared bytes, not a new allocation.
+            let second = secret.header_value(form).unwrap();
+            assert_eq!(first.as_bytes().as_ptr(), second.as_bytes().as_ptr());
+        }
+        assert!(
+            Secret::new("bad\nvalue")
+                .header_value(HeaderForm::Plain)
+                .is_none()
+        );
+        assert_eq!(format!("{secret:?}"), "Secret(..)");
     }
 }

@@ -631,7 +631,7 @@ fn fill_request(request: &Request<Body>) -> Request<Body> {
         to.insert(id.clone());
     }
     if let Some(addr) = from.get::<ClientAddr>() {
-        to.insert(*addr);
+        to.insert(addr.clone());
     }
     if let Some(tls) = from.get::<crate::auth::inject::ClientTls>() {
         to.insert(*tls);

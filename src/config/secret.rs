@@ -5,22 +5,71 @@
 
 use std::fmt;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
+
+use bytes::Bytes;
+use http::HeaderValue;
 
 /// An upstream credential, resolved at load time. Cheap to clone.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(Arc<str>);
+#[derive(Clone)]
+pub struct Secret(Arc<SecretInner>);
+
+struct SecretInner {
+    value: Box<str>,
+    /// The header values made from it, built on first use and shared after:
+    /// injecting the credential costs a reference count, not an allocation.
+    headers: [OnceLock<Option<HeaderValue>>; 3],
+}
+
+/// How a secret is written into a header value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeaderForm {
+    /// The value as it is (`X-API-Key: <secret>`).
+    Plain,
+    /// `Bearer <secret>`.
+    Bearer,
+    /// `Basic <secret>` (the secret is the base64 `key:secret` pair).
+    Basic,
+}
 
 impl Secret {
-    pub fn new(value: impl Into<Arc<str>>) -> Self {
-        Secret(value.into())
+    pub fn new(value: impl Into<Box<str>>) -> Self {
+        Secret(Arc::new(SecretInner {
+            value: value.into(),
+            headers: Default::default(),
+        }))
     }
 
     /// The secret value: call only where it is put on the wire to its own upstream.
     pub fn expose(&self) -> &str {
-        &self.0
+        &self.0.value
+    }
+
+    /// The secret as a sensitive header value (never logged by `http`'s
+    /// `Debug`, never indexed by HPACK); `None` if it cannot be one.
+    pub fn header_value(&self, form: HeaderForm) -> Option<HeaderValue> {
+        let (slot, prefix) = match form {
+            HeaderForm::Plain => (&self.0.headers[0], ""),
+            HeaderForm::Bearer => (&self.0.headers[1], "Bearer "),
+            HeaderForm::Basic => (&self.0.headers[2], "Basic "),
+        };
+        slot.get_or_init(|| {
+            let text = format!("{prefix}{}", self.expose());
+            let mut value = HeaderValue::from_maybe_shared(Bytes::from(text)).ok()?;
+            value.set_sensitive(true);
+            Some(value)
+        })
+        .clone()
     }
 }
+
+impl PartialEq for Secret {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.value == other.0.value
+    }
+}
+
+impl Eq for Secret {}
 
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
