@@ -18,11 +18,17 @@ duration=${DURATION:-5}
 connections=${CONNECTIONS:-64}
 port=18085
 admin=18095
+# The telemetry-on gateway (same config, access log on) runs beside the other
+# on these ports, idle except while it is measured.
+logged_port=18086
+logged_admin=18096
 work=$(mktemp -d /tmp/teamgate-bench.XXXXXX)
 gateway_pid=""
+logged_pid=""
 
 cleanup() {
   [ -n "$gateway_pid" ] && kill "$gateway_pid" 2>/dev/null || true
+  [ -n "$logged_pid" ] && kill "$logged_pid" 2>/dev/null || true
   "$peers/stop-peers.sh" || true
   rm -rf "$work"
 }
@@ -67,14 +73,15 @@ hash() { printf '%s' "$1" | sha256sum | cut -d' ' -f1; }
 export BENCH_UPSTREAM_KEY=comfy-team-a-secret
 for t in $(seq 0 9); do export "BENCH_UPSTREAM_KEY_$t=comfy-team-$t-secret"; done
 
-start_gateway() { # $1: log level
-  sed "1i [log]\nlevel = \"$1\"\nformat = \"json\"" "$work/base.toml" > "$work/teamgate.toml"
-  taskset -c 0 "$root/target/release/teamgate" serve --config "$work/teamgate.toml" 2>"$work/teamgate-$1.log" &
-  gateway_pid=$!
-  for _ in $(seq 100); do curl -fs -o /dev/null "http://127.0.0.1:$admin/readyz" && return 0; sleep 0.05; done
+start_gateway() { # $1: log level, $2: port, $3: admin port; sets started_pid
+  sed "1i [log]\nlevel = \"$1\"\nformat = \"json\"" "$work/base.toml" \
+    | sed "s/127.0.0.1:$port\"/127.0.0.1:$2\"/; s/127.0.0.1:$admin\"/127.0.0.1:$3\"/" > "$work/teamgate-$1.toml"
+  taskset -c 0 "$root/target/release/teamgate" serve --config "$work/teamgate-$1.toml" 2>"$work/teamgate-$1.log" &
+  started_pid=$!
+  for _ in $(seq 100); do curl -fs -o /dev/null "http://127.0.0.1:$3/readyz" && return 0; sleep 0.05; done
   echo "teamgate did not start" >&2; cat "$work/teamgate-$1.log" >&2; exit 1
 }
-stop_gateway() { kill "$gateway_pid"; wait "$gateway_pid" 2>/dev/null || true; gateway_pid=""; }
+stop_gateway() { kill "$1"; wait "$1" 2>/dev/null || true; }
 
 # wrk → "req_per_s p50_ms p99_ms"
 measure() { # $1 url, $2.. extra wrk args
@@ -103,10 +110,14 @@ results="$work/results.txt"
 : > "$results"
 record() { echo "$1 $2" >> "$results"; }
 
-start_gateway warn
+start_gateway warn "$port" "$admin"; gateway_pid=$started_pid
+# Telemetry: cache hits with the access log on (info, JSON to a file) against
+# off (warn), measured in the same runs, one after the other.
+start_gateway info "$logged_port" "$logged_admin"; logged_pid=$started_pid
 for run in $(seq "$runs"); do
   echo "== run $run/$runs" >&2
   record hit/teamgate "$(measure "http://127.0.0.1:$port/api/assets?limit=20")"
+  record hit_telemetry_on/teamgate "$(measure "http://127.0.0.1:$logged_port/api/assets?limit=20")"
   record hit/nginx "$(measure "http://127.0.0.1:18082/api/assets?limit=20")"
   record hit/varnish "$(measure "http://127.0.0.1:18083/api/assets?limit=20")"
   record hit/limit "$(measure "http://127.0.0.1:18084/api/assets?limit=20")"
@@ -125,6 +136,8 @@ end
 LUA
   record mixed/teamgate "$(measure "http://127.0.0.1:$port/api/assets?limit=20" -s "$work/mixed.lua")"
 done
+
+stop_gateway "$logged_pid"; logged_pid=""   # not beside the memory measurement
 
 # Coalescing: 500 concurrent first requests for one new key; count upstream requests.
 upstream_count() {
@@ -148,14 +161,7 @@ taskset -c 1 curl -s -Z --parallel-max 64 -H "Authorization: Bearer team-a-clien
 rss_kib=$(awk '/^VmRSS/ {print $2}' "/proc/$gateway_pid/status")
 cached_bytes=$(curl -fs "http://127.0.0.1:$admin/admin/cache" | python3 -c 'import json,sys; print(json.load(sys.stdin)["bytes"])')
 cached_entries=$(curl -fs "http://127.0.0.1:$admin/admin/cache" | python3 -c 'import json,sys; print(json.load(sys.stdin)["entries"])')
-stop_gateway
-
-# Telemetry: the access log and spans on (info), against off (warn), on cache hits.
-start_gateway info
-for run in $(seq "$runs"); do
-  record hit_telemetry_on/teamgate "$(measure "http://127.0.0.1:$port/api/assets?limit=20")"
-done
-stop_gateway
+stop_gateway "$gateway_pid"; gateway_pid=""
 
 python3 - "$results" "$runs" "$duration" "$connections" "$coalesce_upstream" "$rss_kib" "$cached_bytes" "$cached_entries" \
   "$root/benches/results/history.jsonl" "$(git rev-parse --short HEAD 2>/dev/null || echo unknown)" <<'PY'
