@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -14,20 +13,9 @@ use http_body_util::Full;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde_json::json;
-use teamgate::emulator::{Fault, FaultAction, demo_blob_hash};
-use tokio::sync::Semaphore;
+use teamgate::emulator::{Fault, FaultAction};
 
 const LIST: &str = "/api/assets?limit=20&include_tags=input";
-
-async fn from_hash(h: &Harness, key: &str, name: &str) -> Answer {
-    h.call(
-        Method::POST,
-        "/api/assets/from-hash",
-        Some(key),
-        Some(json!({"hash": demo_blob_hash(), "name": name, "tags": ["input"]})),
-    )
-    .await
-}
 
 fn listed(answer: &Answer, name: &str) -> bool {
     answer.json()["assets"]
@@ -35,17 +23,6 @@ fn listed(answer: &Answer, name: &str) -> bool {
         .unwrap()
         .iter()
         .any(|asset| asset["name"] == name)
-}
-
-/// Waits (bounded) until `check` holds; panics with `what` if it never does.
-async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
-    for _ in 0..2000 {
-        if check().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    panic!("timed out waiting for: {what}");
 }
 
 async fn cache_stats(h: &Harness) -> serde_json::Value {
@@ -92,7 +69,7 @@ async fn a_repeated_read_is_a_hit_byte_identical_to_what_upstream_sent() {
 #[tokio::test]
 async fn two_teams_never_share_an_entry_for_the_same_url() {
     let h = Harness::start().await;
-    from_hash(&h, DESIGN_KEY, "design-only.png").await;
+    h.create_asset(DESIGN_KEY, "design-only.png").await;
     let design = h.get(LIST, DESIGN_KEY).await;
     let research = h.get(LIST, RESEARCH_KEY).await;
     assert_eq!(
@@ -154,7 +131,7 @@ async fn after_from_hash_the_next_list_shows_the_new_asset() {
     let h = Harness::start().await;
     assert!(!listed(&h.get(LIST, DESIGN_KEY).await, "fresh.png"));
     assert!(h.get(LIST, DESIGN_KEY).await.cache_status().contains("hit"));
-    let created = from_hash(&h, DESIGN_KEY, "fresh.png").await;
+    let created = h.create_asset(DESIGN_KEY, "fresh.png").await;
     assert_eq!(created.status, StatusCode::CREATED);
     let after = h.get(LIST, DESIGN_KEY).await;
     assert_eq!(after.cache_status(), "teamgate; fwd=miss; stored");
@@ -180,7 +157,7 @@ async fn after_from_hash_the_next_list_shows_the_new_asset() {
 #[tokio::test]
 async fn writes_to_one_asset_invalidate_its_detail_and_only_for_that_team() {
     let h = Harness::start().await;
-    let id = from_hash(&h, DESIGN_KEY, "detail.png").await.json()["id"]
+    let id = h.create_asset(DESIGN_KEY, "detail.png").await.json()["id"]
         .as_str()
         .unwrap()
         .to_owned();
@@ -258,14 +235,11 @@ async fn a_failed_write_invalidates_nothing() {
 #[tokio::test]
 async fn a_fill_racing_a_write_is_not_stored_and_not_joined() {
     let h = Harness::start().await;
-    let gate = Arc::new(Semaphore::new(0));
-    h.emulator.inject(
-        Fault::new(
-            Some(Method::GET),
-            "/api/assets",
-            FaultAction::HoldResponse(Arc::clone(&gate)),
-        )
-        .times(1),
+    let gate = hold_once(
+        &h.emulator,
+        Some(Method::GET),
+        "/api/assets",
+        FaultAction::HoldResponse,
     );
 
     let early = spawn_get(&h.client, h.url(LIST), DESIGN_KEY);
@@ -276,7 +250,7 @@ async fn a_fill_racing_a_write_is_not_stored_and_not_joined() {
 
     // The write completes while the early fill (with the old list) is held.
     assert_eq!(
-        from_hash(&h, DESIGN_KEY, "raced.png").await.status,
+        h.create_asset(DESIGN_KEY, "raced.png").await.status,
         StatusCode::CREATED
     );
     // A read after the write must not join the early fill: it fetches anew.
@@ -309,14 +283,11 @@ async fn a_fill_racing_a_write_is_not_stored_and_not_joined() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_concurrent_misses_make_one_upstream_request() {
     let h = Harness::start().await;
-    let gate = Arc::new(Semaphore::new(0));
-    h.emulator.inject(
-        Fault::new(
-            Some(Method::GET),
-            "/api/assets",
-            FaultAction::Hold(Arc::clone(&gate)),
-        )
-        .times(1),
+    let gate = hold_once(
+        &h.emulator,
+        Some(Method::GET),
+        "/api/assets",
+        FaultAction::Hold,
     );
 
     // HTTP/2 (h2c, prior knowledge): 10 connections × 100 streams, so 1000
@@ -359,14 +330,11 @@ async fn a_thousand_concurrent_misses_make_one_upstream_request() {
 #[tokio::test]
 async fn the_fill_completes_for_waiters_when_the_leading_client_goes_away() {
     let h = Harness::start().await;
-    let gate = Arc::new(Semaphore::new(0));
-    h.emulator.inject(
-        Fault::new(
-            Some(Method::GET),
-            "/api/assets",
-            FaultAction::Hold(Arc::clone(&gate)),
-        )
-        .times(1),
+    let gate = hold_once(
+        &h.emulator,
+        Some(Method::GET),
+        "/api/assets",
+        FaultAction::Hold,
     );
     let leader = spawn_get(&h.client, h.url(LIST), DESIGN_KEY);
     eventually("the leader's fill reaches upstream", async || {
@@ -398,14 +366,11 @@ async fn the_fill_completes_for_waiters_when_the_leading_client_goes_away() {
 async fn an_upstream_error_is_shared_with_current_waiters_but_not_cached() {
     let h = Harness::start().await;
     let missing = format!("/api/assets/{}", uuid::Uuid::new_v4());
-    let gate = Arc::new(Semaphore::new(0));
-    h.emulator.inject(
-        Fault::new(
-            Some(Method::GET),
-            &missing,
-            FaultAction::HoldResponse(Arc::clone(&gate)),
-        )
-        .times(1),
+    let gate = hold_once(
+        &h.emulator,
+        Some(Method::GET),
+        &missing,
+        FaultAction::HoldResponse,
     );
     let mut waiting = Vec::new();
     for _ in 0..5 {
@@ -519,7 +484,7 @@ async fn head_is_answered_from_the_get_entry() {
 async fn no_cache_refetches_and_replaces_no_store_bypasses() {
     let h = Harness::start().await;
     h.get(LIST, DESIGN_KEY).await;
-    from_hash(&h, RESEARCH_KEY, "unrelated.png").await;
+    h.create_asset(RESEARCH_KEY, "unrelated.png").await;
     let refreshed = h
         .get_with(LIST, DESIGN_KEY, &[("cache-control", "no-cache")])
         .await;

@@ -4,8 +4,6 @@
 
 mod common;
 
-use std::sync::Arc;
-
 use bytes::Bytes;
 use common::*;
 use futures_util::{SinkExt, StreamExt};
@@ -128,14 +126,7 @@ async fn v2_routes_get_the_key_as_bearer_and_gateway_errors_in_the_v2_envelope()
 #[tokio::test]
 async fn two_teams_each_get_their_own_upstream_key_and_see_their_own_assets() {
     let h = Harness::start().await;
-    let created = h
-        .call(
-            Method::POST,
-            "/api/assets/from-hash",
-            Some(DESIGN_KEY),
-            Some(json!({"hash": demo_blob_hash(), "name": "only-design.png", "tags": ["input"]})),
-        )
-        .await;
+    let created = h.create_asset(DESIGN_KEY, "only-design.png").await;
     assert_eq!(created.status, StatusCode::CREATED);
     let id = created.json()["id"].as_str().unwrap().to_owned();
 
@@ -408,9 +399,7 @@ async fn an_upstream_5xx_passes_through_untouched() {
 async fn a_slow_upstream_gives_504_and_the_gateway_keeps_serving() {
     let h = Harness::start_with(r#"response_timeout = "200ms""#).await;
     // Held forever: the answer can only come from the gateway's timeout.
-    let gate = Arc::new(tokio::sync::Semaphore::new(0));
-    h.emulator
-        .inject(Fault::new(None, "/api/jobs", FaultAction::Hold(Arc::clone(&gate))).times(1));
+    let gate = hold_once(&h.emulator, None, "/api/jobs", FaultAction::Hold);
     let answer = h.get("/api/jobs", DESIGN_KEY).await;
     assert_eq!(answer.status, StatusCode::GATEWAY_TIMEOUT);
     assert_eq!(answer.json()["code"], "gateway_timeout");
@@ -462,55 +451,25 @@ async fn health_readiness_and_graceful_shutdown_let_in_flight_requests_finish() 
     assert_eq!(h.admin_get("/healthz").await.status, StatusCode::OK);
     assert_eq!(h.admin_get("/readyz").await.status, StatusCode::OK);
 
-    let gate = Arc::new(tokio::sync::Semaphore::new(0));
-    h.emulator.inject(Fault::new(
-        None,
-        "/api/jobs",
-        FaultAction::Hold(Arc::clone(&gate)),
-    ));
-    let client = h.client.clone();
-    let url = h.url("/api/jobs");
-    let in_flight = tokio::spawn(async move {
-        let request = Request::get(url)
-            .header("x-api-key", DESIGN_KEY)
-            .body(Full::new(Bytes::new()))
-            .unwrap();
-        client
-            .request(request)
-            .await
-            .map(|response| response.status())
-    });
-    // Wait (bounded) until the request is parked at the upstream.
-    for _ in 0..500 {
-        if h.emulator.count(Method::GET, "/api/jobs") == 1 {
-            break;
-        }
-        tokio::task::yield_now().await;
-        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-    }
-    assert_eq!(h.emulator.count(Method::GET, "/api/jobs"), 1);
+    let gate = hold_once(&h.emulator, None, "/api/jobs", FaultAction::Hold);
+    let in_flight = spawn_get(&h.client, h.url("/api/jobs"), DESIGN_KEY);
+    eventually("the request is parked at the upstream", async || {
+        h.emulator.count(Method::GET, "/api/jobs") == 1
+    })
+    .await;
 
     h.trigger_shutdown();
-    let mut readiness = StatusCode::OK;
-    for _ in 0..500 {
-        readiness = h.admin_get("/readyz").await.status;
-        if readiness != StatusCode::OK {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-    }
-    assert_eq!(
-        readiness,
-        StatusCode::SERVICE_UNAVAILABLE,
-        "draining is not ready"
-    );
+    eventually("draining is not ready", async || {
+        h.admin_get("/readyz").await.status == StatusCode::SERVICE_UNAVAILABLE
+    })
+    .await;
     assert_eq!(h.admin_get("/healthz").await.status, StatusCode::OK);
     // New connections are refused once draining.
     assert!(tokio::net::TcpStream::connect(h.gateway).await.is_err());
 
     gate.add_permits(1);
     assert_eq!(
-        in_flight.await.unwrap().unwrap(),
+        in_flight.await.unwrap().status,
         StatusCode::OK,
         "the in-flight request completes"
     );

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::*;
-use http::{Method, Request, StatusCode};
+use http::{Method, StatusCode};
 use http_body_util::Full;
 use serde_json::json;
 use teamgate::emulator::{Fault, FaultAction};
@@ -185,31 +185,22 @@ async fn max_in_flight_holds_under_concurrency() {
     ));
     let mut requests = Vec::new();
     for _ in 0..12 {
+        // A client each: twelve connections, so the cap is the gateway's, not the pool's.
         let client =
             hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
                 .build_http::<Full<Bytes>>();
-        let url = h.url("/api/jobs");
-        requests.push(tokio::spawn(async move {
-            let request = Request::get(url)
-                .header("x-api-key", DESIGN_KEY)
-                .body(Full::new(Bytes::new()))
-                .unwrap();
-            client.request(request).await.unwrap().status()
-        }));
+        requests.push(spawn_get(&client, h.url("/api/jobs"), DESIGN_KEY));
     }
-    for _ in 0..2000 {
-        if h.emulator.in_flight() == 3 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    assert_eq!(h.emulator.in_flight(), 3);
+    eventually("three requests reach the upstream", async || {
+        h.emulator.in_flight() == 3
+    })
+    .await;
     // Let them through one at a time; the cap must hold the whole way.
     for _ in 0..12 {
         gate.add_permits(1);
     }
     for request in requests {
-        assert_eq!(request.await.unwrap(), StatusCode::OK);
+        assert_eq!(request.await.unwrap().status, StatusCode::OK);
     }
     assert_eq!(h.emulator.count(Method::GET, "/api/jobs"), 12);
     assert_eq!(

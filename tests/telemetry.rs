@@ -5,8 +5,7 @@ mod common;
 
 use common::*;
 use http::{Method, StatusCode};
-use serde_json::json;
-use teamgate::emulator::{Fault, FaultAction, demo_blob_hash};
+use teamgate::emulator::{Fault, FaultAction};
 
 /// The value of the sample of `name` whose labels include all of `labels`.
 fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
@@ -29,14 +28,7 @@ async fn traffic_mix(h: &Harness) -> String {
     h.get(list, DESIGN_KEY).await; // miss, stored
     h.get(list, DESIGN_KEY).await; // hit
     h.get(list, DESIGN_KEY).await; // hit
-    let created = h
-        .call(
-            Method::POST,
-            "/api/assets/from-hash",
-            Some(DESIGN_KEY),
-            Some(json!({"hash": demo_blob_hash(), "tags": ["input"]})),
-        )
-        .await;
+    let created = h.create_asset(DESIGN_KEY, "metrics.png").await;
     let id = created.json()["id"].as_str().unwrap().to_owned();
     h.get(&format!("/api/assets/{id}"), DESIGN_KEY).await;
     h.get("/api/jobs", RESEARCH_KEY).await;

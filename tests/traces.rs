@@ -16,7 +16,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::trace::v1::Span;
 use prost::Message;
-use teamgate::config::{LogFormat, LogSettings, OtlpProtocol, TraceSettings};
+use teamgate::config::OtlpProtocol;
 
 /// An OTLP/HTTP receiver on 127.0.0.1:0 that keeps every span it is sent.
 async fn receiver() -> (
@@ -70,17 +70,7 @@ const CLIENT_SPAN: &str = "00f067aa0ba902b7";
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spans_arrive_with_the_clients_trace_as_parent_and_propagate_upstream() {
     let (addr, spans, paths) = receiver().await;
-    let settings = TraceSettings {
-        endpoint: Some(format!("http://{addr}")),
-        protocol: OtlpProtocol::HttpProtobuf,
-        service_name: "teamgate-test".into(),
-        sample_ratio: 1.0,
-    };
-    let log = LogSettings {
-        format: LogFormat::Text,
-        level: "info".into(),
-    };
-    let telemetry = teamgate::telemetry::traces::init(&log, &settings).unwrap();
+    let telemetry = export_traces_to(addr, OtlpProtocol::HttpProtobuf);
 
     let h = Harness::start().await;
     let answer = h

@@ -15,7 +15,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTraceServiceRequest, ExportTraceServiceResponse,
 };
 use opentelemetry_proto::tonic::trace::v1::Span;
-use teamgate::config::{LogFormat, LogSettings, OtlpProtocol, TraceSettings};
+use teamgate::config::OtlpProtocol;
 
 #[derive(Default, Clone)]
 struct Collector(Arc<Mutex<Vec<Span>>>);
@@ -47,17 +47,7 @@ async fn spans_arrive_over_grpc_with_the_clients_trace_as_parent() {
         .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener));
     tokio::spawn(server);
 
-    let settings = TraceSettings {
-        endpoint: Some(format!("http://{addr}")),
-        protocol: OtlpProtocol::Grpc,
-        service_name: "teamgate-test".into(),
-        sample_ratio: 1.0,
-    };
-    let log = LogSettings {
-        format: LogFormat::Text,
-        level: "info".into(),
-    };
-    let telemetry = teamgate::telemetry::traces::init(&log, &settings).unwrap();
+    let telemetry = export_traces_to(addr, OtlpProtocol::Grpc);
 
     let h = Harness::start().await;
     let trace_id = "0af7651916cd43dd8448eb211c80319c";

@@ -218,7 +218,7 @@ impl<F> FastAccessLines<F> {
 }
 
 /// Whether an event is the per-request access line.
-pub fn is_access_event(metadata: &tracing::Metadata<'_>) -> bool {
+fn is_access_event(metadata: &tracing::Metadata<'_>) -> bool {
     metadata.target() == ACCESS_TARGET
 }
 

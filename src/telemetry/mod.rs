@@ -98,15 +98,6 @@ pub struct Observe<S> {
     inner: S,
 }
 
-/// What the access-log line needs that the request no longer holds at the
-/// end. Both are reference-counted clones, not copies.
-#[derive(Debug)]
-struct AccessFields {
-    /// Logged by its path only, never the query (Comfy's `/ws` carries a key in `token=`).
-    uri: http::Uri,
-    request_id: HeaderValue,
-}
-
 /// Counts a request in `teamgate_requests_in_flight` until dropped, so a
 /// client that goes away mid-request is counted out too.
 struct InFlightGuard(Arc<Metrics>);
@@ -158,14 +149,10 @@ where
             upstream_status = tracing::field::Empty,
         );
         traces::continue_trace(&span, request.headers());
-        // Kept for the access log only, and only built when that line is on.
-        let access =
-            tracing::enabled!(target: logging::ACCESS_TARGET, tracing::Level::INFO).then(|| {
-                AccessFields {
-                    uri: request.uri().clone(),
-                    request_id: request_id.0.clone(),
-                }
-            });
+        // What the access line needs that the request no longer holds at the
+        // end (a reference-counted clone), kept only when that line is on.
+        let logged_uri = tracing::enabled!(target: logging::ACCESS_TARGET, tracing::Level::INFO)
+            .then(|| request.uri().clone());
         let labels = Arc::new(RequestLabels::default());
         request.extensions_mut().insert(Arc::clone(&labels));
         let method = request.method().clone();
@@ -183,7 +170,7 @@ where
             metrics: Arc::clone(&self.metrics),
             labels,
             method,
-            access,
+            logged_uri,
             _in_flight: InFlightGuard::enter(&self.metrics),
         }
     }
@@ -200,7 +187,8 @@ pin_project! {
         metrics: Arc<Metrics>,
         labels: Arc<RequestLabels>,
         method: http::Method,
-        access: Option<AccessFields>,
+        // Logged by its path only, never the query (Comfy's `/ws` carries a key in `token=`).
+        logged_uri: Option<http::Uri>,
         _in_flight: InFlightGuard,
     }
 }
@@ -236,12 +224,16 @@ where
         // The access log carries every field itself: at the default level the
         // request span (DEBUG) is not even built, so this line costs one event.
         let labels = &this.labels;
-        if let Some(access) = this.access.take() {
+        if let Some(uri) = this.logged_uri.take() {
             tracing::info!(
                 target: logging::ACCESS_TARGET,
-                request_id = access.request_id.to_str().unwrap_or_default(),
+                request_id = response
+                    .headers()
+                    .get(&X_REQUEST_ID)
+                    .and_then(|id| id.to_str().ok())
+                    .unwrap_or_default(),
                 method = %this.method,
-                path = access.uri.path(),
+                path = uri.path(),
                 team = labels.team.get().map_or("", |team| team.name.as_str()),
                 upstream = labels.upstream.get().map_or("", |upstream| upstream.name.as_str()),
                 route_class = labels.route_class.get().copied().unwrap_or("none"),

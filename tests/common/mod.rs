@@ -12,10 +12,10 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use teamgate::config::{self, Secrets};
-use teamgate::emulator::{Account, Emulator};
+use teamgate::emulator::{Account, Emulator, Fault, FaultAction, demo_blob_hash};
 use teamgate::{Listeners, run};
 use tokio::net::TcpListener;
-use tokio::sync::oneshot;
+use tokio::sync::{Semaphore, oneshot};
 use tokio::task::JoinHandle;
 
 /// Client (gateway) keys of the test teams; their hashes are in the config below.
@@ -113,6 +113,21 @@ impl Answer {
     pub fn json(&self) -> serde_json::Value {
         serde_json::from_slice(&self.body)
             .unwrap_or_else(|_| panic!("not JSON: {}", String::from_utf8_lossy(&self.body)))
+    }
+
+    /// Reads a whole response.
+    pub async fn read<B>(response: http::Response<B>) -> Answer
+    where
+        B: http_body::Body,
+        B::Error: std::fmt::Debug,
+    {
+        let (parts, body) = response.into_parts();
+        let body = body.collect().await.expect("the body arrives").to_bytes();
+        Answer {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+        }
     }
 }
 
@@ -239,13 +254,7 @@ impl Harness {
             .request(request)
             .await
             .expect("the gateway answers");
-        let (parts, body) = response.into_parts();
-        let body = body.collect().await.expect("the body arrives").to_bytes();
-        Answer {
-            status: parts.status,
-            headers: parts.headers,
-            body,
-        }
+        Answer::read(response).await
     }
 
     /// A request with the design team's key in `X-API-Key`.
@@ -268,6 +277,18 @@ impl Harness {
             None => Full::new(Bytes::new()),
         };
         self.send(builder.body(body).unwrap()).await
+    }
+
+    /// `POST /api/assets/from-hash` of the emulator's demo blob under `name`,
+    /// tagged `input`: the asset-creating write most tests need.
+    pub async fn create_asset(&self, key: &str, name: &str) -> Answer {
+        self.call(
+            Method::POST,
+            "/api/assets/from-hash",
+            Some(key),
+            Some(serde_json::json!({"hash": demo_blob_hash(), "name": name, "tags": ["input"]})),
+        )
+        .await
     }
 
     pub async fn get(&self, path: &str, key: &str) -> Answer {
@@ -377,14 +398,55 @@ pub fn spawn_get(
             .body(Full::new(Bytes::new()))
             .unwrap();
         let response = client.request(request).await.expect("the gateway answers");
-        let (parts, body) = response.into_parts();
-        let body = body.collect().await.expect("the body arrives").to_bytes();
-        Answer {
-            status: parts.status,
-            headers: parts.headers,
-            body,
-        }
+        Answer::read(response).await
     })
+}
+
+/// Installs the gateway's own logging (text, info) and trace export to an
+/// OTLP receiver at `addr`, every span sampled. Once per test binary: the
+/// subscriber is global.
+pub fn export_traces_to(
+    addr: SocketAddr,
+    protocol: config::OtlpProtocol,
+) -> teamgate::telemetry::traces::TelemetryGuard {
+    let settings = config::TraceSettings {
+        endpoint: Some(format!("http://{addr}")),
+        protocol,
+        service_name: "teamgate-test".into(),
+        sample_ratio: 1.0,
+    };
+    let log = config::LogSettings {
+        format: config::LogFormat::Text,
+        level: "info".into(),
+    };
+    teamgate::telemetry::traces::init(&log, &settings).expect("telemetry starts")
+}
+
+/// Waits (bounded: 2000 checks, 5 ms apart) until `check` holds; panics
+/// with `what` if it never does.
+pub async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
+    for _ in 0..2000 {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    panic!("timed out waiting for: {what}");
+}
+
+/// Injects a fault built from a fresh gate on the next `method path`
+/// request and returns the gate: that request waits at the emulator until
+/// the test adds a permit. `make` is `FaultAction::Hold` (wait before
+/// answering) or `FaultAction::HoldResponse` (compute the answer, then wait).
+pub fn hold_once(
+    emulator: &Emulator,
+    method: Option<Method>,
+    path: &str,
+    make: fn(Arc<Semaphore>) -> FaultAction,
+) -> Arc<Semaphore> {
+    let gate = Arc::new(Semaphore::new(0));
+    emulator.inject(Fault::new(method, path, make(Arc::clone(&gate))).times(1));
+    gate
 }
 
 /// POSTs `chunks` as one streamed body (share one `Bytes` so the client itself
@@ -412,15 +474,6 @@ pub async fn post_streamed(
     let idle = current_rss();
     reset_peak_rss();
     let response = client.request(request).await.expect("the gateway answers");
-    let (parts, body) = response.into_parts();
-    let body = body.collect().await.expect("the body arrives").to_bytes();
-    let grown = peak_rss().saturating_sub(idle);
-    (
-        Answer {
-            status: parts.status,
-            headers: parts.headers,
-            body,
-        },
-        grown,
-    )
+    let answer = Answer::read(response).await;
+    (answer, peak_rss().saturating_sub(idle))
 }
