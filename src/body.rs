@@ -26,6 +26,10 @@ pub enum Body {
     /// No body at all (`Content-Length: 0` is implied).
     #[default]
     Empty,
+    /// An upstream answer's body, read from the upstream connection as it is
+    /// polled (see `proxy::client`). Boxed: it holds the connection, and
+    /// bodies that arrive whole with their head never take this form.
+    Upstream(Box<crate::proxy::ResponseBody>),
     /// Bytes already read, then the rest of a stream: a response the cache
     /// began to buffer and found too big to store is passed on this way.
     Chained {
@@ -63,6 +67,7 @@ impl http_body::Body for Body {
         // Every variant is `Unpin` (`Incoming` is), so no pin projection is needed.
         match self.get_mut() {
             Body::Incoming(incoming) => Pin::new(incoming).poll_frame(cx).map_err(Into::into),
+            Body::Upstream(upstream) => Pin::new(upstream.as_mut()).poll_frame(cx),
             Body::Full(chunk) => Poll::Ready(chunk.take().map(|bytes| Ok(Frame::data(bytes)))),
             Body::Empty => Poll::Ready(None),
             Body::Chained { head, tail } => match head.take() {
@@ -75,6 +80,7 @@ impl http_body::Body for Body {
     fn is_end_stream(&self) -> bool {
         match self {
             Body::Incoming(incoming) => incoming.is_end_stream(),
+            Body::Upstream(upstream) => upstream.is_end_stream(),
             Body::Full(chunk) => chunk.is_none(),
             Body::Empty => true,
             Body::Chained { head, tail } => head.is_none() && tail.is_end_stream(),
@@ -84,6 +90,7 @@ impl http_body::Body for Body {
     fn size_hint(&self) -> SizeHint {
         match self {
             Body::Incoming(incoming) => incoming.size_hint(),
+            Body::Upstream(upstream) => upstream.size_hint(),
             Body::Full(Some(bytes)) => SizeHint::with_exact(bytes.len() as u64),
             Body::Full(None) | Body::Empty => SizeHint::with_exact(0),
             Body::Chained { head, tail } => {

@@ -18,19 +18,39 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::config::TlsSettings;
 
-/// Loads a certificate chain and its private key from PEM files.
-pub fn load_pair(cert: &Path, key: &Path) -> Result<CertifiedKey, String> {
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+/// The certificates in a PEM file; at least one.
+fn read_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certificates: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
         .and_then(|certs| certs.collect::<Result<_, _>>())
         .map_err(|error| {
             format!(
                 "cannot read certificates from `{}`: {error}",
-                cert.display()
+                path.display()
             )
         })?;
-    if chain.is_empty() {
-        return Err(format!("`{}` holds no certificate", cert.display()));
+    if certificates.is_empty() {
+        return Err(format!("`{}` holds no certificate", path.display()));
     }
+    Ok(certificates)
+}
+
+/// CA certificates from a PEM file, to trust for an upstream (`ca_file`).
+pub fn load_roots(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let roots = read_certificates(path)?;
+    let mut store = rustls::RootCertStore::empty();
+    let (_, unusable) = store.add_parsable_certificates(roots.iter().cloned());
+    if unusable > 0 {
+        return Err(format!(
+            "{unusable} certificate(s) in `{}` cannot be used as a trust anchor",
+            path.display()
+        ));
+    }
+    Ok(roots)
+}
+
+/// Loads a certificate chain and its private key from PEM files.
+pub fn load_pair(cert: &Path, key: &Path) -> Result<CertifiedKey, String> {
+    let chain = read_certificates(cert)?;
     let key_der = PrivateKeyDer::from_pem_file(key).map_err(|error| {
         format!(
             "cannot read a private key from `{}`: {error}",

@@ -542,8 +542,7 @@ stale_if_error = "1h"
     );
     assert!(stale.cache_status().ends_with("detail=stale-if-error"));
     // A dropped connection (the gateway's own 502) counts as an error too.
-    h.emulator
-        .inject(Fault::new(None, "/api/jobs", FaultAction::Drop).times(1));
+    drop_next_connection(&h.emulator, "/api/jobs");
     let after_drop = h.get("/api/jobs", DESIGN_KEY).await;
     assert_eq!(after_drop.status, StatusCode::OK);
     assert!(
@@ -551,7 +550,7 @@ stale_if_error = "1h"
         "{}",
         after_drop.cache_status()
     );
-    assert_eq!(h.emulator.count(Method::GET, "/api/jobs"), 3);
+    assert_eq!(h.emulator.count(Method::GET, "/api/jobs"), 4);
     // Without a stale entry, the error passes through.
     h.emulator.inject(
         Fault::new(

@@ -65,8 +65,7 @@ async fn no_key_appears_in_any_log_line() {
         h.call(Method::GET, "/api/assets", None, None).await.status,
         StatusCode::UNAUTHORIZED
     );
-    h.emulator
-        .inject(Fault::new(None, "/api/tags", FaultAction::Drop).times(1));
+    drop_next_connection(&h.emulator, "/api/tags");
     assert_eq!(
         h.get("/api/tags", DESIGN_KEY).await.status,
         StatusCode::BAD_GATEWAY

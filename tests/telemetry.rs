@@ -34,8 +34,7 @@ async fn traffic_mix(h: &Harness) -> String {
     h.get("/api/jobs", RESEARCH_KEY).await;
     h.get("/api/jobs", RESEARCH_KEY).await; // refused by research's quota
     h.call(Method::GET, "/api/jobs", None, None).await; // 401
-    h.emulator
-        .inject(Fault::new(None, "/api/tags", FaultAction::Drop).times(1));
+    drop_next_connection(&h.emulator, "/api/tags");
     h.get("/api/tags", DESIGN_KEY).await; // 502: reset
     h.emulator.inject(
         Fault::new(

@@ -145,6 +145,9 @@ pub struct Upstream {
     pub mount: String,
     pub preset: Preset,
     pub timeouts: UpstreamTimeouts,
+    /// The roots trusted for an https upstream (`ca_file`); empty means the
+    /// public web roots (webpki-roots).
+    pub trusted_roots: Vec<rustls_pki_types::CertificateDer<'static>>,
     /// Config rules first, then the preset's (unless `preset_rules = false`); empty when disabled.
     pub cache: CachePolicy,
     /// Let the preset's public reads through without a gateway key (Scenario's
@@ -442,6 +445,7 @@ struct FileUpstream {
     connect_timeout: Option<String>,
     response_timeout: Option<String>,
     pool_idle_timeout: Option<String>,
+    ca_file: Option<String>,
     #[serde(default)]
     cache: FileUpstreamCache,
     public_reads: Option<bool>,
@@ -739,6 +743,22 @@ fn validate(
                 &mut problem,
             ),
         };
+        let trusted_roots = match &upstream.ca_file {
+            None => Vec::new(),
+            Some(path) => {
+                let path = match dir {
+                    Some(dir) if Path::new(path).is_relative() => dir.join(path),
+                    _ => Path::new(path).to_path_buf(),
+                };
+                match crate::tls::load_roots(&path) {
+                    Ok(roots) => roots,
+                    Err(message) => {
+                        problem(&key("ca_file"), message);
+                        Vec::new()
+                    }
+                }
+            }
+        };
         let cache = cache_policy(
             &upstream.cache,
             preset.as_ref(),
@@ -767,6 +787,7 @@ fn validate(
                 public_reads: upstream.public_reads.unwrap_or(false),
                 preset,
                 timeouts,
+                trusted_roots,
                 cache,
             }));
         } else {
@@ -1348,6 +1369,7 @@ fn placeholder_upstream(name: String, index: usize) -> Upstream {
             response: Duration::ZERO,
             pool_idle: Duration::ZERO,
         },
+        trusted_roots: Vec::new(),
         cache: CachePolicy::default(),
         public_reads: false,
     }
@@ -1462,6 +1484,31 @@ mod tests {
                 "teams.design.upstream_keys.comfy"
             ]
         );
+    }
+
+    #[test]
+    fn an_upstream_ca_file_must_hold_usable_certificates() {
+        let dir = std::env::temp_dir().join(format!("teamgate-ca-file-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let not_pem = dir.join("not.pem");
+        std::fs::write(&not_pem, "no certificates here").unwrap();
+        for path in [dir.join("missing.pem"), not_pem] {
+            let text = VALID.replace(
+                "preset = \"comfy-cloud\"",
+                &format!(
+                    "preset = \"comfy-cloud\"\nca_file = {:?}",
+                    path.display().to_string()
+                ),
+            );
+            assert_eq!(
+                problem_keys(&text),
+                ["upstreams.comfy.ca_file"],
+                "{}",
+                path.display()
+            );
+        }
+        assert!(load(VALID).unwrap().upstreams[0].trusted_roots.is_empty());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -1,12 +1,15 @@
-//! The upstream side: pooled HTTP/1.1 clients (rustls for https), forwarding
-//! with timeouts, and the tunnel for upgraded (websocket) connections.
+//! The upstream side: forwarding through a per-upstream HTTP/1.1 client
+//! (see [`client`]), with timeouts, and the tunnel for upgraded (websocket)
+//! connections.
 //!
 //! Bodies stream in both directions; nothing here buffers a body. The
 //! response timeout starts once the request body has been fully sent, so a
 //! slow 50 MB upload is not cut off by a timer meant for a slow upstream.
-//! Transport failures map to 502 (refused, reset, closed early) or 504
-//! (connect or response timeout), answered in the route's error shape.
+//! Transport failures map to 502 (refused, reset, closed early, malformed
+//! answer) or 504 (connect or response timeout), answered in the route's
+//! error shape.
 
+mod client;
 mod idle;
 mod watch;
 
@@ -19,10 +22,8 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::{Request, Response, StatusCode};
-use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
+use tokio::io::AsyncWriteExt;
 use tower::Service;
 use tracing::Instrument;
 
@@ -33,14 +34,13 @@ use crate::error::GatewayError;
 use crate::route::{RouteClass, RouteMatch};
 use crate::telemetry::RequestId;
 use crate::telemetry::metrics::Metrics;
+pub use client::{Client, ClientError, ResponseBody, UpgradedUpstream};
 pub use watch::WatchedBody;
 
-type HttpsClient = Client<HttpsConnector<HttpConnector>, WatchedBody>;
-
-/// One pooled client per upstream (their timeouts differ), indexed by `Upstream::index`.
+/// One client per upstream (their timeouts and pools differ), indexed by `Upstream::index`.
 #[derive(Clone)]
 pub struct Forward {
-    clients: Arc<[HttpsClient]>,
+    clients: Arc<[Client]>,
     metrics: Arc<Metrics>,
     limits: ForwardLimits,
 }
@@ -64,9 +64,23 @@ impl std::fmt::Debug for Forward {
 
 impl Forward {
     pub fn new(upstreams: &[Arc<Upstream>], metrics: Arc<Metrics>, limits: ForwardLimits) -> Self {
+        let public_roots = Arc::new(upstream_tls_config(rustls::RootCertStore {
+            roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+        }));
         let clients = upstreams
             .iter()
-            .map(|upstream| client_for(upstream))
+            .map(|upstream| {
+                let tls = if upstream.trusted_roots.is_empty() {
+                    Arc::clone(&public_roots)
+                } else {
+                    let mut roots = rustls::RootCertStore::empty();
+                    // Checked when the config was loaded.
+                    roots.add_parsable_certificates(upstream.trusted_roots.iter().cloned());
+                    Arc::new(upstream_tls_config(roots))
+                };
+                Client::new(upstream, &tls)
+                    .unwrap_or_else(|error| panic!("upstream {}: {error}", upstream.name))
+            })
             .collect();
         Forward {
             clients,
@@ -76,29 +90,18 @@ impl Forward {
     }
 }
 
-/// Each read from an upstream connection asks for up to this much. hyper's
-/// adaptive default starts at 8 KiB, so a 12 KiB asset list arrives in two
-/// reads and two body chunks (two channel hops, two client writes); 64 KiB
-/// takes a typical JSON answer in one, and big downloads in large reads.
-const UPSTREAM_READ_BUFFER: usize = 64 * 1024;
-
-fn client_for(upstream: &Upstream) -> HttpsClient {
-    let mut http = HttpConnector::new();
-    // The scheme is enforced by the TLS connector below (`https_or_http`).
-    http.enforce_http(false);
-    http.set_connect_timeout(Some(upstream.timeouts.connect));
-    http.set_nodelay(true);
-    let connector = HttpsConnectorBuilder::new()
-        .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())
-        .expect("the ring provider supports the default protocol versions")
-        .https_or_http()
-        .enable_http1()
-        .wrap_connector(http);
-    Client::builder(TokioExecutor::new())
-        .http1_read_buf_exact_size(UPSTREAM_READ_BUFFER)
-        .pool_idle_timeout(upstream.timeouts.pool_idle)
-        .pool_timer(TokioTimer::new())
-        .build(connector)
+/// TLS to upstreams: certificates checked against `roots` (the Mozilla set
+/// from webpki-roots unless the upstream has a `ca_file`), HTTP/1.1 by ALPN.
+fn upstream_tls_config(roots: rustls::RootCertStore) -> rustls::ClientConfig {
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("the ring provider supports the default protocol versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config
 }
 
 impl Service<Request<Body>> for Forward {
@@ -128,7 +131,7 @@ impl Service<Request<Body>> for Forward {
 }
 
 async fn forward(
-    clients: &[HttpsClient],
+    clients: &[Client],
     metrics: &Metrics,
     limits: ForwardLimits,
     mut request: Request<Body>,
@@ -140,8 +143,8 @@ async fn forward(
     let request_id = request.extensions().get::<RequestId>().cloned();
     let request_id = request_id.as_ref().and_then(|id| id.0.to_str().ok());
 
-    let client_upgrade =
-        (route.class == RouteClass::Upgrade).then(|| hyper::upgrade::on(&mut request));
+    let is_upgrade = route.class == RouteClass::Upgrade;
+    let client_upgrade = is_upgrade.then(|| hyper::upgrade::on(&mut request));
     let labels = request
         .extensions()
         .get::<Arc<crate::telemetry::metrics::RequestLabels>>()
@@ -163,7 +166,7 @@ async fn forward(
     let response_timeout = route.upstream.timeouts.response;
     let upstream_name = route.upstream.name.as_str();
     let timer = metrics.upstream_latency(upstream_name).start_timer();
-    let pending = clients[route.upstream.index].request(upstream_request);
+    let pending = clients[route.upstream.index].send(upstream_request, is_upgrade);
     let deadline = async {
         // An error here means the body was dropped unfinished; the request fails on its own.
         let _ = body_sent.await;
@@ -211,19 +214,18 @@ async fn forward(
     if response.status().is_server_error() {
         metrics.upstream_error(upstream_name, "5xx");
     }
-    if let Some(client_upgrade) = client_upgrade {
-        if response.status() == StatusCode::SWITCHING_PROTOCOLS {
-            let upstream_upgrade = hyper::upgrade::on(&mut response);
-            tokio::spawn(tunnel(
-                client_upgrade,
-                upstream_upgrade,
-                limits.websocket_idle,
-            ));
+    let is_switch = response.status() == StatusCode::SWITCHING_PROTOCOLS;
+    if let (Some(client_upgrade), true) = (client_upgrade, is_switch) {
+        let upstream = response
+            .extensions_mut()
+            .remove::<client::Upgraded>()
+            .and_then(|upgraded| upgraded.take());
+        if let Some(upstream) = upstream {
+            tokio::spawn(tunnel(client_upgrade, upstream, limits.websocket_idle));
         }
     }
-    let is_switch = response.status() == StatusCode::SWITCHING_PROTOCOLS;
     strip_hop_by_hop(response.headers_mut(), is_switch);
-    response.map(Body::Incoming)
+    response
 }
 
 /// Waits for a request body's first frame and puts it back in front of the
@@ -251,13 +253,9 @@ async fn first_frame(mut body: Body, wait: Duration) -> Result<Body, GatewayErro
 /// Copies bytes both ways between an upgraded client and upstream connection.
 /// Frames (text, binary, ping, pong, close) pass through untouched; the tunnel
 /// ends when either side closes, or when nothing moved either way for `idle`.
-async fn tunnel(
-    client: hyper::upgrade::OnUpgrade,
-    upstream: hyper::upgrade::OnUpgrade,
-    idle: Duration,
-) {
-    let (client, upstream) = match tokio::try_join!(client, upstream) {
-        Ok(pair) => pair,
+async fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: UpgradedUpstream, idle: Duration) {
+    let client = match client.await {
+        Ok(client) => client,
         Err(error) => {
             tracing::debug!(%error, "upgrade did not complete");
             return;
@@ -265,9 +263,16 @@ async fn tunnel(
     };
     let activity = Arc::new(idle::Activity::default());
     let mut client = idle::Tracked::new(TokioIo::new(client), Arc::clone(&activity));
-    let mut upstream = idle::Tracked::new(TokioIo::new(upstream), Arc::clone(&activity));
+    let mut upstream_io = idle::Tracked::new(upstream.io, Arc::clone(&activity));
+    let relay = async {
+        // Frames the upstream sent right behind its 101 were read with the head.
+        if !upstream.read_ahead.is_empty() {
+            client.write_all(&upstream.read_ahead).await?;
+        }
+        tokio::io::copy_bidirectional(&mut client, &mut upstream_io).await
+    };
     tokio::select! {
-        copied = tokio::io::copy_bidirectional(&mut client, &mut upstream) => match copied {
+        copied = relay => match copied {
             Ok((sent, received)) => tracing::debug!(sent, received, "tunnel closed"),
             Err(error) => tracing::debug!(%error, "tunnel ended with an error"),
         },
@@ -275,35 +280,35 @@ async fn tunnel(
     }
 }
 
-/// Connect failures are 502 unless they timed out (504); anything after
-/// connecting (reset, closed before the answer) is a 502 as well.
-fn classify_client_error(error: &hyper_util::client::legacy::Error) -> GatewayError {
-    let chain: Vec<&(dyn StdError + 'static)> =
-        std::iter::successors(error.source(), |cause| (*cause).source()).collect();
-    if chain.iter().any(|cause| cause.is::<watch::BodyTooLarge>()) {
-        return GatewayError::PayloadTooLarge;
-    }
-    // hyper reports a failing request body as a *user* error: the client's
-    // body broke, not the upstream. A parse error without it is the upstream's
-    // answer being malformed, which is a bad gateway like any other.
-    if chain.iter().any(|cause| {
-        cause
-            .downcast_ref::<hyper::Error>()
-            .is_some_and(hyper::Error::is_user)
-    }) {
-        return GatewayError::MalformedBody;
-    }
-    let timed_out = chain.iter().any(|cause| {
-        cause
-            .downcast_ref::<std::io::Error>()
-            .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
-    });
-    if timed_out {
-        GatewayError::UpstreamTimeout
-    } else if error.is_connect() {
-        GatewayError::UpstreamUnreachable
-    } else {
-        GatewayError::UpstreamReset
+/// What a failed exchange means for the client: its own body's fault (413,
+/// 400), a timeout (504), or an unreachable or misbehaving upstream (502).
+fn classify_client_error(error: &ClientError) -> GatewayError {
+    match error {
+        ClientError::RequestBody(cause) => {
+            let chain =
+                std::iter::successors(Some(cause.as_ref() as &(dyn StdError + 'static)), |cause| {
+                    (*cause).source()
+                });
+            if chain
+                .into_iter()
+                .any(|cause| cause.is::<watch::BodyTooLarge>())
+            {
+                GatewayError::PayloadTooLarge
+            } else {
+                GatewayError::MalformedBody
+            }
+        }
+        ClientError::ConnectTimeout => GatewayError::UpstreamTimeout,
+        ClientError::Connect(io) | ClientError::Tls(io)
+            if io.kind() == std::io::ErrorKind::TimedOut =>
+        {
+            GatewayError::UpstreamTimeout
+        }
+        ClientError::Connect(_) | ClientError::Tls(_) => GatewayError::UpstreamUnreachable,
+        ClientError::Write(_)
+        | ClientError::Read(_)
+        | ClientError::ClosedBeforeAnswer
+        | ClientError::Protocol(_) => GatewayError::UpstreamReset,
     }
 }
 

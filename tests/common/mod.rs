@@ -434,6 +434,15 @@ pub async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
     panic!("timed out waiting for: {what}");
 }
 
+/// Makes the upstream close the connection on the next `path` request
+/// without answering, as a crashed upstream would. Twice: when that happens on
+/// a pooled connection the gateway retries an idempotent request once on a
+/// new connection (the close may be an idle timeout racing the request), so
+/// the second close is the one the client sees as a 502.
+pub fn drop_next_connection(emulator: &Emulator, path: &str) {
+    emulator.inject(Fault::new(None, path, FaultAction::Drop).times(2));
+}
+
 /// Injects a fault built from a fresh gate on the next `method path`
 /// request and returns the gate: that request waits at the emulator until
 /// the test adds a permit. `make` is `FaultAction::Hold` (wait before

@@ -1,0 +1,821 @@
+//! The upstream HTTP/1.1 client: a keep-alive pool per upstream, and an
+//! exchange that runs inside the task serving the client.
+//!
+//! Why not hyper's client: it drives every upstream connection from a task of
+//! its own, so each proxied request crossed tasks four times (dispatch
+//! channel, connection task, answer oneshot, body channel). Here the request
+//! is written, the answer head read and the answer body streamed by whoever
+//! polls them — the client connection's task — with no channel in between,
+//! the way pingora and nginx run their upstream side.
+//!
+//! - Framing (RFC 9112) lives in [`codec`]: the request's `Content-Length` or
+//!   `chunked` is decided from the body alone, the answer's from §6.3.
+//! - The request body is written while the answer is awaited, so an upstream
+//!   that answers early (a 413 mid-upload) is heard, not written into a closed
+//!   socket. A connection whose request body was cut short is never reused.
+//! - Idle connections are kept newest first and checked on checkout without a
+//!   syscall: the reactor has already seen any close or stray byte. A reused
+//!   connection that fails before the first byte of an answer is retried once
+//!   on a fresh one when nothing can have been lost: the request had no body
+//!   and is idempotent, or writing it failed outright.
+//! - `101 Switching Protocols` hands the raw connection, with any bytes read
+//!   past the head, to the websocket tunnel.
+
+mod codec;
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::io::{self, IoSlice};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http::{Method, Request, Response, StatusCode};
+use http_body::{Body as _, Frame, SizeHint};
+use rustls_pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+
+pub use self::codec::ProtocolError;
+use self::codec::{ChunkedDecoder, Decoded, RequestFraming, ResponseFraming, ResponseHead};
+use super::watch::WatchedBody;
+use crate::body::{Body, BoxError};
+use crate::config::Upstream;
+
+/// Each read asks for up to this much: a typical JSON answer, head and body,
+/// arrives in one read, and large downloads move in large steps.
+const READ_BUFFER: usize = 64 * 1024;
+/// Below this much free space the read buffer is grown before reading.
+const MIN_READ_SPACE: usize = 4 * 1024;
+/// The largest answer head accepted (status line and headers).
+const MAX_HEAD: usize = 256 * 1024;
+/// Idle connections kept per upstream; beyond it the oldest are closed.
+const MAX_IDLE: usize = 1024;
+
+/// Why an exchange with the upstream failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("connecting timed out")]
+    ConnectTimeout,
+    #[error("connect failed")]
+    Connect(#[source] io::Error),
+    #[error("TLS handshake failed")]
+    Tls(#[source] io::Error),
+    #[error("writing the request failed")]
+    Write(#[source] io::Error),
+    #[error("reading the answer failed")]
+    Read(#[source] io::Error),
+    #[error("the upstream closed the connection before answering")]
+    ClosedBeforeAnswer,
+    #[error(transparent)]
+    Protocol(#[from] ProtocolError),
+    /// The client's request body broke (too big, cut off, malformed).
+    #[error("the request body failed")]
+    RequestBody(#[source] BoxError),
+}
+
+/// The upstream side of a switched (websocket) connection, attached to a
+/// `101` answer as an extension: the socket, and bytes already read past the head.
+#[derive(Debug)]
+pub struct UpgradedUpstream {
+    pub io: Stream,
+    pub read_ahead: Bytes,
+}
+
+// Clone is required of extensions; an upgraded socket cannot be shared, so the
+// extension is wrapped and taken out once.
+#[derive(Debug, Clone)]
+pub(super) struct Upgraded(Arc<Mutex<Option<UpgradedUpstream>>>);
+
+impl Upgraded {
+    pub(super) fn take(&self) -> Option<UpgradedUpstream> {
+        self.0
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+            .take()
+    }
+}
+
+/// One upstream's client: where to connect and its idle connections.
+#[derive(Debug, Clone)]
+pub struct Client {
+    pool: Arc<Pool>,
+}
+
+#[derive(Debug)]
+struct Pool {
+    host: String,
+    port: u16,
+    tls: Option<(Arc<rustls::ClientConfig>, ServerName<'static>)>,
+    connect_timeout: Duration,
+    idle_timeout: Duration,
+    /// Newest last: checkout pops the warmest, expiry trims the front.
+    idle: Mutex<VecDeque<IdleConn>>,
+    /// Whether a task is trimming expired idle connections.
+    sweeping: AtomicBool,
+}
+
+#[derive(Debug)]
+struct IdleConn {
+    conn: Conn,
+    since: Instant,
+}
+
+/// A connection to the upstream and what has been read from it but not used yet.
+#[derive(Debug)]
+struct Conn {
+    io: Stream,
+    read_buf: BytesMut,
+    reused: bool,
+}
+
+/// A TCP connection, in the clear or under TLS.
+#[derive(Debug)]
+pub enum Stream {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl Client {
+    /// `tls` is used when the upstream's scheme is https.
+    pub fn new(upstream: &Upstream, tls: &Arc<rustls::ClientConfig>) -> Result<Self, String> {
+        let authority = &upstream.authority;
+        let https = upstream.scheme == http::uri::Scheme::HTTPS;
+        let host = authority
+            .host()
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned();
+        let port = authority.port_u16().unwrap_or(if https { 443 } else { 80 });
+        let tls = if https {
+            let name = ServerName::try_from(host.clone())
+                .map_err(|error| format!("{host} is not a TLS server name: {error}"))?;
+            Some((Arc::clone(tls), name))
+        } else {
+            None
+        };
+        Ok(Client {
+            pool: Arc::new(Pool {
+                host,
+                port,
+                tls,
+                connect_timeout: upstream.timeouts.connect,
+                idle_timeout: upstream.timeouts.pool_idle,
+                idle: Mutex::new(VecDeque::new()),
+                sweeping: AtomicBool::new(false),
+            }),
+        })
+    }
+
+    /// Sends `request` (origin-form target from its URI, headers as given) and
+    /// returns the answer once its head has arrived; the body streams from the
+    /// connection as it is polled. `upgrade`: a `101` answer is expected and
+    /// its connection is handed over in an [`UpgradedUpstream`] extension.
+    pub async fn send(
+        &self,
+        request: Request<WatchedBody>,
+        upgrade: bool,
+    ) -> Result<Response<Body>, ClientError> {
+        let (parts, body) = request.into_parts();
+        let framing = RequestFraming::for_body(
+            http_body::Body::is_end_stream(&body),
+            http_body::Body::size_hint(&body).exact(),
+        );
+        let mut head = BytesMut::new();
+        codec::encode_head(&parts, framing, &mut head);
+        let head = head.freeze();
+        // A body known to be empty is never polled; dropping it reports it sent.
+        let mut body = (framing != RequestFraming::Empty).then_some(body);
+        let replayable = body.is_none() && is_idempotent(&parts.method);
+
+        let mut conn = match self.pool.checkout() {
+            Some(conn) => conn,
+            None => self.pool.connect().await?,
+        };
+        let answered = loop {
+            let reused = conn.reused;
+            let exchange = Exchange {
+                conn: Some(conn),
+                out: VecDeque::from([head.clone()]),
+                body: body.take(),
+                framing,
+                sent: 0,
+                flushed: false,
+                write_failed: None,
+                body_taken: false,
+                wrote_any: false,
+                answer_started: false,
+            };
+            match exchange.await {
+                Ok(answered) => break answered,
+                Err(failed) => {
+                    let retry = reused
+                        && !failed.answer_started
+                        && (replayable || failed.nothing_sent)
+                        && matches!(
+                            failed.error,
+                            ClientError::Write(_)
+                                | ClientError::Read(_)
+                                | ClientError::ClosedBeforeAnswer
+                        );
+                    if !retry {
+                        return Err(failed.error);
+                    }
+                    tracing::debug!(error = %failed.error, "pooled upstream connection was stale; retrying on a new one");
+                    body = failed.body;
+                    conn = self.pool.connect().await?;
+                }
+            }
+        };
+        self.answer(answered, &parts.method, upgrade)
+    }
+
+    fn answer(
+        &self,
+        answered: Answered,
+        method: &Method,
+        upgrade: bool,
+    ) -> Result<Response<Body>, ClientError> {
+        let Answered {
+            mut conn,
+            head,
+            request_complete,
+        } = answered;
+        let ResponseHead {
+            status,
+            version,
+            mut headers,
+        } = head;
+        let mut response = Response::new(Body::Empty);
+        *response.status_mut() = status;
+        if status == StatusCode::SWITCHING_PROTOCOLS {
+            if !upgrade {
+                return Err(
+                    ProtocolError("101 answer to a request that asked for no upgrade").into(),
+                );
+            }
+            let read_ahead = conn.read_buf.split().freeze();
+            let upgraded = UpgradedUpstream {
+                io: conn.io,
+                read_ahead,
+            };
+            *response.headers_mut() = headers;
+            response
+                .extensions_mut()
+                .insert(Upgraded(Arc::new(Mutex::new(Some(upgraded)))));
+            return Ok(response);
+        }
+        let framing = codec::response_framing(method, status, &mut headers)?;
+        let reusable = request_complete
+            && codec::keeps_alive(version, &headers)
+            && framing != ResponseFraming::UntilClose;
+        *response.headers_mut() = headers;
+        let body = match framing {
+            ResponseFraming::Empty => {
+                self.pool.release(conn, reusable);
+                Body::Empty
+            }
+            // The usual case: the whole body came with the head.
+            ResponseFraming::Length(length) if conn.read_buf.len() as u64 >= length => {
+                let bytes = conn.read_buf.split_to(length as usize).freeze();
+                self.pool.release(conn, reusable);
+                Body::full(bytes)
+            }
+            ResponseFraming::Length(length) => Body::Upstream(ResponseBody::boxed(
+                conn,
+                BodyState::Length(length),
+                reusable,
+                &self.pool,
+            )),
+            ResponseFraming::Chunked => Body::Upstream(ResponseBody::boxed(
+                conn,
+                BodyState::Chunked(ChunkedDecoder::Size),
+                reusable,
+                &self.pool,
+            )),
+            ResponseFraming::UntilClose => Body::Upstream(ResponseBody::boxed(
+                conn,
+                BodyState::UntilClose,
+                false,
+                &self.pool,
+            )),
+        };
+        *response.body_mut() = body;
+        Ok(response)
+    }
+}
+
+/// Requests that may be sent twice without a different outcome (RFC 9110 §9.2.2).
+fn is_idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
+}
+
+impl Pool {
+    async fn connect(&self) -> Result<Conn, ClientError> {
+        let connecting = async {
+            let tcp = TcpStream::connect((self.host.as_str(), self.port))
+                .await
+                .map_err(ClientError::Connect)?;
+            // Heads and small bodies go out at once; writes are already batched.
+            tcp.set_nodelay(true).map_err(ClientError::Connect)?;
+            match &self.tls {
+                None => Ok(Stream::Plain(tcp)),
+                Some((config, name)) => TlsConnector::from(Arc::clone(config))
+                    .connect(name.clone(), tcp)
+                    .await
+                    .map(|tls| Stream::Tls(Box::new(tls)))
+                    .map_err(ClientError::Tls),
+            }
+        };
+        let io = tokio::time::timeout(self.connect_timeout, connecting)
+            .await
+            .map_err(|_| ClientError::ConnectTimeout)??;
+        Ok(Conn {
+            io,
+            read_buf: BytesMut::new(),
+            reused: false,
+        })
+    }
+
+    /// The newest idle connection that is neither expired nor closed.
+    fn checkout(&self) -> Option<Conn> {
+        let now = Instant::now();
+        let mut idle = self
+            .idle
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
+        while let Some(entry) = idle.pop_back() {
+            if now.duration_since(entry.since) >= self.idle_timeout {
+                // Everything below is older still.
+                idle.clear();
+                return None;
+            }
+            if entry.conn.io.is_clean() {
+                let mut conn = entry.conn;
+                conn.reused = true;
+                return Some(conn);
+            }
+        }
+        None
+    }
+
+    /// Returns a connection whose exchange is complete to the pool, or closes it.
+    fn release(self: &Arc<Self>, conn: Conn, reusable: bool) {
+        // Bytes past the end of the answer mean the upstream and we disagree on framing.
+        if !reusable || !conn.read_buf.is_empty() || self.idle_timeout.is_zero() {
+            return;
+        }
+        let now = Instant::now();
+        let mut idle = self
+            .idle
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
+        while idle.front().is_some_and(|entry| {
+            now.duration_since(entry.since) >= self.idle_timeout || idle.len() >= MAX_IDLE
+        }) {
+            idle.pop_front();
+        }
+        idle.push_back(IdleConn { conn, since: now });
+        drop(idle);
+        if !self.sweeping.swap(true, Ordering::AcqRel) {
+            tokio::spawn(sweep(Arc::downgrade(self)));
+        }
+    }
+}
+
+/// Closes expired idle connections while there are any, so an upstream's
+/// connections do not linger past `pool_idle` when traffic stops.
+async fn sweep(pool: Weak<Pool>) {
+    loop {
+        let Some(interval) = pool.upgrade().map(|pool| pool.idle_timeout) else {
+            return;
+        };
+        tokio::time::sleep(interval).await;
+        let Some(pool) = pool.upgrade() else {
+            return;
+        };
+        let now = Instant::now();
+        let mut idle = pool
+            .idle
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
+        while idle
+            .front()
+            .is_some_and(|entry| now.duration_since(entry.since) >= pool.idle_timeout)
+        {
+            idle.pop_front();
+        }
+        if idle.is_empty() {
+            pool.sweeping.store(false, Ordering::Release);
+            return;
+        }
+    }
+}
+
+impl Conn {
+    /// Reads what is available into the buffer; `Ok(0)` at end of stream.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        if self.read_buf.capacity() - self.read_buf.len() < MIN_READ_SPACE {
+            self.read_buf.reserve(READ_BUFFER);
+        }
+        tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.read_buf)
+    }
+}
+
+impl Stream {
+    /// No close and no stray byte seen since the last answer was read.
+    ///
+    /// Asks the reactor, not the socket: tokio clears read readiness when a
+    /// read drains the socket, so readiness here means the upstream sent
+    /// something unasked — most often its FIN after an idle timeout.
+    fn is_clean(&self) -> bool {
+        let tcp = match self {
+            Stream::Plain(tcp) => tcp,
+            Stream::Tls(tls) => tls.get_ref().0,
+        };
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        tcp.poll_read_ready(&mut cx).is_pending()
+    }
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(tcp) => Pin::new(tcp).poll_read(cx, buf),
+            Stream::Tls(tls) => Pin::new(tls.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(tcp) => Pin::new(tcp).poll_write(cx, data),
+            Stream::Tls(tls) => Pin::new(tls.as_mut()).poll_write(cx, data),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        slices: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(tcp) => Pin::new(tcp).poll_write_vectored(cx, slices),
+            Stream::Tls(tls) => Pin::new(tls.as_mut()).poll_write_vectored(cx, slices),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Stream::Plain(tcp) => tcp.is_write_vectored(),
+            Stream::Tls(tls) => tls.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(tcp) => Pin::new(tcp).poll_flush(cx),
+            Stream::Tls(tls) => Pin::new(tls.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(tcp) => Pin::new(tcp).poll_shutdown(cx),
+            Stream::Tls(tls) => Pin::new(tls.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// One request written and its answer head read, on one connection.
+struct Exchange {
+    conn: Option<Conn>,
+    /// Bytes queued for the socket: the head, then body chunks as they come.
+    out: VecDeque<Bytes>,
+    /// The request body still to send; `None` once it has ended (or if empty).
+    body: Option<WatchedBody>,
+    framing: RequestFraming,
+    /// Body bytes sent so far, checked against a declared length.
+    sent: u64,
+    flushed: bool,
+    /// Writing failed; the answer may still be readable (an early error reply).
+    write_failed: Option<io::Error>,
+    /// A body frame has been taken, so the request cannot be replayed.
+    body_taken: bool,
+    /// Some bytes of the request reached the socket.
+    wrote_any: bool,
+    answer_started: bool,
+}
+
+struct Answered {
+    conn: Conn,
+    head: ResponseHead,
+    /// The request went out in full; otherwise the connection cannot be reused.
+    request_complete: bool,
+}
+
+struct Failed {
+    error: ClientError,
+    answer_started: bool,
+    /// Not a byte of the request reached the socket, so it can go elsewhere.
+    nothing_sent: bool,
+    /// The body, handed back for a retry if it was never polled.
+    body: Option<WatchedBody>,
+}
+
+enum SendError {
+    Io(io::Error),
+    Body(BoxError),
+}
+
+impl Exchange {
+    /// Writes queued bytes and feeds body frames into the queue until the
+    /// socket or the body has to wait, or everything has been sent.
+    fn poll_send(&mut self, cx: &mut Context<'_>) -> Result<(), SendError> {
+        let io = &mut self.conn.as_mut().expect("polled after completion").io;
+        loop {
+            while !self.out.is_empty() {
+                let mut slices = [IoSlice::new(&[]); 8];
+                let count = self.out.len().min(slices.len());
+                for (slice, bytes) in slices.iter_mut().zip(self.out.iter()) {
+                    *slice = IoSlice::new(bytes);
+                }
+                match Pin::new(&mut *io).poll_write_vectored(cx, &slices[..count]) {
+                    Poll::Ready(Ok(0)) => {
+                        return Err(SendError::Io(io::ErrorKind::WriteZero.into()));
+                    }
+                    Poll::Ready(Ok(written)) => {
+                        self.wrote_any = true;
+                        codec::advance_queue(&mut self.out, written);
+                    }
+                    Poll::Ready(Err(error)) => return Err(SendError::Io(error)),
+                    Poll::Pending => return Ok(()),
+                }
+                self.flushed = false;
+            }
+            if !self.flushed {
+                // A no-op for TCP; TLS may still hold records.
+                match Pin::new(&mut *io).poll_flush(cx) {
+                    Poll::Ready(Ok(())) => self.flushed = true,
+                    Poll::Ready(Err(error)) => return Err(SendError::Io(error)),
+                    Poll::Pending => return Ok(()),
+                }
+            }
+            let Some(body) = self.body.as_mut() else {
+                return Ok(());
+            };
+            match Pin::new(body).poll_frame(cx) {
+                Poll::Pending => return Ok(()),
+                Poll::Ready(Some(Err(error))) => return Err(SendError::Body(error)),
+                Poll::Ready(Some(Ok(frame))) => {
+                    self.body_taken = true;
+                    // Trailers are not forwarded: nothing upstream asks for them.
+                    let Ok(data) = frame.into_data() else {
+                        continue;
+                    };
+                    if data.is_empty() {
+                        continue;
+                    }
+                    self.sent += data.len() as u64;
+                    match self.framing {
+                        RequestFraming::Length(length) if self.sent > length => {
+                            return Err(SendError::Body(
+                                "request body longer than its length".into(),
+                            ));
+                        }
+                        RequestFraming::Chunked => {
+                            self.out.push_back(codec::chunk_size_line(data.len()));
+                            self.out.push_back(data);
+                            self.out.push_back(Bytes::from_static(b"\r\n"));
+                        }
+                        _ => self.out.push_back(data),
+                    }
+                }
+                Poll::Ready(None) => {
+                    self.body = None;
+                    match self.framing {
+                        RequestFraming::Chunked => {
+                            self.out.push_back(Bytes::from_static(b"0\r\n\r\n"));
+                        }
+                        RequestFraming::Length(length) if self.sent != length => {
+                            return Err(SendError::Body(
+                                "request body shorter than its length".into(),
+                            ));
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+
+    fn fail(&mut self, error: ClientError) -> Poll<Result<Answered, Failed>> {
+        Poll::Ready(Err(Failed {
+            error,
+            answer_started: self.answer_started,
+            nothing_sent: !self.wrote_any && !self.body_taken,
+            body: if self.body_taken {
+                None
+            } else {
+                self.body.take()
+            },
+        }))
+    }
+}
+
+impl Future for Exchange {
+    type Output = Result<Answered, Failed>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        if this.write_failed.is_none() {
+            match this.poll_send(cx) {
+                Ok(()) => {}
+                Err(SendError::Body(error)) => return this.fail(ClientError::RequestBody(error)),
+                // Keep reading: an upstream that closed mid-request may have said why.
+                Err(SendError::Io(error)) => this.write_failed = Some(error),
+            }
+        }
+        loop {
+            let conn = this.conn.as_mut().expect("polled after completion");
+            if !conn.read_buf.is_empty() {
+                match codec::parse_head(&mut conn.read_buf) {
+                    Err(error) => return this.fail(error.into()),
+                    // 100 Continue, 103 Early Hints: the final answer follows.
+                    Ok(Some(head))
+                        if head.status.is_informational()
+                            && head.status != StatusCode::SWITCHING_PROTOCOLS =>
+                    {
+                        continue;
+                    }
+                    Ok(Some(head)) => {
+                        let request_complete = this.write_failed.is_none()
+                            && this.body.is_none()
+                            && this.out.is_empty();
+                        return Poll::Ready(Ok(Answered {
+                            conn: this.conn.take().expect("checked above"),
+                            head,
+                            request_complete,
+                        }));
+                    }
+                    Ok(None) if conn.read_buf.len() > MAX_HEAD => {
+                        return this.fail(ProtocolError("answer head too large").into());
+                    }
+                    Ok(None) => {}
+                }
+            }
+            match ready!(conn.poll_fill(cx)) {
+                Ok(0) => {
+                    let error = match this.write_failed.take() {
+                        Some(error) => ClientError::Write(error),
+                        None if this.answer_started => {
+                            ProtocolError("connection closed inside the answer head").into()
+                        }
+                        None => ClientError::ClosedBeforeAnswer,
+                    };
+                    return this.fail(error);
+                }
+                Ok(_) => this.answer_started = true,
+                Err(error) => {
+                    let error = match this.write_failed.take() {
+                        Some(write) => ClientError::Write(write),
+                        None => ClientError::Read(error),
+                    };
+                    return this.fail(error);
+                }
+            }
+        }
+    }
+}
+
+/// An answer body read from the upstream connection as it is polled; the
+/// connection goes back to the pool when the body has been read to its end.
+#[derive(Debug)]
+pub struct ResponseBody {
+    conn: Option<Conn>,
+    state: BodyState,
+    reusable: bool,
+    pool: Arc<Pool>,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum BodyState {
+    Length(u64),
+    Chunked(ChunkedDecoder),
+    UntilClose,
+    Done,
+}
+
+impl ResponseBody {
+    fn boxed(conn: Conn, state: BodyState, reusable: bool, pool: &Arc<Pool>) -> Box<Self> {
+        Box::new(ResponseBody {
+            conn: Some(conn),
+            state,
+            reusable,
+            pool: Arc::clone(pool),
+        })
+    }
+
+    fn finish(&mut self) {
+        self.state = BodyState::Done;
+        if let Some(conn) = self.conn.take() {
+            self.pool.release(conn, self.reusable);
+        }
+    }
+
+    fn fail(&mut self, error: BoxError) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.state = BodyState::Done;
+        self.conn = None;
+        Poll::Ready(Some(Err(error)))
+    }
+}
+
+impl http_body::Body for ResponseBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        loop {
+            let Some(conn) = this.conn.as_mut() else {
+                return Poll::Ready(None);
+            };
+            match &mut this.state {
+                BodyState::Done => return Poll::Ready(None),
+                BodyState::Length(remaining) => {
+                    if !conn.read_buf.is_empty() {
+                        let take = usize::try_from(*remaining)
+                            .map_or(conn.read_buf.len(), |r| r.min(conn.read_buf.len()));
+                        let data = conn.read_buf.split_to(take).freeze();
+                        *remaining -= take as u64;
+                        if *remaining == 0 {
+                            this.finish();
+                        }
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
+                }
+                BodyState::Chunked(decoder) => match decoder.decode(&mut conn.read_buf) {
+                    Ok(Decoded::Data(data)) => return Poll::Ready(Some(Ok(Frame::data(data)))),
+                    Ok(Decoded::Done) => {
+                        this.finish();
+                        return Poll::Ready(None);
+                    }
+                    Ok(Decoded::NeedMore) => {}
+                    Err(error) => return this.fail(Box::new(error)),
+                },
+                BodyState::UntilClose => {
+                    if !conn.read_buf.is_empty() {
+                        let data = conn.read_buf.split().freeze();
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
+                }
+            }
+            match ready!(conn.poll_fill(cx)) {
+                Ok(0) if matches!(this.state, BodyState::UntilClose) => {
+                    this.finish();
+                    return Poll::Ready(None);
+                }
+                Ok(0) => {
+                    return this.fail(Box::new(ClientError::Read(
+                        io::ErrorKind::UnexpectedEof.into(),
+                    )));
+                }
+                Ok(_) => {}
+                Err(error) => return this.fail(Box::new(ClientError::Read(error))),
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        matches!(self.state, BodyState::Done)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.state {
+            BodyState::Length(remaining) => SizeHint::with_exact(remaining),
+            BodyState::Done => SizeHint::with_exact(0),
+            _ => SizeHint::default(),
+        }
+    }
+}
