@@ -56,6 +56,8 @@ type Script = dyn Fn(&Seen) -> Reply + Send + Sync;
 struct Upstream {
     addr: SocketAddr,
     connections: Arc<AtomicUsize>,
+    /// Connections the upstream has closed on its side.
+    closed: Arc<AtomicUsize>,
     seen: Arc<Mutex<Vec<Seen>>>,
 }
 
@@ -93,15 +95,18 @@ impl Upstream {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let connections = Arc::new(AtomicUsize::new(0));
+        let closed = Arc::new(AtomicUsize::new(0));
         let seen = Arc::new(Mutex::new(Vec::new()));
         let script: Arc<Script> = Arc::new(script);
         {
             let connections = Arc::clone(&connections);
+            let closed = Arc::clone(&closed);
             let seen = Arc::clone(&seen);
             tokio::spawn(async move {
                 while let Ok((stream, _)) = listener.accept().await {
                     let connection = connections.fetch_add(1, Ordering::SeqCst);
                     let (script, seen, tls) = (Arc::clone(&script), Arc::clone(&seen), tls.clone());
+                    let closed = Arc::clone(&closed);
                     tokio::spawn(async move {
                         match tls {
                             None => serve(stream, connection, script, seen).await,
@@ -111,6 +116,8 @@ impl Upstream {
                                 }
                             }
                         }
+                        // `serve` owned the stream: it is closed by now.
+                        closed.fetch_add(1, Ordering::SeqCst);
                     });
                 }
             });
@@ -118,6 +125,7 @@ impl Upstream {
         Upstream {
             addr,
             connections,
+            closed,
             seen,
         }
     }
@@ -215,6 +223,17 @@ async fn read_until(
     }
 }
 
+/// A job submission: a POST with a JSON body, never safe to send twice.
+async fn post_prompt(h: &Harness) -> Answer {
+    h.call(
+        Method::POST,
+        "/api/prompt",
+        Some(DESIGN_KEY),
+        Some(json!({"prompt": {}})),
+    )
+    .await
+}
+
 #[tokio::test]
 async fn keep_alive_connections_are_reused_and_connection_close_is_honoured() {
     let upstream = Upstream::start(|seen| {
@@ -275,14 +294,7 @@ async fn a_pooled_connection_closed_unanswered_is_retried_for_a_get_but_not_for_
     assert_eq!(upstream.seen().len(), 3);
 
     // A POST may have been acted on: it is never sent twice.
-    let post = h
-        .call(
-            Method::POST,
-            "/api/prompt",
-            Some(DESIGN_KEY),
-            Some(json!({"prompt": {}})),
-        )
-        .await;
+    let post = post_prompt(&h).await;
     assert_eq!(post.status, StatusCode::BAD_GATEWAY);
     assert_eq!(post.json()["code"], "bad_gateway");
     let posts: Vec<Seen> = upstream
@@ -425,4 +437,36 @@ async fn https_upstreams_are_verified_against_the_configured_roots() {
     );
     public_roots.stop().await;
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[tokio::test]
+async fn a_connection_the_upstream_closed_while_idle_is_not_used_for_a_post() {
+    // Every answer looks keep-alive, but the upstream closes right after it,
+    // as one whose idle timeout is shorter than the gateway's does.
+    let upstream = Upstream::start(|_| {
+        Reply::SendAndClose(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}".to_vec())
+    })
+    .await;
+    let h = upstream.gateway().await;
+    assert_eq!(h.get("/api/jobs", DESIGN_KEY).await.status, StatusCode::OK);
+    eventually("the upstream closed its side", async || {
+        upstream.closed.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    // Not retryable, so it must not be written into the closed connection.
+    let post = post_prompt(&h).await;
+    assert_eq!(
+        post.status,
+        StatusCode::OK,
+        "{:?}",
+        String::from_utf8_lossy(&post.body)
+    );
+    assert_eq!(upstream.connections(), 2);
+    let posts = upstream
+        .seen()
+        .into_iter()
+        .filter(|seen| seen.method == "POST")
+        .count();
+    assert_eq!(posts, 1);
+    h.stop().await;
 }

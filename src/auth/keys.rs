@@ -47,8 +47,27 @@ impl KeyDigest {
     }
 
     /// A short, non-secret label for logs: the first 8 hex digits of the hash.
-    pub fn fingerprint(self) -> String {
-        hex::encode(&self.0[..4])
+    pub fn fingerprint(self) -> Fingerprint {
+        let mut digits = [0u8; 8];
+        hex::encode_to_slice(&self.0[..4], &mut digits).expect("4 bytes are 8 hex digits");
+        Fingerprint(digits)
+    }
+}
+
+/// [`KeyDigest::fingerprint`]: eight hex digits, made on the stack (it is
+/// recorded on every authenticated request's span).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fingerprint([u8; 8]);
+
+impl Fingerprint {
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.0).expect("hex digits are ASCII")
+    }
+}
+
+impl std::fmt::Display for Fingerprint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
@@ -169,6 +188,20 @@ mod tests {
         for bad in ["abc", "sha256:xyz", "md5:00", "sha256:ba7816bf"] {
             assert!(KeyDigest::parse(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn the_fingerprint_is_the_first_eight_hex_digits_of_the_stored_hash() {
+        let digest = KeyDigest::of_key("tg_one");
+        let stored = digest.to_stored();
+        assert_eq!(
+            digest.fingerprint().as_str(),
+            &stored["sha256:".len()..][..8]
+        );
+        assert_eq!(
+            digest.fingerprint().to_string(),
+            digest.fingerprint().as_str()
+        );
     }
 
     #[test]

@@ -157,8 +157,10 @@ where
         match authenticate(&self.config, &request) {
             Ok(authenticated) => {
                 let span = tracing::Span::current();
-                span.record("team", authenticated.team.name.as_str());
-                span.record("key", authenticated.key.fingerprint());
+                if !span.is_disabled() {
+                    span.record("team", authenticated.team.name.as_str());
+                    span.record("key", authenticated.key.fingerprint().as_str());
+                }
                 if let Some(labels) = request
                     .extensions()
                     .get::<Arc<crate::telemetry::metrics::RequestLabels>>()

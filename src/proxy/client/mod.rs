@@ -13,11 +13,12 @@
 //! - The request body is written while the answer is awaited, so an upstream
 //!   that answers early (a 413 mid-upload) is heard, not written into a closed
 //!   socket. A connection whose request body was cut short is never reused.
-//! - Idle connections are kept newest first and checked on checkout without a
-//!   syscall: the reactor has already seen any close or stray byte. A reused
-//!   connection that fails before the first byte of an answer is retried once
-//!   on a fresh one when nothing can have been lost: the request had no body
-//!   and is idempotent, or writing it failed outright.
+//! - Idle connections are kept newest first and checked on checkout: with the
+//!   reactor (no syscall) for every request, with a `MSG_PEEK` too for one
+//!   that cannot be retried. A reused connection that still fails before the
+//!   first byte of an answer (the upstream closed it while the request was on
+//!   its way) is retried once on a fresh one when nothing can have been lost:
+//!   the request had no body and is idempotent, or writing it failed outright.
 //! - `101 Switching Protocols` hands the raw connection, with any bytes read
 //!   past the head, to the websocket tunnel.
 
@@ -194,7 +195,9 @@ impl Client {
         let mut body = (framing != RequestFraming::Empty).then_some(body);
         let replayable = body.is_none() && is_idempotent(&parts.method);
 
-        let mut conn = match self.pool.checkout() {
+        // A request that cannot be sent again must not meet a connection the
+        // upstream has already closed.
+        let mut conn = match self.pool.checkout(!replayable) {
             Some(conn) => conn,
             None => self.pool.connect().await?,
         };
@@ -346,8 +349,9 @@ impl Pool {
         })
     }
 
-    /// The newest idle connection that is neither expired nor closed.
-    fn checkout(&self) -> Option<Conn> {
+    /// The newest idle connection that is neither expired nor closed;
+    /// `thorough` checks each candidate with the socket, not just the reactor.
+    fn checkout(&self, thorough: bool) -> Option<Conn> {
         let now = Instant::now();
         let mut idle = self
             .idle
@@ -359,7 +363,7 @@ impl Pool {
                 idle.clear();
                 return None;
             }
-            if entry.conn.io.is_clean() {
+            if entry.conn.io.is_clean(thorough) {
                 let mut conn = entry.conn;
                 conn.reused = true;
                 return Some(conn);
@@ -434,16 +438,29 @@ impl Conn {
 impl Stream {
     /// No close and no stray byte seen since the last answer was read.
     ///
-    /// Asks the reactor, not the socket: tokio clears read readiness when a
-    /// read drains the socket, so readiness here means the upstream sent
-    /// something unasked — most often its FIN after an idle timeout.
-    fn is_clean(&self) -> bool {
+    /// First asks the reactor, which costs nothing: tokio clears read
+    /// readiness when a read drains the socket, so readiness here means the
+    /// upstream sent something unasked — most often its FIN (or TLS
+    /// close_notify) after an idle timeout. The reactor only knows what it has
+    /// polled, though; for a request that cannot be retried (`thorough`) the
+    /// socket itself is asked as well, with one non-blocking `MSG_PEEK`.
+    fn is_clean(&self, thorough: bool) -> bool {
         let tcp = match self {
             Stream::Plain(tcp) => tcp,
             Stream::Tls(tls) => tls.get_ref().0,
         };
         let mut cx = Context::from_waker(std::task::Waker::noop());
-        tcp.poll_read_ready(&mut cx).is_pending()
+        if tcp.poll_read_ready(&mut cx).is_ready() {
+            return false;
+        }
+        if !thorough {
+            return true;
+        }
+        let mut byte = [std::mem::MaybeUninit::<u8>::uninit()];
+        matches!(
+            socket2::SockRef::from(tcp).peek(&mut byte),
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock
+        )
     }
 }
 
