@@ -13,6 +13,7 @@ use teamgate::auth::keys::KeyDigest;
 use teamgate::body::Body;
 use teamgate::cache::policy::{CacheKey, CredentialId, Partition};
 use teamgate::config::{self, Config, Secrets};
+use teamgate::proxy::http1;
 use teamgate::route::{RequestLimits, Router, check_request};
 
 const CLIENT_KEY: &str = "tg_bench_key_0123456789abcdefghijkl";
@@ -119,6 +120,38 @@ fn benches(c: &mut Criterion) {
                 request
             },
             |mut request| prepare_upstream_request(&mut request, &config.server).unwrap(),
+            criterion::BatchSize::SmallInput,
+        )
+    });
+
+    // The upstream client's own per-request work: the head it writes for a
+    // rewritten list request, and the head of a typical JSON answer it parses.
+    let mut upstream_request = request("/api/assets?limit=20&include_tags=input,output");
+    upstream_request.extensions_mut().insert(route.clone());
+    upstream_request
+        .extensions_mut()
+        .insert(authenticated.clone());
+    upstream_request
+        .extensions_mut()
+        .insert(ClientAddr::new("127.0.0.1:5000".parse().unwrap()));
+    prepare_upstream_request(&mut upstream_request, &config.server).unwrap();
+    let (parts, _) = upstream_request.into_parts();
+    c.bench_function("upstream/encode_head", |b| {
+        let mut out = bytes::BytesMut::with_capacity(1024);
+        b.iter(|| {
+            out.clear();
+            http1::encode_head(&parts, http1::RequestFraming::Empty, &mut out);
+            black_box(out.len())
+        })
+    });
+    let answer: &[u8] = b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\n\
+        Date: Mon, 23 Nov 2026 14:14:21 GMT\r\nContent-Type: application/json\r\n\
+        Content-Length: 11912\r\nLast-Modified: Mon, 23 Nov 2026 14:00:10 GMT\r\n\
+        Connection: keep-alive\r\nETag: \"6b0446ea-2e88\"\r\nAccept-Ranges: bytes\r\n\r\n";
+    c.bench_function("upstream/parse_head", |b| {
+        b.iter_batched(
+            || bytes::BytesMut::from(answer),
+            |mut buf| http1::parse_head(&mut buf).unwrap().unwrap(),
             criterion::BatchSize::SmallInput,
         )
     });

@@ -34,7 +34,7 @@ use crate::error::GatewayError;
 use crate::route::{RouteClass, RouteMatch};
 use crate::telemetry::RequestId;
 use crate::telemetry::metrics::Metrics;
-pub use client::{Client, ClientError, ResponseBody, UpgradedUpstream};
+pub use client::{Client, ClientError, ResponseBody, UpgradedUpstream, codec as http1};
 pub use watch::WatchedBody;
 
 /// One client per upstream (their timeouts and pools differ), indexed by `Upstream::index`.

@@ -22,7 +22,7 @@
 //! - `101 Switching Protocols` hands the raw connection, with any bytes read
 //!   past the head, to the websocket tunnel.
 
-mod codec;
+pub mod codec;
 
 use std::collections::VecDeque;
 use std::future::Future;
