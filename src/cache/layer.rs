@@ -23,7 +23,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use futures_util::future::Either;
+use futures_util::future::{Either, Ready, ready};
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
@@ -98,7 +98,8 @@ where
 {
     type Response = Response<Body>;
     type Error = Infallible;
-    type Future = Either<S::Future, BoxFuture>;
+    /// Pass-through, or a fresh hit answered in `call`, or the read/write path.
+    type Future = Either<S::Future, Either<Ready<Result<Response<Body>, Infallible>>, BoxFuture>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         self.inner.poll_ready(cx)
@@ -116,26 +117,23 @@ where
             .extensions()
             .get::<Authenticated>()
             .and_then(|auth| auth.team.credential_id_for(&route.upstream));
-        let store = Arc::clone(&self.store);
-        // The ready service goes into the future; `self` keeps a fresh clone (tower's contract).
-        let inner = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, inner);
-
         match cache_route {
             CacheRoute::Write {
                 mut scopes,
                 from_body,
             } => {
                 let Some(credential) = credential else {
-                    return Either::Left(inner.call(request));
+                    return Either::Left(self.inner.call(request));
                 };
+                let store = Arc::clone(&self.store);
+                let inner = self.take_ready_inner();
                 let partition = Partition::Team {
                     upstream,
                     credential,
                 };
                 let metrics = Arc::clone(&self.metrics);
                 let upstream_name = Arc::clone(&route.upstream);
-                Either::Right(Box::pin(async move {
+                Either::Right(Either::Right(Box::pin(async move {
                     let request = if from_body.is_empty() {
                         request
                     } else {
@@ -153,7 +151,7 @@ where
                         tracing::debug!(scopes = scopes.len(), "write invalidated cache scopes");
                     }
                     Ok(response)
-                }))
+                })))
             }
             CacheRoute::Read { rule, scope } => {
                 let rule = &route.upstream.cache.reads[rule];
@@ -173,7 +171,7 @@ where
                         upstream,
                         credential,
                     },
-                    (false, None) => return Either::Left(inner.call(request)),
+                    (false, None) => return Either::Left(self.inner.call(request)),
                 };
                 // One exact-size allocation: the key's own copy of path and query.
                 let path = route.upstream_path(request.uri().path());
@@ -186,13 +184,56 @@ where
                     target.push_str(query);
                 }
                 let key = CacheKey::new(partition, target, request.headers());
+                if let Some(response) = fresh_hit(&self.store, &request, &key, &scope) {
+                    return Either::Right(Either::Left(ready(Ok(response))));
+                }
+                let store = Arc::clone(&self.store);
+                let inner = self.take_ready_inner();
                 let span = tracing::debug_span!("cache.lookup", scope = %scope.family);
-                Either::Right(Box::pin(
+                Either::Right(Either::Right(Box::pin(
                     read(store, inner, request, key, scope, lifetimes).instrument(span),
-                ))
+                )))
             }
         }
     }
+}
+
+impl<S: Clone> CacheService<S> {
+    /// The ready service, for a future to call later; `self` keeps a fresh
+    /// clone, which `poll_ready` readies next (tower's contract).
+    fn take_ready_inner(&mut self) -> S {
+        let fresh = self.inner.clone();
+        std::mem::replace(&mut self.inner, fresh)
+    }
+}
+
+/// Answers a request from a fresh entry on the spot, or says it cannot.
+///
+/// Most reads are fresh hits; answering them in `call` spares each one the
+/// boxed `read` future (sized for the fill path, allocated and copied per
+/// request). Everything else — stale entries, misses, bypass and refresh —
+/// goes through `read`, which checks the entry again.
+fn fresh_hit(
+    store: &Store,
+    request: &Request<Body>,
+    key: &CacheKey,
+    scope: &Scope,
+) -> Option<Response<Body>> {
+    if request_mode(request.headers()) != RequestMode::Normal {
+        return None;
+    }
+    let entry = store.get(key, scope)?;
+    let now = Instant::now();
+    let Freshness::Fresh(left) = entry.freshness(now) else {
+        return None;
+    };
+    Some(respond(
+        &entry,
+        request.method() == Method::HEAD,
+        request.headers().get(header::IF_NONE_MATCH),
+        cache_status::hit(left),
+        Some(entry.age(now)),
+    ))
 }
 
 /// The most of a write's body read to find the scopes it names.
