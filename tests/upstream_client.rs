@@ -223,6 +223,16 @@ async fn read_until(
     }
 }
 
+/// A counter of the comfy upstream from the gateway's `/metrics`.
+async fn upstream_counter(h: &Harness, name: &str) -> u64 {
+    let metrics = h.admin_get("/metrics").await;
+    let text = String::from_utf8(metrics.body.to_vec()).unwrap();
+    let prefix = format!("{name}{{upstream=\"comfy\"}} ");
+    text.lines()
+        .find_map(|line| line.strip_prefix(&prefix))
+        .map_or(0, |value| value.parse().unwrap())
+}
+
 /// A job submission: a POST with a JSON body, never safe to send twice.
 async fn post_prompt(h: &Harness) -> Answer {
     h.call(
@@ -256,6 +266,10 @@ async fn keep_alive_connections_are_reused_and_connection_close_is_honoured() {
         upstream.connections(),
         1,
         "one keep-alive connection for five requests"
+    );
+    assert_eq!(
+        upstream_counter(&h, "teamgate_upstream_connections_opened_total").await,
+        1
     );
 
     assert_eq!(h.get("/api/jobs?close=1", DESIGN_KEY).await.body, "bye");
@@ -292,6 +306,10 @@ async fn a_pooled_connection_closed_unanswered_is_retried_for_a_get_but_not_for_
     );
     assert_eq!(upstream.connections(), 2);
     assert_eq!(upstream.seen().len(), 3);
+    assert_eq!(
+        upstream_counter(&h, "teamgate_upstream_retries_total").await,
+        1
+    );
 
     // A POST may have been acted on: it is never sent twice.
     let post = post_prompt(&h).await;

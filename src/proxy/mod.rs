@@ -78,7 +78,7 @@ impl Forward {
                     roots.add_parsable_certificates(upstream.trusted_roots.iter().cloned());
                     Arc::new(upstream_tls_config(roots))
                 };
-                Client::new(upstream, &tls)
+                Client::new(upstream, &tls, metrics.upstream_pool(&upstream.name))
                     .unwrap_or_else(|error| panic!("upstream {}: {error}", upstream.name))
             })
             .collect();

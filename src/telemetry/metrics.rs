@@ -42,6 +42,13 @@ struct LabelKey {
     cache: usize,
 }
 
+/// Connection-pool counters of one upstream (see [`Metrics::upstream_pool`]).
+#[derive(Debug, Clone)]
+pub struct UpstreamPoolCounters {
+    pub opened: IntCounter,
+    pub retried: IntCounter,
+}
+
 /// Every metric the gateway exports.
 #[derive(Debug)]
 pub struct Metrics {
@@ -54,6 +61,8 @@ pub struct Metrics {
     upstream_duration: HistogramVec,
     in_flight: IntGauge,
     upstream_errors: IntCounterVec,
+    upstream_connections: IntCounterVec,
+    upstream_retries: IntCounterVec,
     cache_requests: IntCounterVec,
     cache_stores: IntCounter,
     cache_evictions: IntCounter,
@@ -170,6 +179,18 @@ impl Metrics {
                 "Failed upstream requests, by kind: connect, timeout, reset, 5xx.",
                 &["upstream", "kind"],
             ),
+            upstream_connections: counter(
+                &registry,
+                "teamgate_upstream_connections_opened_total",
+                "Upstream connections opened (TCP, and TLS for https); the rest of the requests reuse pooled ones.",
+                &["upstream"],
+            ),
+            upstream_retries: counter(
+                &registry,
+                "teamgate_upstream_retries_total",
+                "Requests sent again on a new connection after a pooled one closed without answering.",
+                &["upstream"],
+            ),
             cache_requests: counter(
                 &registry,
                 "teamgate_cache_requests_total",
@@ -276,6 +297,14 @@ impl Metrics {
 
     pub fn upstream_latency(&self, upstream: &str) -> Histogram {
         self.upstream_duration.with_label_values(&[upstream])
+    }
+
+    /// The counters an upstream's connection pool bumps, resolved once.
+    pub fn upstream_pool(&self, upstream: &str) -> UpstreamPoolCounters {
+        UpstreamPoolCounters {
+            opened: self.upstream_connections.with_label_values(&[upstream]),
+            retried: self.upstream_retries.with_label_values(&[upstream]),
+        }
     }
 
     pub fn upstream_error(&self, upstream: &str, kind: &str) {

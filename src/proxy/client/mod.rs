@@ -48,6 +48,7 @@ use self::codec::{ChunkedDecoder, Decoded, RequestFraming, ResponseFraming, Resp
 use super::watch::WatchedBody;
 use crate::body::{Body, BoxError};
 use crate::config::Upstream;
+use crate::telemetry::metrics::UpstreamPoolCounters;
 
 /// Each read asks for up to this much: a typical JSON answer, head and body,
 /// arrives in one read, and large downloads move in large steps.
@@ -120,6 +121,7 @@ struct Pool {
     idle: Mutex<VecDeque<IdleConn>>,
     /// Whether a task is trimming expired idle connections.
     sweeping: AtomicBool,
+    counters: UpstreamPoolCounters,
 }
 
 #[derive(Debug)]
@@ -145,7 +147,11 @@ pub enum Stream {
 
 impl Client {
     /// `tls` is used when the upstream's scheme is https.
-    pub fn new(upstream: &Upstream, tls: &Arc<rustls::ClientConfig>) -> Result<Self, String> {
+    pub fn new(
+        upstream: &Upstream,
+        tls: &Arc<rustls::ClientConfig>,
+        counters: UpstreamPoolCounters,
+    ) -> Result<Self, String> {
         let authority = &upstream.authority;
         let https = upstream.scheme == http::uri::Scheme::HTTPS;
         let host = authority
@@ -170,6 +176,7 @@ impl Client {
                 idle_timeout: upstream.timeouts.pool_idle,
                 idle: Mutex::new(VecDeque::new()),
                 sweeping: AtomicBool::new(false),
+                counters,
             }),
         })
     }
@@ -231,6 +238,7 @@ impl Client {
                         return Err(failed.error);
                     }
                     tracing::debug!(error = %failed.error, "pooled upstream connection was stale; retrying on a new one");
+                    self.pool.counters.retried.inc();
                     body = failed.body;
                     conn = self.pool.connect().await?;
                 }
@@ -342,6 +350,7 @@ impl Pool {
         let io = tokio::time::timeout(self.connect_timeout, connecting)
             .await
             .map_err(|_| ClientError::ConnectTimeout)??;
+        self.counters.opened.inc();
         Ok(Conn {
             io,
             read_buf: BytesMut::new(),
