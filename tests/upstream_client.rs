@@ -139,8 +139,14 @@ impl Upstream {
     }
 
     async fn gateway(&self) -> Harness {
+        self.gateway_with("").await
+    }
+
+    /// A gateway in front of this upstream, with extra `[upstreams.comfy]` settings.
+    async fn gateway_with(&self, upstream_extra: &str) -> Harness {
         let emulator = teamgate::emulator::Emulator::new(accounts());
-        Harness::start_in_front_of(emulator, self.addr, &format!("http://{}", self.addr), "").await
+        let base_url = format!("http://{}", self.addr);
+        Harness::start_in_front_of(emulator, self.addr, &base_url, upstream_extra).await
     }
 }
 
@@ -486,5 +492,27 @@ async fn a_connection_the_upstream_closed_while_idle_is_not_used_for_a_post() {
         .filter(|seen| seen.method == "POST")
         .count();
     assert_eq!(posts, 1);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn idle_connections_are_closed_after_the_pool_idle_timeout() {
+    let upstream = Upstream::start(|_| ok("{}")).await;
+    let h = upstream
+        .gateway_with(r#"pool_idle_timeout = "100ms""#)
+        .await;
+    assert_eq!(h.get("/api/jobs", DESIGN_KEY).await.status, StatusCode::OK);
+    // No more traffic: the pool's sweeper closes the connection on its own,
+    // and the upstream sees the close.
+    eventually("the idle connection was closed", async || {
+        upstream.closed.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    assert_eq!(h.get("/api/jobs", DESIGN_KEY).await.status, StatusCode::OK);
+    assert_eq!(
+        upstream.connections(),
+        2,
+        "the next request opened a new one"
+    );
     h.stop().await;
 }

@@ -398,8 +398,11 @@ impl Pool {
             idle.pop_front();
         }
         idle.push_back(IdleConn { conn, since: now });
+        // Under the lock, like the sweeper's decision to stop: a sweeper that
+        // found the pool empty cannot miss this connection.
+        let start_sweeper = !self.sweeping.swap(true, Ordering::AcqRel);
         drop(idle);
-        if !self.sweeping.swap(true, Ordering::AcqRel) {
+        if start_sweeper {
             tokio::spawn(sweep(Arc::downgrade(self)));
         }
     }
