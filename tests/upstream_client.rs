@@ -395,9 +395,15 @@ async fn an_upstream_that_answers_before_the_upload_ends_is_heard() {
     );
     client.write_all(head.as_bytes()).await.unwrap();
     let mut answer = Vec::new();
-    let head_end = read_until(&mut client, &mut answer, b"\r\n\r\n")
-        .await
-        .expect("an answer");
+    // Bounded: a gateway that waited for the rest of the upload would never
+    // answer, and this must fail rather than hang.
+    let head_end = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        read_until(&mut client, &mut answer, b"\r\n\r\n"),
+    )
+    .await
+    .expect("the answer came while the upload was still unfinished")
+    .expect("an answer");
     let text = String::from_utf8_lossy(&answer[..head_end]).into_owned();
     assert!(text.starts_with("HTTP/1.1 413"), "{text}");
     while answer.len() < head_end + refusal.len() {

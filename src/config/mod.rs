@@ -609,21 +609,15 @@ fn validate(
             "server.websocket_idle_timeout",
             &mut problem,
         ),
-        tls: file.server.tls.as_ref().map(|tls| {
-            let relative = |path: &str| match dir {
-                Some(dir) if Path::new(path).is_relative() => dir.join(path),
-                _ => Path::new(path).to_path_buf(),
-            };
-            TlsSettings {
-                cert: relative(&tls.cert),
-                key: relative(&tls.key),
-                reload_interval: duration_or(
-                    tls.reload_interval.as_deref(),
-                    Duration::from_secs(30),
-                    "server.tls.reload_interval",
-                    &mut problem,
-                ),
-            }
+        tls: file.server.tls.as_ref().map(|tls| TlsSettings {
+            cert: from_config_dir(dir, &tls.cert),
+            key: from_config_dir(dir, &tls.key),
+            reload_interval: duration_or(
+                tls.reload_interval.as_deref(),
+                Duration::from_secs(30),
+                "server.tls.reload_interval",
+                &mut problem,
+            ),
         }),
     };
     // The files must load now, not at the first client handshake (skipped in
@@ -746,10 +740,7 @@ fn validate(
         let trusted_roots = match &upstream.ca_file {
             None => Vec::new(),
             Some(path) => {
-                let path = match dir {
-                    Some(dir) if Path::new(path).is_relative() => dir.join(path),
-                    _ => Path::new(path).to_path_buf(),
-                };
+                let path = from_config_dir(dir, path);
                 match crate::tls::load_roots(&path) {
                     Ok(roots) => roots,
                     Err(message) => {
@@ -1277,6 +1268,14 @@ fn parse_addr(value: &str) -> Result<SocketAddr, String> {
     value.parse().map_err(|_| {
         format!("`{value}` is not an address; expected `IP:PORT` such as `0.0.0.0:8080`")
     })
+}
+
+/// A path from the config file: relative ones are from the file's folder.
+fn from_config_dir(dir: Option<&Path>, path: &str) -> std::path::PathBuf {
+    match dir {
+        Some(dir) if Path::new(path).is_relative() => dir.join(path),
+        _ => Path::new(path).to_path_buf(),
+    }
 }
 
 fn duration_or(

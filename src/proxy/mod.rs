@@ -34,7 +34,8 @@ use crate::error::GatewayError;
 use crate::route::{RouteClass, RouteMatch};
 use crate::telemetry::RequestId;
 use crate::telemetry::metrics::Metrics;
-pub use client::{Client, ClientError, ResponseBody, UpgradedUpstream, codec as http1};
+use client::{Client, ClientError, UpgradedUpstream};
+pub use client::{ResponseBody, codec as http1};
 pub use watch::WatchedBody;
 
 /// One client per upstream (their timeouts and pools differ), indexed by `Upstream::index`.
@@ -181,8 +182,8 @@ async fn forward(
             return GatewayError::UpstreamTimeout.into_response(shape, request_id);
         }
     };
-    let mut response = match result {
-        Ok(response) => response,
+    let (mut response, upgraded_upstream) = match result {
+        Ok(answer) => answer,
         Err(error) => {
             timer.stop_and_discard();
             let gateway_error = classify_client_error(&error);
@@ -214,16 +215,11 @@ async fn forward(
     if response.status().is_server_error() {
         metrics.upstream_error(upstream_name, "5xx");
     }
-    let is_switch = response.status() == StatusCode::SWITCHING_PROTOCOLS;
-    if let (Some(client_upgrade), true) = (client_upgrade, is_switch) {
-        let upstream = response
-            .extensions_mut()
-            .remove::<client::Upgraded>()
-            .and_then(|upgraded| upgraded.take());
-        if let Some(upstream) = upstream {
-            tokio::spawn(tunnel(client_upgrade, upstream, limits.websocket_idle));
-        }
+    // The client asked for the upgrade (or `send` would have refused the 101).
+    if let (Some(client_upgrade), Some(upstream)) = (client_upgrade, upgraded_upstream) {
+        tokio::spawn(tunnel(client_upgrade, upstream, limits.websocket_idle));
     }
+    let is_switch = response.status() == StatusCode::SWITCHING_PROTOCOLS;
     strip_hop_by_hop(response.headers_mut(), is_switch);
     response
 }
@@ -284,20 +280,11 @@ async fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: UpgradedUpstream, i
 /// 400), a timeout (504), or an unreachable or misbehaving upstream (502).
 fn classify_client_error(error: &ClientError) -> GatewayError {
     match error {
-        ClientError::RequestBody(cause) => {
-            let chain =
-                std::iter::successors(Some(cause.as_ref() as &(dyn StdError + 'static)), |cause| {
-                    (*cause).source()
-                });
-            if chain
-                .into_iter()
-                .any(|cause| cause.is::<watch::BodyTooLarge>())
-            {
-                GatewayError::PayloadTooLarge
-            } else {
-                GatewayError::MalformedBody
-            }
+        // `WatchedBody`, the outermost body, raises `BodyTooLarge` itself.
+        ClientError::RequestBody(cause) if cause.is::<watch::BodyTooLarge>() => {
+            GatewayError::PayloadTooLarge
         }
+        ClientError::RequestBody(_) => GatewayError::MalformedBody,
         ClientError::ConnectTimeout => GatewayError::UpstreamTimeout,
         ClientError::Connect(io) | ClientError::Tls(io)
             if io.kind() == std::io::ErrorKind::TimedOut =>

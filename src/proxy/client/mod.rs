@@ -82,26 +82,12 @@ pub enum ClientError {
     RequestBody(#[source] BoxError),
 }
 
-/// The upstream side of a switched (websocket) connection, attached to a
-/// `101` answer as an extension: the socket, and bytes already read past the head.
+/// The upstream side of a switched (websocket) connection, returned with its
+/// `101` answer: the socket, and bytes already read past the head.
 #[derive(Debug)]
 pub struct UpgradedUpstream {
     pub io: Stream,
     pub read_ahead: Bytes,
-}
-
-// Clone is required of extensions; an upgraded socket cannot be shared, so the
-// extension is wrapped and taken out once.
-#[derive(Debug, Clone)]
-pub(super) struct Upgraded(Arc<Mutex<Option<UpgradedUpstream>>>);
-
-impl Upgraded {
-    pub(super) fn take(&self) -> Option<UpgradedUpstream> {
-        self.0
-            .lock()
-            .unwrap_or_else(|poison| poison.into_inner())
-            .take()
-    }
 }
 
 /// One upstream's client: where to connect and its idle connections.
@@ -183,13 +169,13 @@ impl Client {
 
     /// Sends `request` (origin-form target from its URI, headers as given) and
     /// returns the answer once its head has arrived; the body streams from the
-    /// connection as it is polled. `upgrade`: a `101` answer is expected and
-    /// its connection is handed over in an [`UpgradedUpstream`] extension.
+    /// connection as it is polled. `upgrade`: a `101` answer may come, and
+    /// its connection is handed over with it as an [`UpgradedUpstream`].
     pub async fn send(
         &self,
         request: Request<WatchedBody>,
         upgrade: bool,
-    ) -> Result<Response<Body>, ClientError> {
+    ) -> Result<(Response<Body>, Option<UpgradedUpstream>), ClientError> {
         let (parts, body) = request.into_parts();
         let framing = RequestFraming::for_body(
             http_body::Body::is_end_stream(&body),
@@ -218,7 +204,6 @@ impl Client {
                 sent: 0,
                 flushed: false,
                 write_failed: None,
-                body_taken: false,
                 wrote_any: false,
                 answer_started: false,
             };
@@ -252,7 +237,7 @@ impl Client {
         answered: Answered,
         method: &Method,
         upgrade: bool,
-    ) -> Result<Response<Body>, ClientError> {
+    ) -> Result<(Response<Body>, Option<UpgradedUpstream>), ClientError> {
         let Answered {
             mut conn,
             head,
@@ -271,16 +256,12 @@ impl Client {
                     ProtocolError("101 answer to a request that asked for no upgrade").into(),
                 );
             }
-            let read_ahead = conn.read_buf.split().freeze();
             let upgraded = UpgradedUpstream {
+                read_ahead: conn.read_buf.split().freeze(),
                 io: conn.io,
-                read_ahead,
             };
             *response.headers_mut() = headers;
-            response
-                .extensions_mut()
-                .insert(Upgraded(Arc::new(Mutex::new(Some(upgraded)))));
-            return Ok(response);
+            return Ok((response, Some(upgraded)));
         }
         let framing = codec::response_framing(method, status, &mut headers)?;
         let reusable = request_complete
@@ -318,7 +299,7 @@ impl Client {
             )),
         };
         *response.body_mut() = body;
-        Ok(response)
+        Ok((response, None))
     }
 }
 
@@ -381,6 +362,16 @@ impl Pool {
         None
     }
 
+    /// Closes the idle connections unused for `idle_timeout` (the oldest are in front).
+    fn close_expired(&self, idle: &mut VecDeque<IdleConn>, now: Instant) {
+        while idle
+            .front()
+            .is_some_and(|entry| now.duration_since(entry.since) >= self.idle_timeout)
+        {
+            idle.pop_front();
+        }
+    }
+
     /// Returns a connection whose exchange is complete to the pool, or closes it.
     fn release(self: &Arc<Self>, conn: Conn, reusable: bool) {
         // Bytes past the end of the answer mean the upstream and we disagree on framing.
@@ -392,9 +383,8 @@ impl Pool {
             .idle
             .lock()
             .unwrap_or_else(|poison| poison.into_inner());
-        while idle.front().is_some_and(|entry| {
-            now.duration_since(entry.since) >= self.idle_timeout || idle.len() >= MAX_IDLE
-        }) {
+        self.close_expired(&mut idle, now);
+        if idle.len() >= MAX_IDLE {
             idle.pop_front();
         }
         idle.push_back(IdleConn { conn, since: now });
@@ -419,17 +409,11 @@ async fn sweep(pool: Weak<Pool>) {
         let Some(pool) = pool.upgrade() else {
             return;
         };
-        let now = Instant::now();
         let mut idle = pool
             .idle
             .lock()
             .unwrap_or_else(|poison| poison.into_inner());
-        while idle
-            .front()
-            .is_some_and(|entry| now.duration_since(entry.since) >= pool.idle_timeout)
-        {
-            idle.pop_front();
-        }
+        pool.close_expired(&mut idle, Instant::now());
         if idle.is_empty() {
             pool.sweeping.store(false, Ordering::Release);
             return;
@@ -547,9 +531,9 @@ struct Exchange {
     flushed: bool,
     /// Writing failed; the answer may still be readable (an early error reply).
     write_failed: Option<io::Error>,
-    /// A body frame has been taken, so the request cannot be replayed.
-    body_taken: bool,
-    /// Some bytes of the request reached the socket.
+    /// Some bytes of the request reached the socket. Until then the body has
+    /// not been polled either (it is read only once the head is out), so the
+    /// request can still go elsewhere whole.
     wrote_any: bool,
     answer_started: bool,
 }
@@ -615,7 +599,6 @@ impl Exchange {
                 Poll::Pending => return Ok(()),
                 Poll::Ready(Some(Err(error))) => return Err(SendError::Body(error)),
                 Poll::Ready(Some(Ok(frame))) => {
-                    self.body_taken = true;
                     // Trailers are not forwarded: nothing upstream asks for them.
                     let Ok(data) = frame.into_data() else {
                         continue;
@@ -660,8 +643,8 @@ impl Exchange {
         Poll::Ready(Err(Failed {
             error,
             answer_started: self.answer_started,
-            nothing_sent: !self.wrote_any && !self.body_taken,
-            body: if self.body_taken {
+            nothing_sent: !self.wrote_any,
+            body: if self.wrote_any {
                 None
             } else {
                 self.body.take()
