@@ -217,6 +217,10 @@ fn client_connection_builder(settings: &config::ServerSettings) -> auto::Builder
         .http1()
         .timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(settings.header_read_timeout)
+        // Without this, hyper copies every body into its head buffer here
+        // (it does not see this connection as vectored). Cached bodies are
+        // `Bytes` already: one `writev` sends head and body as they are.
+        .writev(true)
         .max_buf_size((settings.max_header_bytes * 2).max(16 * 1024));
     builder
         .http2()
