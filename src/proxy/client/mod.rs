@@ -27,6 +27,7 @@ pub mod codec;
 use std::collections::VecDeque;
 use std::future::Future;
 use std::io::{self, IoSlice};
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -34,6 +35,7 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use http::{Method, Request, Response, StatusCode};
 use http_body::{Body as _, Frame, SizeHint};
 use rustls_pki_types::ServerName;
@@ -59,6 +61,9 @@ const MIN_READ_SPACE: usize = 4 * 1024;
 const MAX_HEAD: usize = 256 * 1024;
 /// Idle connections kept per upstream; beyond it the oldest are closed.
 const MAX_IDLE: usize = 1024;
+/// How long one connection attempt runs alone before the next address is
+/// tried beside it: RFC 8305 §5 recommends 250 ms.
+const CONNECTION_ATTEMPT_DELAY: Duration = Duration::from_millis(250);
 
 /// Why an exchange with the upstream failed.
 #[derive(Debug, thiserror::Error)]
@@ -303,6 +308,65 @@ impl Client {
     }
 }
 
+/// Happy Eyeballs (RFC 8305 §5): the addresses in turn, address families
+/// alternating, each attempt running alone for `attempt_delay` (or until it
+/// fails) before the next one starts beside it; the first to connect wins
+/// and the rest are dropped. A host whose first address blackholes (a broken
+/// IPv6 route, a dead A record) costs one delay per new connection, not the
+/// whole connect timeout.
+async fn connect_first(addrs: Vec<SocketAddr>, attempt_delay: Duration) -> io::Result<TcpStream> {
+    let mut waiting = interleave_families(addrs).into_iter();
+    let mut attempts = FuturesUnordered::new();
+    let mut last_error = None;
+    loop {
+        if let Some(addr) = waiting.next() {
+            attempts.push(TcpStream::connect(addr));
+        }
+        if attempts.is_empty() {
+            return Err(last_error.unwrap_or_else(|| {
+                io::Error::new(io::ErrorKind::NotFound, "the host resolved to no address")
+            }));
+        }
+        let another_waits = waiting.len() > 0;
+        let head_start = tokio::time::sleep(attempt_delay);
+        tokio::pin!(head_start);
+        loop {
+            tokio::select! {
+                finished = attempts.next() => match finished {
+                    Some(Ok(stream)) => return Ok(stream),
+                    Some(Err(error)) => {
+                        last_error = Some(error);
+                        // A failure starts the next address at once.
+                        if another_waits || attempts.is_empty() {
+                            break;
+                        }
+                    }
+                    None => break,
+                },
+                () = &mut head_start, if another_waits => break,
+            }
+        }
+    }
+}
+
+/// RFC 8305 §4: the first address's family first, then the other, alternating.
+fn interleave_families(addrs: Vec<SocketAddr>) -> Vec<SocketAddr> {
+    let Some(first_is_v6) = addrs.first().map(SocketAddr::is_ipv6) else {
+        return addrs;
+    };
+    let (preferred, other): (Vec<_>, Vec<_>) = addrs
+        .into_iter()
+        .partition(|addr| addr.is_ipv6() == first_is_v6);
+    let mut interleaved = Vec::with_capacity(preferred.len() + other.len());
+    let (mut preferred, mut other) = (preferred.into_iter(), other.into_iter());
+    loop {
+        match (preferred.next(), other.next()) {
+            (None, None) => return interleaved,
+            (first, second) => interleaved.extend(first.into_iter().chain(second)),
+        }
+    }
+}
+
 /// Requests that may be sent twice without a different outcome (RFC 9110 §9.2.2).
 fn is_idempotent(method: &Method) -> bool {
     matches!(
@@ -314,7 +378,10 @@ fn is_idempotent(method: &Method) -> bool {
 impl Pool {
     async fn connect(&self) -> Result<Conn, ClientError> {
         let connecting = async {
-            let tcp = TcpStream::connect((self.host.as_str(), self.port))
+            let addrs = tokio::net::lookup_host((self.host.as_str(), self.port))
+                .await
+                .map_err(ClientError::Connect)?;
+            let tcp = connect_first(addrs.collect(), CONNECTION_ATTEMPT_DELAY)
                 .await
                 .map_err(ClientError::Connect)?;
             // Heads and small bodies go out at once; writes are already batched.
@@ -829,5 +896,94 @@ impl http_body::Body for ResponseBody {
             BodyState::Done => SizeHint::with_exact(0),
             _ => SizeHint::default(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::{Ipv4Addr, Ipv6Addr};
+    use tokio::net::{TcpListener, TcpSocket};
+
+    /// A loopback address whose connects hang like a blackholed route: a
+    /// listener with a backlog of one, filled by the returned connection and
+    /// never accepted from, drops every further SYN. Keep both alive.
+    async fn blackhole() -> (SocketAddr, TcpListener, TcpStream) {
+        let socket = TcpSocket::new_v4().unwrap();
+        socket
+            .bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
+            .unwrap();
+        let addr = socket.local_addr().unwrap();
+        let listener = socket.listen(0).unwrap();
+        let filler = TcpStream::connect(addr).await.unwrap();
+        (addr, listener, filler)
+    }
+
+    /// A loopback port nobody listens on: connects are refused at once.
+    async fn refused() -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        listener.local_addr().unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_blackholed_first_address_is_overtaken_by_the_next() {
+        let (dead, _listener, _filler) = blackhole().await;
+        let live = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let live_addr = live.local_addr().unwrap();
+        // Connecting to `dead` alone would hang for the kernel's SYN retries
+        // (minutes); the bound only keeps a broken build from hanging the suite.
+        let connected = tokio::time::timeout(
+            Duration::from_secs(30),
+            connect_first(vec![dead, live_addr], Duration::from_millis(50)),
+        )
+        .await
+        .expect("the second address is tried while the first hangs")
+        .unwrap();
+        assert_eq!(connected.peer_addr().unwrap(), live_addr);
+    }
+
+    #[tokio::test]
+    async fn a_refused_address_moves_on_to_the_next() {
+        let live = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let live_addr = live.local_addr().unwrap();
+        // A head start longer than the bound: only the refusal can start the next attempt.
+        let connected = tokio::time::timeout(
+            Duration::from_secs(30),
+            connect_first(vec![refused().await, live_addr], Duration::from_secs(3600)),
+        )
+        .await
+        .expect("a refusal starts the next address at once")
+        .unwrap();
+        assert_eq!(connected.peer_addr().unwrap(), live_addr);
+    }
+
+    #[tokio::test]
+    async fn every_address_failing_gives_the_last_error() {
+        let error = connect_first(
+            vec![refused().await, refused().await],
+            Duration::from_millis(50),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::ConnectionRefused);
+        let error = connect_first(Vec::new(), Duration::from_millis(50))
+            .await
+            .unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::NotFound);
+    }
+
+    #[test]
+    fn families_alternate_starting_with_the_first_address() {
+        let v6 = |port| SocketAddr::from((Ipv6Addr::LOCALHOST, port));
+        let v4 = |port| SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+        assert_eq!(
+            interleave_families(vec![v6(1), v6(2), v6(3), v4(4), v4(5)]),
+            vec![v6(1), v4(4), v6(2), v4(5), v6(3)]
+        );
+        assert_eq!(
+            interleave_families(vec![v4(1), v6(2), v4(3)]),
+            vec![v4(1), v6(2), v4(3)]
+        );
+        assert_eq!(interleave_families(Vec::new()), Vec::new());
     }
 }
