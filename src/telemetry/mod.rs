@@ -203,9 +203,7 @@ where
         let this = self.project();
         let _entered = this.span.enter();
         let Ok(mut response) = std::task::ready!(this.inner.poll(cx));
-        if let Some(id) = this.request_id.take() {
-            response.headers_mut().insert(X_REQUEST_ID.clone(), id.0);
-        }
+        let request_id = this.request_id.take();
         let elapsed = this.started.elapsed();
         let cache = metrics::cache_label(response.headers().get("cache-status"));
         this.metrics.request(
@@ -227,12 +225,11 @@ where
         if let Some(uri) = this.logged_uri.take() {
             tracing::info!(
                 target: logging::ACCESS_TARGET,
-                request_id = response
-                    .headers()
-                    .get(&X_REQUEST_ID)
-                    .and_then(|id| id.to_str().ok())
+                request_id = request_id
+                    .as_ref()
+                    .and_then(|id| id.0.to_str().ok())
                     .unwrap_or_default(),
-                method = %this.method,
+                method = this.method.as_str(),
                 path = uri.path(),
                 team = labels.team.get().map_or("", |team| team.name.as_str()),
                 upstream = labels.upstream.get().map_or("", |upstream| upstream.name.as_str()),
@@ -243,6 +240,9 @@ where
                 latency_us = elapsed.as_micros() as u64,
                 "served"
             );
+        }
+        if let Some(id) = request_id {
+            response.headers_mut().insert(X_REQUEST_ID.clone(), id.0);
         }
         Poll::Ready(Ok(response))
     }
