@@ -8,6 +8,8 @@
 //! - [`run`] is the one entry point: `main`, `demo`, the tests and the
 //!   benchmarks all call it with listeners they bound themselves.
 //! - [`config`] loads and validates the TOML file (secrets by reference).
+//! - [`connection`] is what each accepted connection hands hyper: the stack,
+//!   called in place, with the peer's address on every request.
 //! - [`stack`] assembles the request path; each layer lives in its own module:
 //!   [`telemetry`] (request id, span, access log), [`route`] (classification),
 //!   [`auth`] (client keys, credential injection), [`proxy`] (upstream clients).
@@ -22,6 +24,7 @@ pub mod auth;
 pub mod body;
 pub mod cache;
 pub mod config;
+pub mod connection;
 pub mod demo;
 pub mod emulator;
 pub mod error;
@@ -36,18 +39,13 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::Request;
-use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
-use tower::ServiceExt;
 
 use crate::admin::Readiness;
-use crate::auth::inject::{ClientAddr, ClientTls};
-use crate::body::Body;
+use crate::auth::inject::ClientAddr;
 use crate::config::Config;
 
 /// The sockets the gateway serves on. The caller binds them (port 0 in tests).
@@ -134,17 +132,7 @@ pub async fn run(
                         continue;
                     };
                     let _ = stream.set_nodelay(true);
-                    let is_tls = tls.is_some();
-                    let client_addr = ClientAddr::new(peer);
-                    let service = service.clone().map_request(move |request: Request<Incoming>| {
-                        let mut request = request.map(Body::Incoming);
-                        request.extensions_mut().insert(client_addr.clone());
-                        if is_tls {
-                            request.extensions_mut().insert(ClientTls);
-                        }
-                        request
-                    });
-                    let service = TowerToHyperService::new(service);
+                    let service = connection::ConnectionService::new(service.clone(), ClientAddr::new(peer), tls.is_some());
                     let builder = Arc::clone(&builder);
                     let watcher = graceful.watcher();
                     let acceptor = tls.as_ref().map(|tls| tls.acceptor.clone());

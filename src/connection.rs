@@ -1,0 +1,196 @@
+//! The service one accepted client connection hands hyper: the gateway's
+//! tower stack, plus what every request on the connection carries (the
+//! peer's address, whether it came over TLS).
+//!
+//! hyper-util's `TowerToHyperService` clones the whole tower stack for every
+//! request — a dozen reference counts up and back down — and moves the clone
+//! into the request's future. A connection calls its service from its own
+//! task, one call at a time, and the gateway's layers are ready at once (none
+//! holds capacity in `poll_ready`), so [`ConnectionService`] keeps one stack
+//! per connection and calls it in place: +1.5–2% on cache hits and
+//! pass-through in A/B runs. Should a layer ever answer `Pending`, that
+//! request waits on a clone of the stack, as with `TowerToHyperService`,
+//! instead of being refused.
+
+use std::convert::Infallible;
+use std::sync::{Mutex, PoisonError};
+use std::task::{Context, Poll, Waker};
+
+use futures_util::future::Either;
+use http::{Request, Response};
+use hyper::body::Incoming;
+use tower::util::Oneshot;
+use tower::{Service, ServiceExt};
+
+use crate::auth::inject::{ClientAddr, ClientTls};
+use crate::body::Body;
+
+/// One client connection's service (see the module docs).
+#[derive(Debug)]
+pub struct ConnectionService<S> {
+    stack: Mutex<S>,
+    /// Attached to every request: the peer and its `X-Forwarded-For` item.
+    client_addr: ClientAddr,
+    is_tls: bool,
+}
+
+impl<S> ConnectionService<S>
+where
+    S: Service<Request<Body>, Response = Response<Body>, Error = Infallible> + Clone,
+{
+    pub fn new(stack: S, client_addr: ClientAddr, is_tls: bool) -> Self {
+        ConnectionService {
+            stack: Mutex::new(stack),
+            client_addr,
+            is_tls,
+        }
+    }
+
+    /// Calls the stack in place when it is ready, else a clone that waits.
+    pub fn call_stack(
+        &self,
+        mut request: Request<Body>,
+    ) -> Either<S::Future, Oneshot<S, Request<Body>>> {
+        request.extensions_mut().insert(self.client_addr.clone());
+        if self.is_tls {
+            request.extensions_mut().insert(ClientTls);
+        }
+        // Uncontended: only this connection's task calls it.
+        let mut stack = self.stack.lock().unwrap_or_else(PoisonError::into_inner);
+        match stack.poll_ready(&mut Context::from_waker(Waker::noop())) {
+            Poll::Ready(Ok(())) => Either::Left(stack.call(request)),
+            Poll::Pending => Either::Right(stack.clone().oneshot(request)),
+        }
+    }
+}
+
+impl<S> hyper::service::Service<Request<Incoming>> for ConnectionService<S>
+where
+    S: Service<Request<Body>, Response = Response<Body>, Error = Infallible> + Clone,
+{
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = Either<S::Future, Oneshot<S, Request<Body>>>;
+
+    fn call(&self, request: Request<Incoming>) -> Self::Future {
+        self.call_stack(request.map(Body::Incoming))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::future::{Ready, ready};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+    /// Answers with the connection facts it was given; ready only once
+    /// opened. Counts its clones, to tell the in-place path from the waiting one.
+    struct Gate {
+        open: Arc<AtomicBool>,
+        waiting: Arc<Mutex<Option<Waker>>>,
+        clones: Arc<AtomicUsize>,
+    }
+
+    impl Gate {
+        fn new(open: bool) -> Self {
+            Gate {
+                open: Arc::new(AtomicBool::new(open)),
+                waiting: Arc::new(Mutex::new(None)),
+                clones: Arc::new(AtomicUsize::new(0)),
+            }
+        }
+
+        /// Makes every copy ready and wakes the one waiting.
+        fn opener(&self) -> impl FnOnce() + use<> {
+            let (open, waiting) = (Arc::clone(&self.open), Arc::clone(&self.waiting));
+            move || {
+                open.store(true, Ordering::SeqCst);
+                if let Some(waker) = waiting.lock().unwrap().take() {
+                    waker.wake();
+                }
+            }
+        }
+    }
+
+    impl Clone for Gate {
+        fn clone(&self) -> Self {
+            self.clones.fetch_add(1, Ordering::SeqCst);
+            Gate {
+                open: Arc::clone(&self.open),
+                waiting: Arc::clone(&self.waiting),
+                clones: Arc::clone(&self.clones),
+            }
+        }
+    }
+
+    impl Service<Request<Body>> for Gate {
+        type Response = Response<Body>;
+        type Error = Infallible;
+        type Future = Ready<Result<Response<Body>, Infallible>>;
+
+        fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+            let mut waiting = self.waiting.lock().unwrap();
+            if self.open.load(Ordering::SeqCst) {
+                return Poll::Ready(Ok(()));
+            }
+            *waiting = Some(cx.waker().clone());
+            Poll::Pending
+        }
+
+        fn call(&mut self, request: Request<Body>) -> Self::Future {
+            let addr = request
+                .extensions()
+                .get::<ClientAddr>()
+                .map(|client| client.addr.to_string());
+            let tls = request.extensions().get::<ClientTls>().is_some();
+            ready(Ok(Response::new(Body::full(format!("{addr:?} tls={tls}")))))
+        }
+    }
+
+    fn client() -> ClientAddr {
+        ClientAddr::new("192.0.2.7:4000".parse().unwrap())
+    }
+
+    async fn text(response: Response<Body>) -> String {
+        use http_body_util::BodyExt;
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        String::from_utf8(bytes.to_vec()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_ready_stack_is_called_in_place_with_the_connection_facts() {
+        let gate = Gate::new(true);
+        let clones = Arc::clone(&gate.clones);
+        let service = ConnectionService::new(gate, client(), true);
+        for _ in 0..3 {
+            let future = service.call_stack(Request::new(Body::Empty));
+            assert!(matches!(future, Either::Left(_)), "called in place");
+            let Ok(response) = future.await;
+            assert_eq!(text(response).await, "Some(\"192.0.2.7:4000\") tls=true");
+        }
+        assert_eq!(clones.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn a_stack_that_is_not_ready_is_waited_for_not_refused() {
+        let gate = Gate::new(false);
+        let (open, clones) = (gate.opener(), Arc::clone(&gate.clones));
+        let service = ConnectionService::new(gate, client(), false);
+        let future = service.call_stack(Request::new(Body::Empty));
+        assert!(matches!(future, Either::Right(_)), "waits on a clone");
+        assert_eq!(clones.load(Ordering::SeqCst), 1);
+        let answer = tokio::spawn(future);
+        tokio::task::yield_now().await;
+        assert!(
+            !answer.is_finished(),
+            "not answered before the stack is ready"
+        );
+        open();
+        let answered = tokio::time::timeout(std::time::Duration::from_secs(10), answer).await;
+        let Ok(response) = answered
+            .expect("woken when the stack became ready")
+            .unwrap();
+        assert_eq!(text(response).await, "Some(\"192.0.2.7:4000\") tls=false");
+    }
+}
