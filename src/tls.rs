@@ -34,18 +34,17 @@ fn read_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, String
     Ok(certificates)
 }
 
-/// CA certificates from a PEM file, to trust for an upstream (`ca_file`).
-pub fn load_roots(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
-    let roots = read_certificates(path)?;
+/// CA certificates from a PEM file, as the trust anchors for an upstream (`ca_file`).
+pub fn load_roots(path: &Path) -> Result<rustls::RootCertStore, String> {
     let mut store = rustls::RootCertStore::empty();
-    let (_, unusable) = store.add_parsable_certificates(roots.iter().cloned());
+    let (_, unusable) = store.add_parsable_certificates(read_certificates(path)?);
     if unusable > 0 {
         return Err(format!(
             "{unusable} certificate(s) in `{}` cannot be used as a trust anchor",
             path.display()
         ));
     }
-    Ok(roots)
+    Ok(store)
 }
 
 /// Loads a certificate chain and its private key from PEM files.

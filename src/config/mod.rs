@@ -145,9 +145,9 @@ pub struct Upstream {
     pub mount: String,
     pub preset: Preset,
     pub timeouts: UpstreamTimeouts,
-    /// The roots trusted for an https upstream (`ca_file`); empty means the
+    /// The roots trusted for an https upstream (`ca_file`); `None` means the
     /// public web roots (webpki-roots).
-    pub trusted_roots: Vec<rustls_pki_types::CertificateDer<'static>>,
+    pub trusted_roots: Option<rustls::RootCertStore>,
     /// Config rules first, then the preset's (unless `preset_rules = false`); empty when disabled.
     pub cache: CachePolicy,
     /// Let the preset's public reads through without a gateway key (Scenario's
@@ -737,19 +737,11 @@ fn validate(
                 &mut problem,
             ),
         };
-        let trusted_roots = match &upstream.ca_file {
-            None => Vec::new(),
-            Some(path) => {
-                let path = from_config_dir(dir, path);
-                match crate::tls::load_roots(&path) {
-                    Ok(roots) => roots,
-                    Err(message) => {
-                        problem(&key("ca_file"), message);
-                        Vec::new()
-                    }
-                }
-            }
-        };
+        let trusted_roots = upstream.ca_file.as_ref().and_then(|path| {
+            crate::tls::load_roots(&from_config_dir(dir, path))
+                .map_err(|message| problem(&key("ca_file"), message))
+                .ok()
+        });
         let cache = cache_policy(
             &upstream.cache,
             preset.as_ref(),
@@ -1368,7 +1360,7 @@ fn placeholder_upstream(name: String, index: usize) -> Upstream {
             response: Duration::ZERO,
             pool_idle: Duration::ZERO,
         },
-        trusted_roots: Vec::new(),
+        trusted_roots: None,
         cache: CachePolicy::default(),
         public_reads: false,
     }
@@ -1506,7 +1498,7 @@ mod tests {
                 path.display()
             );
         }
-        assert!(load(VALID).unwrap().upstreams[0].trusted_roots.is_empty());
+        assert!(load(VALID).unwrap().upstreams[0].trusted_roots.is_none());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -71,13 +71,9 @@ impl Forward {
         let clients = upstreams
             .iter()
             .map(|upstream| {
-                let tls = if upstream.trusted_roots.is_empty() {
-                    Arc::clone(&public_roots)
-                } else {
-                    let mut roots = rustls::RootCertStore::empty();
-                    // Checked when the config was loaded.
-                    roots.add_parsable_certificates(upstream.trusted_roots.iter().cloned());
-                    Arc::new(upstream_tls_config(roots))
+                let tls = match &upstream.trusted_roots {
+                    None => Arc::clone(&public_roots),
+                    Some(roots) => Arc::new(upstream_tls_config(roots.clone())),
                 };
                 Client::new(upstream, &tls, metrics.upstream_pool(&upstream.name))
                     .unwrap_or_else(|error| panic!("upstream {}: {error}", upstream.name))

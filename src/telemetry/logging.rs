@@ -308,16 +308,6 @@ impl SecondClock {
     }
 }
 
-fn level_name(level: &Level) -> &'static str {
-    match *level {
-        Level::ERROR => "ERROR",
-        Level::WARN => "WARN",
-        Level::INFO => "INFO",
-        Level::DEBUG => "DEBUG",
-        Level::TRACE => "TRACE",
-    }
-}
-
 /// `{"timestamp":…,"level":…,<fields in order>,"target":…}` — the flattened
 /// JSON `tracing_subscriber::fmt().json().flatten_event(true)` writes.
 fn format_json(
@@ -329,7 +319,7 @@ fn format_json(
     out.write_str("{\"timestamp\":\"")?;
     clock.write(out, now)?;
     out.write_str("\",\"level\":\"")?;
-    out.write_str(level_name(event.metadata().level()))?;
+    out.write_str(event.metadata().level().as_str())?;
     out.write_char('"')?;
     let mut fields = JsonFields {
         out,
@@ -412,7 +402,7 @@ fn format_text(
     let metadata = event.metadata();
     style.dim(out, |out| clock.write(out, now))?;
     out.write_char(' ')?;
-    let level = level_name(metadata.level());
+    let level = metadata.level().as_str();
     let color = match *metadata.level() {
         Level::ERROR => "\x1b[31m",
         Level::WARN => "\x1b[33m",

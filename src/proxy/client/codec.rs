@@ -282,14 +282,14 @@ impl ChunkedDecoder {
                     if buf.is_empty() {
                         return Ok(Decoded::NeedMore);
                     }
-                    let take = usize::try_from(remaining).map_or(buf.len(), |r| r.min(buf.len()));
-                    let left = remaining - take as u64;
+                    let data = split_up_to(buf, remaining);
+                    let left = remaining - data.len() as u64;
                     *self = if left == 0 {
                         ChunkedDecoder::DataEnd
                     } else {
                         ChunkedDecoder::Data(left)
                     };
-                    return Ok(Decoded::Data(buf.split_to(take).freeze()));
+                    return Ok(Decoded::Data(data));
                 }
                 ChunkedDecoder::DataEnd => {
                     let Some(line) = take_line(buf, 2)? else {
@@ -319,6 +319,13 @@ impl ChunkedDecoder {
             }
         }
     }
+}
+
+/// Takes at most `limit` bytes off the front of `buf`: the part of a
+/// length-delimited body (or chunk) that has arrived.
+pub fn split_up_to(buf: &mut BytesMut, limit: u64) -> Bytes {
+    let take = usize::try_from(limit).map_or(buf.len(), |limit| limit.min(buf.len()));
+    buf.split_to(take).freeze()
 }
 
 /// Takes one line (without its `\r\n` or bare `\n`) off the front of `buf`;

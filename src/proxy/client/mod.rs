@@ -415,7 +415,7 @@ impl Pool {
             .lock()
             .unwrap_or_else(|poison| poison.into_inner());
         while let Some(entry) = idle.pop_back() {
-            if now.duration_since(entry.since) >= self.idle_timeout {
+            if self.expired(&entry, now) {
                 // Everything below is older still.
                 idle.clear();
                 return None;
@@ -429,12 +429,14 @@ impl Pool {
         None
     }
 
-    /// Closes the idle connections unused for `idle_timeout` (the oldest are in front).
+    /// An idle connection unused for `idle_timeout` is closed, never reused.
+    fn expired(&self, entry: &IdleConn, now: Instant) -> bool {
+        now.duration_since(entry.since) >= self.idle_timeout
+    }
+
+    /// Closes the expired idle connections (the oldest are in front).
     fn close_expired(&self, idle: &mut VecDeque<IdleConn>, now: Instant) {
-        while idle
-            .front()
-            .is_some_and(|entry| now.duration_since(entry.since) >= self.idle_timeout)
-        {
+        while idle.front().is_some_and(|entry| self.expired(entry, now)) {
             idle.pop_front();
         }
     }
@@ -795,12 +797,12 @@ pub struct ResponseBody {
     pool: Arc<Pool>,
 }
 
+/// How the rest of the body is delimited; the body has ended once `conn` is gone.
 #[derive(Debug, Clone, Copy)]
 enum BodyState {
     Length(u64),
     Chunked(ChunkedDecoder),
     UntilClose,
-    Done,
 }
 
 impl ResponseBody {
@@ -814,14 +816,12 @@ impl ResponseBody {
     }
 
     fn finish(&mut self) {
-        self.state = BodyState::Done;
         if let Some(conn) = self.conn.take() {
             self.pool.release(conn, self.reusable);
         }
     }
 
     fn fail(&mut self, error: BoxError) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        self.state = BodyState::Done;
         self.conn = None;
         Poll::Ready(Some(Err(error)))
     }
@@ -841,13 +841,10 @@ impl http_body::Body for ResponseBody {
                 return Poll::Ready(None);
             };
             match &mut this.state {
-                BodyState::Done => return Poll::Ready(None),
                 BodyState::Length(remaining) => {
                     if !conn.read_buf.is_empty() {
-                        let take = usize::try_from(*remaining)
-                            .map_or(conn.read_buf.len(), |r| r.min(conn.read_buf.len()));
-                        let data = conn.read_buf.split_to(take).freeze();
-                        *remaining -= take as u64;
+                        let data = codec::split_up_to(&mut conn.read_buf, *remaining);
+                        *remaining -= data.len() as u64;
                         if *remaining == 0 {
                             this.finish();
                         }
@@ -887,14 +884,14 @@ impl http_body::Body for ResponseBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        matches!(self.state, BodyState::Done)
+        self.conn.is_none()
     }
 
     fn size_hint(&self) -> SizeHint {
         match self.state {
+            _ if self.conn.is_none() => SizeHint::with_exact(0),
             BodyState::Length(remaining) => SizeHint::with_exact(remaining),
-            BodyState::Done => SizeHint::with_exact(0),
-            _ => SizeHint::default(),
+            BodyState::Chunked(_) | BodyState::UntilClose => SizeHint::default(),
         }
     }
 }
