@@ -1,4 +1,5 @@
-//! The service one accepted client connection hands hyper: the gateway's
+//! The service one accepted client connection calls, from the gateway's own
+//! HTTP/1 loop ([`crate::server`]) or from hyper after a hand-off: the gateway's
 //! tower stack, plus what every request on the connection carries (the
 //! peer's address, whether it came over TLS).
 //!

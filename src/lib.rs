@@ -8,8 +8,10 @@
 //! - [`run`] is the one entry point: `main`, `demo`, the tests and the
 //!   benchmarks all call it with listeners they bound themselves.
 //! - [`config`] loads and validates the TOML file (secrets by reference).
-//! - [`connection`] is what each accepted connection hands hyper: the stack,
-//!   called in place, with the peer's address on every request.
+//! - [`server`] serves each accepted connection's bodiless requests itself
+//!   and hands the connection to hyper at the first request it does not.
+//! - [`connection`] is the service a connection calls: the stack, called in
+//!   place, with the peer's address on every request.
 //! - [`stack`] assembles the request path; each layer lives in its own module:
 //!   [`telemetry`] (request id, span, access log), [`route`] (classification),
 //!   [`auth`] (client keys, credential injection), [`proxy`] (upstream clients).
@@ -31,6 +33,7 @@ pub mod error;
 pub mod limit;
 pub mod proxy;
 pub mod route;
+pub mod server;
 pub mod stack;
 pub mod telemetry;
 pub mod tls;
@@ -115,6 +118,8 @@ pub async fn run(
     let tls_watcher = tls.clone().map(|tls| tokio::spawn(tls.watch()));
     let handshake_timeout = config.server.header_read_timeout;
     let connection_slots = Arc::new(tokio::sync::Semaphore::new(config.server.max_connections));
+    // Tells the gateway's own HTTP/1 loops to stop (hyper's connections hear `graceful`).
+    let stop = tokio_util::sync::CancellationToken::new();
     tracing::info!(
         listen = %listeners.gateway.local_addr()?,
         upstreams = config.upstreams.len(),
@@ -136,19 +141,19 @@ pub async fn run(
                     let builder = Arc::clone(&builder);
                     let watcher = graceful.watcher();
                     let acceptor = tls.as_ref().map(|tls| tls.acceptor.clone());
+                    let stop = stop.clone();
                     tokio::spawn(async move {
                         let served = match acceptor {
-                            None => {
-                                let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-                                watcher.watch(connection.into_owned()).await
-                            }
+                            None => serve_client(stream, service, &builder, watcher, handshake_timeout, stop).await,
                             Some(acceptor) => {
                                 // The handshake counts against the header-read timeout (slowloris over TLS).
                                 match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
-                                    Ok(Ok(stream)) => {
+                                    // h2 was agreed: hyper's from the start.
+                                    Ok(Ok(stream)) if stream.get_ref().1.alpn_protocol() == Some(b"h2") => {
                                         let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
                                         watcher.watch(connection.into_owned()).await
                                     }
+                                    Ok(Ok(stream)) => serve_client(stream, service, &builder, watcher, handshake_timeout, stop).await,
                                     Ok(Err(error)) => {
                                         tracing::debug!(%error, %peer, "TLS handshake failed");
                                         Ok(())
@@ -178,6 +183,7 @@ pub async fn run(
 
     readiness.start_draining();
     drop(listeners.gateway);
+    stop.cancel();
     tracing::info!(grace = ?config.server.shutdown_grace, "shutting down: draining in-flight requests");
     if tokio::time::timeout(config.server.shutdown_grace, graceful.shutdown())
         .await
@@ -193,6 +199,37 @@ pub async fn run(
     let _ = admin.await;
     tracing::info!("teamgate stopped");
     Ok(())
+}
+
+/// One client connection: the gateway's own HTTP/1 loop first ([`server`]),
+/// then hyper if a request needs it. The connection holds `watcher` either
+/// way, so shutdown waits for it.
+async fn serve_client<I, S>(
+    io: I,
+    service: connection::ConnectionService<S>,
+    builder: &auto::Builder<TokioExecutor>,
+    watcher: hyper_util::server::graceful::Watcher,
+    header_read_timeout: Duration,
+    stop: tokio_util::sync::CancellationToken,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: tower::Service<
+            http::Request<body::Body>,
+            Response = http::Response<body::Body>,
+            Error = std::convert::Infallible,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    match server::serve(io, &service, header_read_timeout, stop).await {
+        server::Ended::Closed => Ok(()),
+        server::Ended::HandOff(io) => {
+            let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+            watcher.watch(connection.into_owned()).await
+        }
+    }
 }
 
 /// HTTP/1.1 and h2c (prior knowledge) on one port, with the protocol-level

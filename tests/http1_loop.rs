@@ -1,0 +1,309 @@
+//! The gateway's own HTTP/1.1 loop for client connections (`src/server`),
+//! over real TCP: pipelining, the hand-off to hyper in the middle of a
+//! connection, `HEAD`, `Connection: close`, the idle header-read timeout and
+//! shutdown. Raw bytes on the wire, so nothing a client library smooths over
+//! is hidden.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use http::Method;
+use teamgate::emulator::{FaultAction, demo_blob_hash};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// One answer read off a keep-alive connection.
+#[derive(Debug)]
+struct RawAnswer {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl RawAnswer {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(field, _)| field.eq_ignore_ascii_case(name))
+            .map(|(_, value)| value.as_str())
+    }
+
+    fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).expect("a JSON body")
+    }
+}
+
+/// A client connection that reads answers one at a time (bounded waits).
+struct Wire {
+    stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Wire {
+    async fn connect(h: &Harness) -> Wire {
+        Wire {
+            stream: TcpStream::connect(h.gateway).await.unwrap(),
+            buf: Vec::new(),
+        }
+    }
+
+    async fn send(&mut self, bytes: &str) {
+        self.stream.write_all(bytes.as_bytes()).await.unwrap();
+    }
+
+    /// Reads more bytes; false when the gateway closed the connection.
+    async fn fill(&mut self) -> bool {
+        let mut chunk = [0u8; 16 * 1024];
+        let read = tokio::time::timeout(Duration::from_secs(20), self.stream.read(&mut chunk))
+            .await
+            .expect("the gateway answers or closes within 20 s")
+            .unwrap_or(0);
+        self.buf.extend_from_slice(&chunk[..read]);
+        read > 0
+    }
+
+    /// Reads one answer; `head_only` for the answer to a `HEAD`.
+    async fn answer(&mut self, head_only: bool) -> RawAnswer {
+        let (status, headers, consumed) = loop {
+            let mut slots = [httparse::EMPTY_HEADER; 64];
+            let mut parsed = httparse::Response::new(&mut slots);
+            if let httparse::Status::Complete(consumed) = parsed.parse(&self.buf).unwrap() {
+                let headers = parsed
+                    .headers
+                    .iter()
+                    .map(|field| {
+                        let value = String::from_utf8_lossy(field.value).into_owned();
+                        (field.name.to_ascii_lowercase(), value)
+                    })
+                    .collect::<Vec<_>>();
+                break (parsed.code.unwrap(), headers, consumed);
+            }
+            assert!(self.fill().await, "closed before a whole head");
+        };
+        self.buf.drain(..consumed);
+        let mut answer = RawAnswer {
+            status,
+            headers,
+            body: Vec::new(),
+        };
+        if head_only || status == 204 || status == 304 {
+            return answer;
+        }
+        if let Some(length) = answer.header("content-length") {
+            let length: usize = length.parse().unwrap();
+            while self.buf.len() < length {
+                assert!(self.fill().await, "closed inside a body");
+            }
+            answer.body = self.buf.drain(..length).collect();
+        } else {
+            assert_eq!(answer.header("transfer-encoding"), Some("chunked"));
+            loop {
+                let line_end = loop {
+                    if let Some(at) = self.buf.windows(2).position(|pair| pair == b"\r\n") {
+                        break at;
+                    }
+                    assert!(self.fill().await, "closed inside a chunk size");
+                };
+                let size =
+                    usize::from_str_radix(std::str::from_utf8(&self.buf[..line_end]).unwrap(), 16)
+                        .unwrap();
+                while self.buf.len() < line_end + 2 + size + 2 {
+                    assert!(self.fill().await, "closed inside a chunk");
+                }
+                answer
+                    .body
+                    .extend_from_slice(&self.buf[line_end + 2..line_end + 2 + size]);
+                self.buf.drain(..line_end + 2 + size + 2);
+                if size == 0 {
+                    break;
+                }
+            }
+        }
+        answer
+    }
+
+    /// The gateway closes the connection, with nothing more sent.
+    async fn assert_closed(&mut self) {
+        while self.fill().await {}
+        assert!(
+            self.buf.is_empty(),
+            "unexpected bytes: {:?}",
+            String::from_utf8_lossy(&self.buf)
+        );
+    }
+}
+
+fn get(path: &str) -> String {
+    format!("GET {path} HTTP/1.1\r\nHost: x\r\nX-API-Key: {DESIGN_KEY}\r\n\r\n")
+}
+
+fn asset_names(answer: &RawAnswer) -> Vec<String> {
+    answer.json()["assets"]
+        .as_array()
+        .expect("an asset list")
+        .iter()
+        .filter_map(|asset| asset["name"].as_str().map(str::to_owned))
+        .collect()
+}
+
+/// Pipelined requests are answered in order; a request with a body on the
+/// same connection goes to hyper with its bytes intact, and the read after
+/// that write is fresh (cache invariant: no stale read after a write).
+#[tokio::test]
+async fn pipelined_reads_then_a_write_on_the_same_connection() {
+    let h = Harness::start().await;
+    let mut wire = Wire::connect(&h).await;
+    wire.send(&format!(
+        "{}{}",
+        get("/api/assets?limit=50"),
+        get("/api/jobs")
+    ))
+    .await;
+    let assets = wire.answer(false).await;
+    let jobs = wire.answer(false).await;
+    assert_eq!(assets.status, 200);
+    assert!(assets.header("date").is_some(), "answers carry a Date");
+    assert!(
+        asset_names(&assets)
+            .iter()
+            .all(|name| name != "pipelined.png")
+    );
+    assert_eq!(jobs.status, 200);
+    assert!(
+        jobs.json().is_object(),
+        "{:?}",
+        String::from_utf8_lossy(&jobs.body)
+    );
+
+    // Cached now: the same read again is a hit on the same connection.
+    wire.send(&get("/api/assets?limit=50")).await;
+    let again = wire.answer(false).await;
+    assert!(
+        again
+            .header("cache-status")
+            .is_some_and(|status| status.contains("hit")),
+        "{again:?}"
+    );
+    assert_eq!(h.emulator.count(Method::GET, "/api/assets"), 1);
+
+    let body =
+        serde_json::json!({"hash": demo_blob_hash(), "name": "pipelined.png", "tags": ["input"]})
+            .to_string();
+    // The write and the next read in one segment: the loop hands both to hyper.
+    wire.send(&format!(
+        "POST /api/assets/from-hash HTTP/1.1\r\nHost: x\r\nX-API-Key: {DESIGN_KEY}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}{}",
+        body.len(),
+        get("/api/assets?limit=50"),
+    ))
+    .await;
+    let created = wire.answer(false).await;
+    assert!(
+        created.status == 200 || created.status == 201,
+        "{created:?}"
+    );
+    let fresh = wire.answer(false).await;
+    assert_eq!(fresh.status, 200);
+    assert!(
+        asset_names(&fresh)
+            .iter()
+            .any(|name| name == "pipelined.png")
+    );
+    assert_eq!(h.emulator.count(Method::POST, "/api/assets/from-hash"), 1);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn head_answers_carry_no_body_and_connection_close_is_honoured() {
+    let h = Harness::start().await;
+    let mut wire = Wire::connect(&h).await;
+    wire.send(&format!(
+        "HEAD /api/jobs HTTP/1.1\r\nHost: x\r\nX-API-Key: {DESIGN_KEY}\r\n\r\n"
+    ))
+    .await;
+    let head = wire.answer(true).await;
+    assert_eq!(head.status, 200);
+    // A HEAD the cache answers from a stored GET says that body's length.
+    wire.send(&get("/api/assets")).await;
+    let listed = wire.answer(false).await;
+    wire.send(&format!(
+        "HEAD /api/assets HTTP/1.1\r\nHost: x\r\nX-API-Key: {DESIGN_KEY}\r\n\r\n"
+    ))
+    .await;
+    let cached_head = wire.answer(true).await;
+    assert!(
+        cached_head
+            .header("cache-status")
+            .is_some_and(|status| status.contains("hit"))
+    );
+    assert_eq!(
+        cached_head.header("content-length"),
+        Some(listed.body.len().to_string().as_str())
+    );
+    // Then a GET on the same connection, asking to close after it: had the
+    // HEAD answer carried a body, this head would not parse.
+    wire.send(&format!(
+        "GET /api/jobs HTTP/1.1\r\nHost: x\r\nX-API-Key: {DESIGN_KEY}\r\nConnection: close\r\n\r\n"
+    ))
+    .await;
+    let answer = wire.answer(false).await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(answer.header("connection"), Some("close"));
+    wire.assert_closed().await;
+    h.stop().await;
+}
+
+/// The gateway's own answers (401 here) go through the loop too, in shape.
+#[tokio::test]
+async fn an_unknown_key_gets_its_json_401_and_the_connection_stays_open() {
+    let h = Harness::start().await;
+    let mut wire = Wire::connect(&h).await;
+    wire.send("GET /api/assets HTTP/1.1\r\nHost: x\r\nX-API-Key: nope\r\n\r\n")
+        .await;
+    let refused = wire.answer(false).await;
+    assert_eq!(refused.status, 401);
+    assert!(refused.json().is_object());
+    wire.send(&get("/api/jobs")).await;
+    assert_eq!(wire.answer(false).await.status, 200);
+    assert_eq!(h.emulator.count(Method::GET, "/api/assets"), 0);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn an_idle_keep_alive_connection_is_closed_after_the_header_read_timeout() {
+    let h = Harness::start_with_server("header_read_timeout = \"300ms\"").await;
+    let mut wire = Wire::connect(&h).await;
+    wire.send(&get("/api/jobs")).await;
+    assert_eq!(wire.answer(false).await.status, 200);
+    // Nothing more: the gateway must close the connection on its own.
+    wire.assert_closed().await;
+    h.stop().await;
+}
+
+/// Shutdown closes an idle connection at once, and ends a busy one after its
+/// answer, which says `Connection: close`.
+#[tokio::test]
+async fn shutdown_closes_idle_connections_and_lets_a_busy_one_finish() {
+    let mut h = Harness::start().await;
+    let mut idle = Wire::connect(&h).await;
+    idle.send(&get("/api/assets")).await;
+    assert_eq!(idle.answer(false).await.status, 200);
+
+    let gate = hold_once(&h.emulator, None, "/api/jobs", FaultAction::Hold);
+    let mut busy = Wire::connect(&h).await;
+    busy.send(&get("/api/jobs")).await;
+    eventually("the request is parked at the upstream", async || {
+        h.emulator.count(Method::GET, "/api/jobs") == 1
+    })
+    .await;
+
+    h.trigger_shutdown();
+    idle.assert_closed().await;
+    gate.add_permits(1);
+    let answer = busy.answer(false).await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(answer.header("connection"), Some("close"));
+    busy.assert_closed().await;
+    h.stopped().await.expect("run returns Ok");
+}
