@@ -15,6 +15,8 @@
 //! - [`stack`] assembles the request path; each layer lives in its own module:
 //!   [`telemetry`] (request id, span, access log), [`route`] (classification),
 //!   [`auth`] (client keys, credential injection), [`proxy`] (upstream clients).
+//! - [`wire`] holds the HTTP/1.1 pieces the client side and the upstream
+//!   side share (header spans, field writing, `Connection` options).
 //! - [`error`] renders every answer the gateway makes itself.
 //! - [`admin`] serves `/healthz` and `/readyz` on a separate listener.
 //! - [`emulator`] is an in-memory Comfy Cloud for `demo`, tests and benches.
@@ -37,6 +39,7 @@ pub mod server;
 pub mod stack;
 pub mod telemetry;
 pub mod tls;
+pub mod wire;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -144,16 +147,14 @@ pub async fn run(
                     let stop = stop.clone();
                     tokio::spawn(async move {
                         let served = match acceptor {
-                            None => serve_client(stream, service, &builder, watcher, handshake_timeout, stop).await,
+                            None => serve_client(stream, false, service, &builder, watcher, handshake_timeout, stop).await,
                             Some(acceptor) => {
                                 // The handshake counts against the header-read timeout (slowloris over TLS).
                                 match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
-                                    // h2 was agreed: hyper's from the start.
-                                    Ok(Ok(stream)) if stream.get_ref().1.alpn_protocol() == Some(b"h2") => {
-                                        let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-                                        watcher.watch(connection.into_owned()).await
+                                    Ok(Ok(stream)) => {
+                                        let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+                                        serve_client(stream, h2, service, &builder, watcher, handshake_timeout, stop).await
                                     }
-                                    Ok(Ok(stream)) => serve_client(stream, service, &builder, watcher, handshake_timeout, stop).await,
                                     Ok(Err(error)) => {
                                         tracing::debug!(%error, %peer, "TLS handshake failed");
                                         Ok(())
@@ -202,10 +203,11 @@ pub async fn run(
 }
 
 /// One client connection: the gateway's own HTTP/1 loop first ([`server`]),
-/// then hyper if a request needs it. The connection holds `watcher` either
-/// way, so shutdown waits for it.
+/// then hyper if a request needs it; hyper from the start when TLS agreed on
+/// h2. The connection holds `watcher` either way, so shutdown waits for it.
 async fn serve_client<I, S>(
     io: I,
+    h2_agreed: bool,
     service: connection::ConnectionService<S>,
     builder: &auto::Builder<TokioExecutor>,
     watcher: hyper_util::server::graceful::Watcher,
@@ -223,13 +225,16 @@ where
         + 'static,
     S::Future: Send + 'static,
 {
-    match server::serve(io, &service, header_read_timeout, stop).await {
-        server::Ended::Closed => Ok(()),
-        server::Ended::HandOff(io) => {
-            let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
-            watcher.watch(connection.into_owned()).await
+    let io = if h2_agreed {
+        server::Prefixed::nothing_read(io)
+    } else {
+        match server::serve(io, &service, header_read_timeout, stop).await {
+            server::Ended::Closed => return Ok(()),
+            server::Ended::HandOff(io) => io,
         }
-    }
+    };
+    let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+    watcher.watch(connection.into_owned()).await
 }
 
 /// HTTP/1.1 and h2c (prior knowledge) on one port, with the protocol-level

@@ -12,8 +12,11 @@
 use std::mem::MaybeUninit;
 
 use bytes::{Bytes, BytesMut};
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+use http::header::{self, HeaderMap};
 use http::{Method, Request, StatusCode, Uri, Version, response};
+
+use crate::wire::{self, FieldSpan};
 
 /// The most header fields a request the loop serves may carry (hyper's default).
 const MAX_HEADERS: usize = 100;
@@ -48,10 +51,6 @@ pub fn parse_request(buf: &mut BytesMut) -> Head {
         Ok(httparse::Status::Partial) => return Head::Partial,
         Err(_) => return Head::HandOff,
     };
-    // Offsets fit `u16` (small to clear); a head that does not is hyper's.
-    if consumed > usize::from(u16::MAX) {
-        return Head::HandOff;
-    }
     let (Some(method), Some(path), Some(1)) = (parsed.method, parsed.path, parsed.version) else {
         return Head::HandOff;
     };
@@ -78,11 +77,7 @@ pub fn parse_request(buf: &mut BytesMut) -> Head {
         {
             return Head::HandOff;
         } else if name.eq_ignore_ascii_case(b"connection") {
-            for option in field
-                .value
-                .split(|&byte| byte == b',')
-                .map(<[u8]>::trim_ascii)
-            {
+            for option in wire::connection_options(field.value) {
                 if option.eq_ignore_ascii_case(b"close") {
                     keep_alive = false;
                 } else if option.eq_ignore_ascii_case(b"upgrade") {
@@ -92,18 +87,11 @@ pub fn parse_request(buf: &mut BytesMut) -> Head {
         }
     }
 
-    // Where the target and each field sit in `buf`, so they can be cut from
-    // the frozen head without a copy once the borrow by `parsed` ends.
-    let base = buf.as_ptr() as usize;
-    let offset = |part: &[u8]| (part.as_ptr() as usize - base) as u16;
-    let target = (offset(path.as_bytes()), path.len() as u16);
-    let mut spans = [Span::default(); MAX_HEADERS];
+    let target = wire::span_of(buf, path.as_bytes());
+    let mut spans = [FieldSpan::default(); MAX_HEADERS];
     let count = parsed.headers.len();
     for (span, field) in spans.iter_mut().zip(parsed.headers.iter()) {
-        *span = Span {
-            name: (offset(field.name.as_bytes()), field.name.len() as u16),
-            value: (offset(field.value), field.value.len() as u16),
-        };
+        *span = FieldSpan::of(buf, field);
     }
     let head = buf.split_to(consumed).freeze();
     match build_request(&head, method, target, &spans[..count]) {
@@ -123,30 +111,14 @@ pub fn parse_request(buf: &mut BytesMut) -> Head {
     }
 }
 
-/// Where a header field's name and value sit in the head: (offset, length).
-#[derive(Debug, Clone, Copy, Default)]
-struct Span {
-    name: (u16, u16),
-    value: (u16, u16),
-}
-
-fn range((at, len): (u16, u16)) -> std::ops::Range<usize> {
-    usize::from(at)..usize::from(at) + usize::from(len)
-}
-
 fn build_request(
     head: &Bytes,
     method: Method,
-    target: (u16, u16),
-    spans: &[Span],
+    target: (u32, u32),
+    spans: &[FieldSpan],
 ) -> Option<Request<()>> {
-    let uri = Uri::from_maybe_shared(head.slice(range(target))).ok()?;
-    let mut headers = HeaderMap::with_capacity(spans.len());
-    for span in spans {
-        let name = HeaderName::from_bytes(&head[range(span.name)]).ok()?;
-        let value = HeaderValue::from_maybe_shared(head.slice(range(span.value))).ok()?;
-        headers.append(name, value);
-    }
+    let uri = Uri::from_maybe_shared(wire::cut(head, target)).ok()?;
+    let headers = wire::header_map(head, spans).ok()?;
     let mut request = Request::new(());
     *request.method_mut() = method;
     *request.uri_mut() = uri;
@@ -170,11 +142,12 @@ pub enum Framing {
 }
 
 impl Framing {
-    /// The framing for an answer to `method` with `status`, whose body is
-    /// `exact` bytes long if known. A streamed body with a `Content-Length`
-    /// from upstream keeps that length (the writer holds it to it).
+    /// The framing for an answer (to a `HEAD` if `is_head`) with `status`,
+    /// whose body is `exact` bytes long if known. A streamed body with a
+    /// `Content-Length` from upstream keeps that length (the writer holds it
+    /// to it).
     pub fn for_answer(
-        method: &Method,
+        is_head: bool,
         status: StatusCode,
         headers: &HeaderMap,
         exact: Option<u64>,
@@ -182,7 +155,7 @@ impl Framing {
         if status.is_informational() || status == StatusCode::NO_CONTENT {
             return Framing::None;
         }
-        if *method == Method::HEAD || status == StatusCode::NOT_MODIFIED {
+        if is_head || status == StatusCode::NOT_MODIFIED {
             return Framing::AsIs;
         }
         if let Some(length) = exact {
@@ -223,17 +196,7 @@ pub fn encode_response_head(
         out.extend_from_slice(parts.status.canonical_reason().unwrap_or("").as_bytes());
         out.extend_from_slice(b"\r\n");
     }
-    let replaces_framing = framing != Framing::AsIs;
-    for (name, value) in &parts.headers {
-        if replaces_framing && (name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING)
-        {
-            continue;
-        }
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
-    }
+    wire::write_fields(&parts.headers, framing != Framing::AsIs, out);
     match framing {
         Framing::AsIs | Framing::None => {}
         Framing::Length(length) => {
@@ -254,35 +217,10 @@ pub fn encode_response_head(
     out.extend_from_slice(b"\r\n");
 }
 
-/// Whether the answer itself ends the connection (`Connection: close`).
-pub fn answer_closes(headers: &HeaderMap) -> bool {
-    headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .flat_map(|value| value.as_bytes().split(|&byte| byte == b','))
-        .any(|option| option.trim_ascii().eq_ignore_ascii_case(b"close"))
-}
-
-/// The size line in front of a chunk: `{length:x}\r\n`, without allocating.
-pub fn chunk_size_line(length: usize, out: &mut [u8; 18]) -> &[u8] {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut at = out.len() - 2;
-    out[at..].copy_from_slice(b"\r\n");
-    let mut rest = length;
-    loop {
-        at -= 1;
-        out[at] = HEX[rest & 0xf];
-        rest >>= 4;
-        if rest == 0 {
-            break;
-        }
-    }
-    &out[at..]
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::header::{HeaderName, HeaderValue};
 
     fn parse(text: &str) -> (Head, BytesMut) {
         let mut buf = BytesMut::from(text);
@@ -454,50 +392,31 @@ mod tests {
         declared.insert(header::CONTENT_LENGTH, HeaderValue::from_static("7"));
         let ok = StatusCode::OK;
         assert_eq!(
-            Framing::for_answer(&Method::GET, ok, &none, Some(3)),
+            Framing::for_answer(false, ok, &none, Some(3)),
             Framing::Length(3)
         );
         assert_eq!(
-            Framing::for_answer(&Method::GET, ok, &none, None),
+            Framing::for_answer(false, ok, &none, None),
             Framing::Chunked
         );
         assert_eq!(
-            Framing::for_answer(&Method::GET, ok, &declared, None),
+            Framing::for_answer(false, ok, &declared, None),
             Framing::Length(7)
         );
         assert_eq!(
-            Framing::for_answer(&Method::HEAD, ok, &declared, Some(0)),
+            Framing::for_answer(true, ok, &declared, Some(0)),
             Framing::AsIs
         );
         assert_eq!(
-            Framing::for_answer(&Method::GET, StatusCode::NOT_MODIFIED, &declared, None),
+            Framing::for_answer(false, StatusCode::NOT_MODIFIED, &declared, None),
             Framing::AsIs
         );
         assert_eq!(
-            Framing::for_answer(&Method::GET, StatusCode::NO_CONTENT, &declared, None),
+            Framing::for_answer(false, StatusCode::NO_CONTENT, &declared, None),
             Framing::None
         );
         assert!(!Framing::Length(0).has_body());
         assert!(Framing::Length(1).has_body() && Framing::Chunked.has_body());
         assert!(!Framing::AsIs.has_body() && !Framing::None.has_body());
-    }
-
-    #[test]
-    fn chunk_size_lines_are_lowercase_hex() {
-        let mut scratch = [0; 18];
-        assert_eq!(chunk_size_line(0, &mut scratch), b"0\r\n");
-        assert_eq!(chunk_size_line(255, &mut scratch), b"ff\r\n");
-        assert_eq!(chunk_size_line(12_288, &mut scratch), b"3000\r\n");
-        assert_eq!(
-            chunk_size_line(usize::MAX, &mut scratch),
-            b"ffffffffffffffff\r\n"
-        );
-    }
-
-    #[test]
-    fn answers_can_close_the_connection_themselves() {
-        let answer = parts(503, &[("connection", "keep-alive, close")]);
-        assert!(answer_closes(&answer.headers));
-        assert!(!answer_closes(&parts(200, &[]).headers));
     }
 }

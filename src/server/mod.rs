@@ -43,6 +43,7 @@ use tower::Service;
 
 use crate::body::Body;
 use crate::connection::ConnectionService;
+use crate::wire;
 use codec::{Framing, Head};
 
 /// A partial head this long is hyper's to finish (and to refuse with 431 if
@@ -154,9 +155,8 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
                 Ok(response) => response,
                 Err(never) => match never {},
             };
-            let keep_alive = keep_alive
-                && !codec::answer_closes(response.headers())
-                && !self.stop.is_cancelled();
+            let keep_alive =
+                keep_alive && !wire::says_close(response.headers()) && !self.stop.is_cancelled();
             let reusable = self.write_answer(response, is_head, !keep_alive).await?;
             if !(keep_alive && reusable) {
                 return Ok(Next::Close);
@@ -203,9 +203,8 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
         close: bool,
     ) -> io::Result<bool> {
         let (parts, mut body) = response.into_parts();
-        let method = if is_head { Method::HEAD } else { Method::GET };
         let framing = Framing::for_answer(
-            &method,
+            is_head,
             parts.status,
             &parts.headers,
             body.size_hint().exact(),
@@ -276,7 +275,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
                                 .await?;
                         }
                         None => {
-                            let line = codec::chunk_size_line(data.len(), &mut size_line);
+                            let line = wire::chunk_size_line(data.len(), &mut size_line);
                             write_all(
                                 &mut self.io,
                                 &mut [
@@ -335,6 +334,16 @@ async fn write_all<W: AsyncWrite + Unpin>(
 pub struct Prefixed<I> {
     prefix: Bytes,
     io: I,
+}
+
+impl<I> Prefixed<I> {
+    /// A connection no byte has been read from yet.
+    pub fn nothing_read(io: I) -> Self {
+        Prefixed {
+            prefix: Bytes::new(),
+            io,
+        }
+    }
 }
 
 impl<I: AsyncRead + Unpin> AsyncRead for Prefixed<I> {

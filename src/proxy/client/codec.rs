@@ -6,8 +6,10 @@
 //! smuggling lives off) are tested on their own, without sockets.
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap};
 use http::{Method, StatusCode, Version, request};
+
+use crate::wire::{self, FieldSpan};
 
 /// Why an upstream's bytes could not be read as an HTTP/1.1 answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -77,15 +79,7 @@ pub fn encode_head(parts: &request::Parts, framing: RequestFraming, out: &mut By
     out.extend_from_slice(b" ");
     out.extend_from_slice(target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    for (name, value) in &parts.headers {
-        if name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING {
-            continue;
-        }
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
-    }
+    wire::write_fields(&parts.headers, true, out);
     match framing {
         RequestFraming::Empty if !expects_body(&parts.method) => {}
         RequestFraming::Empty => out.extend_from_slice(b"content-length: 0\r\n"),
@@ -97,11 +91,6 @@ pub fn encode_head(parts: &request::Parts, framing: RequestFraming, out: &mut By
         RequestFraming::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
     }
     out.extend_from_slice(b"\r\n");
-}
-
-/// The size line in front of a chunk of `length` bytes: `{length:x}\r\n`.
-pub fn chunk_size_line(length: usize) -> Bytes {
-    Bytes::from(format!("{length:x}\r\n"))
 }
 
 /// A parsed response head.
@@ -132,25 +121,13 @@ pub fn parse_head(buf: &mut BytesMut) -> Result<Option<ResponseHead>, ProtocolEr
     } else {
         Version::HTTP_11
     };
-    // Where each name and value sits in `buf`, so the values can be cut from
-    // the frozen head without a copy once the borrow by `response` ends.
-    let base = buf.as_ptr() as usize;
-    let mut spans = [(0usize, 0usize, 0usize, 0usize); MAX_HEADERS];
+    let mut spans = [FieldSpan::default(); MAX_HEADERS];
     let count = response.headers.len();
     for (span, field) in spans.iter_mut().zip(response.headers.iter()) {
-        let name = field.name.as_ptr() as usize - base;
-        let value = field.value.as_ptr() as usize - base;
-        *span = (name, field.name.len(), value, field.value.len());
+        *span = FieldSpan::of(buf, field);
     }
     let head = buf.split_to(consumed).freeze();
-    let mut headers = HeaderMap::with_capacity(count);
-    for &(name_at, name_len, value_at, value_len) in &spans[..count] {
-        let name = HeaderName::from_bytes(&head[name_at..name_at + name_len])
-            .map_err(|_| ProtocolError("invalid header name"))?;
-        let value = HeaderValue::from_maybe_shared(head.slice(value_at..value_at + value_len))
-            .map_err(|_| ProtocolError("invalid header value"))?;
-        headers.append(name, value);
-    }
+    let headers = wire::header_map(&head, &spans[..count]).map_err(ProtocolError)?;
     Ok(Some(ResponseHead {
         status,
         version,
@@ -229,11 +206,7 @@ pub fn keeps_alive(version: Version, headers: &HeaderMap) -> bool {
         // HTTP/1.0 keep-alive is an opt-in extension; not worth the risk.
         return false;
     }
-    !headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .flat_map(|value| value.as_bytes().split(|&byte| byte == b','))
-        .any(|token| token.trim_ascii().eq_ignore_ascii_case(b"close"))
+    !wire::says_close(headers)
 }
 
 /// What one decoding step of a chunked body produced.
@@ -389,6 +362,7 @@ pub fn advance_queue(queue: &mut std::collections::VecDeque<Bytes>, mut n: usize
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::header::{HeaderName, HeaderValue};
 
     fn head_of(method: Method, headers: &[(&str, &str)], framing: RequestFraming) -> String {
         let mut builder = http::Request::builder()

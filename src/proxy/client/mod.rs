@@ -683,7 +683,9 @@ impl Exchange {
                             ));
                         }
                         RequestFraming::Chunked => {
-                            self.out.push_back(codec::chunk_size_line(data.len()));
+                            let mut scratch = [0; 18];
+                            let line = crate::wire::chunk_size_line(data.len(), &mut scratch);
+                            self.out.push_back(Bytes::copy_from_slice(line));
                             self.out.push_back(data);
                             self.out.push_back(Bytes::from_static(b"\r\n"));
                         }

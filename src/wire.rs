@@ -1,0 +1,180 @@
+//! HTTP/1.1 wire pieces both sides of the proxy share: the client-facing
+//! loop ([`crate::server`]) and the upstream client (`proxy::client`) parse
+//! heads with httparse and write header fields, chunk-size lines and
+//! `Connection` options the same way, so each rule is written once here.
+
+use bytes::{BufMut, Bytes};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+/// Where one header field sits in a head being parsed, as offsets into the
+/// read buffer: httparse borrows the buffer, so the fields are recorded
+/// first and cut from the frozen head (no copy) once that borrow ends.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct FieldSpan {
+    name: (u32, u32),
+    value: (u32, u32),
+}
+
+impl FieldSpan {
+    /// The span of `field`, which httparse parsed out of `buf`.
+    pub fn of(buf: &[u8], field: &httparse::Header<'_>) -> Self {
+        FieldSpan {
+            name: span_of(buf, field.name.as_bytes()),
+            value: span_of(buf, field.value),
+        }
+    }
+}
+
+/// `(offset, length)` of `part`, a slice of `buf`. Heads are bounded far
+/// below 4 GiB by both sides, so the offsets fit `u32`.
+pub fn span_of(buf: &[u8], part: &[u8]) -> (u32, u32) {
+    let offset = part.as_ptr() as usize - buf.as_ptr() as usize;
+    (offset as u32, part.len() as u32)
+}
+
+/// The bytes of `head` at `(offset, length)`.
+pub fn cut(head: &Bytes, (offset, length): (u32, u32)) -> Bytes {
+    head.slice(offset as usize..offset as usize + length as usize)
+}
+
+/// Builds the header map from the spans of a head that has been frozen;
+/// the values share the head's bytes. Errs with what `http` refused.
+pub fn header_map(head: &Bytes, spans: &[FieldSpan]) -> Result<HeaderMap, &'static str> {
+    let mut headers = HeaderMap::with_capacity(spans.len());
+    for span in spans {
+        let (at, len) = (span.name.0 as usize, span.name.1 as usize);
+        let name =
+            HeaderName::from_bytes(&head[at..at + len]).map_err(|_| "invalid header name")?;
+        let value = HeaderValue::from_maybe_shared(cut(head, span.value))
+            .map_err(|_| "invalid header value")?;
+        headers.append(name, value);
+    }
+    Ok(headers)
+}
+
+/// Writes every field as `name: value\r\n`; with `skip_framing`, not
+/// `Content-Length` or `Transfer-Encoding`, because the writer decides the
+/// body's framing itself and writes that header on its own.
+pub fn write_fields(headers: &HeaderMap, skip_framing: bool, out: &mut impl BufMut) {
+    for (name, value) in headers {
+        if skip_framing && (name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING) {
+            continue;
+        }
+        out.put_slice(name.as_str().as_bytes());
+        out.put_slice(b": ");
+        out.put_slice(value.as_bytes());
+        out.put_slice(b"\r\n");
+    }
+}
+
+/// The options in one `Connection` field value (`keep-alive, Upgrade`).
+pub fn connection_options(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+    value.split(|&byte| byte == b',').map(<[u8]>::trim_ascii)
+}
+
+/// Whether any `Connection` field says `close`.
+pub fn says_close(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .flat_map(|value| connection_options(value.as_bytes()))
+        .any(|option| option.eq_ignore_ascii_case(b"close"))
+}
+
+/// The size line in front of a chunk: `{length:x}\r\n`, written into
+/// `scratch` without allocating.
+pub fn chunk_size_line(length: usize, scratch: &mut [u8; 18]) -> &[u8] {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut at = scratch.len() - 2;
+    scratch[at..].copy_from_slice(b"\r\n");
+    let mut rest = length;
+    loop {
+        at -= 1;
+        scratch[at] = HEX[rest & 0xf];
+        rest >>= 4;
+        if rest == 0 {
+            break;
+        }
+    }
+    &scratch[at..]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunk_size_lines_are_lowercase_hex() {
+        let mut scratch = [0; 18];
+        assert_eq!(chunk_size_line(0, &mut scratch), b"0\r\n");
+        assert_eq!(chunk_size_line(255, &mut scratch), b"ff\r\n");
+        assert_eq!(chunk_size_line(12_288, &mut scratch), b"3000\r\n");
+        assert_eq!(
+            chunk_size_line(usize::MAX, &mut scratch),
+            b"ffffffffffffffff\r\n"
+        );
+    }
+
+    #[test]
+    fn close_is_found_among_connection_options() {
+        let mut headers = HeaderMap::new();
+        assert!(!says_close(&headers));
+        headers.append(header::CONNECTION, HeaderValue::from_static("keep-alive"));
+        assert!(!says_close(&headers));
+        headers.append(
+            header::CONNECTION,
+            HeaderValue::from_static("Upgrade , Close"),
+        );
+        assert!(says_close(&headers));
+        assert_eq!(
+            connection_options(b" a,b ,, c").collect::<Vec<_>>(),
+            [&b"a"[..], b"b", b"", b"c"]
+        );
+    }
+
+    #[test]
+    fn fields_are_written_with_or_without_their_framing() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from_static("3"));
+        headers.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        let mut all = Vec::new();
+        write_fields(&headers, false, &mut all);
+        assert_eq!(
+            all,
+            b"content-type: text/plain\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n"
+        );
+        let mut without = Vec::new();
+        write_fields(&headers, true, &mut without);
+        assert_eq!(without, b"content-type: text/plain\r\n");
+    }
+
+    #[test]
+    fn header_maps_share_the_head_and_refuse_what_http_refuses() {
+        let head = Bytes::from_static(b"X-One: 1\r\nx-two: two\r\n");
+        let spans = [
+            FieldSpan {
+                name: (0, 5),
+                value: (7, 1),
+            },
+            FieldSpan {
+                name: (10, 5),
+                value: (17, 3),
+            },
+        ];
+        let headers = header_map(&head, &spans).unwrap();
+        assert_eq!(headers["x-one"], "1");
+        assert_eq!(headers["x-two"], "two");
+        let bad_name = [FieldSpan {
+            name: (5, 2),
+            value: (7, 1),
+        }];
+        assert_eq!(
+            header_map(&head, &bad_name).unwrap_err(),
+            "invalid header name"
+        );
+    }
+}
