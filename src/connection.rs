@@ -1,7 +1,8 @@
 //! The service one accepted client connection calls, from the gateway's own
 //! HTTP/1 loop ([`crate::server`]) or from hyper after a hand-off: the gateway's
 //! tower stack, plus what every request on the connection carries (the
-//! peer's address, whether it came over TLS).
+//! peer's address, whether it came over TLS). Answers for hyper get the
+//! header fields they share with a cache entry merged in ([`crate::fields`]).
 //!
 //! hyper-util's `TowerToHyperService` clones the whole tower stack for every
 //! request — a dozen reference counts up and back down — and moves the clone
@@ -17,7 +18,8 @@ use std::convert::Infallible;
 use std::sync::{Mutex, PoisonError};
 use std::task::{Context, Poll, Waker};
 
-use futures_util::future::Either;
+use futures_util::FutureExt;
+use futures_util::future::{Either, Map};
 use http::{Request, Response};
 use hyper::body::Incoming;
 use tower::util::Oneshot;
@@ -71,11 +73,24 @@ where
 {
     type Response = Response<Body>;
     type Error = Infallible;
-    type Future = Either<S::Future, Oneshot<S, Request<Body>>>;
+    type Future = Map<Either<S::Future, Oneshot<S, Request<Body>>>, ForHyper>;
 
     fn call(&self, request: Request<Incoming>) -> Self::Future {
         self.call_stack(request.map(Body::Incoming))
+            .map(with_shared_fields_merged as ForHyper)
     }
+}
+
+type ForHyper = fn(Result<Response<Body>, Infallible>) -> Result<Response<Body>, Infallible>;
+
+/// hyper writes an answer's header map alone: fields a cache hit shares with
+/// its entry go into it first (see [`crate::fields`]).
+fn with_shared_fields_merged(
+    answer: Result<Response<Body>, Infallible>,
+) -> Result<Response<Body>, Infallible> {
+    let Ok(mut response) = answer;
+    crate::fields::merge(&mut response);
+    Ok(response)
 }
 
 #[cfg(test)]

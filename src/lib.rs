@@ -17,6 +17,8 @@
 //!   [`auth`] (client keys, credential injection), [`proxy`] (upstream clients).
 //! - [`wire`] holds the HTTP/1.1 pieces the client side and the upstream
 //!   side share (header spans, field writing, `Connection` options).
+//! - [`fields`] lets a cache hit's answer share the entry's encoded header
+//!   fields instead of carrying a copy.
 //! - [`error`] renders every answer the gateway makes itself.
 //! - [`admin`] serves `/healthz` and `/readyz` on a separate listener.
 //! - [`emulator`] is an in-memory Comfy Cloud for `demo`, tests and benches.
@@ -32,6 +34,7 @@ pub mod connection;
 pub mod demo;
 pub mod emulator;
 pub mod error;
+pub mod fields;
 pub mod limit;
 pub mod proxy;
 pub mod route;

@@ -303,3 +303,126 @@ async fn shutdown_closes_idle_connections_and_lets_a_busy_one_finish() {
     busy.assert_closed().await;
     h.stopped().await.expect("run returns Ok");
 }
+
+/// An upstream that answers every request with the same asset list, carrying
+/// fields the gateway also sets per answer (`Age`, `Cache-Status`, the
+/// request id) and a field with two values. Counts the requests it serves.
+async fn canned_upstream() -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    const BODY: &str = r#"{"assets":[{"id":"a1","name":"canned.png"}],"has_more":false}"#;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let served = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&served);
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let counter = Arc::clone(&counter);
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                // Bounded: a few requests per connection at most in this test.
+                for _ in 0..16 {
+                    while !buf.windows(4).any(|four| four == b"\r\n\r\n") {
+                        match stream.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(read) => buf.extend_from_slice(&chunk[..read]),
+                        }
+                    }
+                    let end = buf.windows(4).position(|four| four == b"\r\n\r\n").unwrap();
+                    buf.drain(..end + 4);
+                    counter.fetch_add(1, Ordering::SeqCst);
+                    let answer = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nAge: 900\r\n\
+                         Cache-Status: upstream-cdn; hit\r\nX-Request-Id: upstream-id\r\n\
+                         Vary: accept\r\nVary: accept-encoding\r\nContent-Length: {}\r\n\r\n{BODY}",
+                        BODY.len()
+                    );
+                    if stream.write_all(answer.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, served)
+}
+
+/// A cache hit shares the entry's encoded fields instead of copying them
+/// (`src/fields.rs`). Written by the own loop or by hyper (after a hand-off),
+/// the answer carries the same fields: each field the gateway sets per answer
+/// once, its own value replacing the one stored from upstream, and stored
+/// fields with several values kept whole.
+#[tokio::test]
+async fn a_cache_hit_carries_the_same_fields_from_either_writer() {
+    let (addr, served) = canned_upstream().await;
+    let emulator = teamgate::emulator::Emulator::new(accounts());
+    let h = Harness::start_in_front_of(emulator, addr, &format!("http://{addr}"), "").await;
+    let path = "/api/assets?limit=5";
+
+    let mut own_loop = Wire::connect(&h).await;
+    own_loop.send(&get(path)).await;
+    let filled = own_loop.answer(false).await;
+    assert_eq!(filled.status, 200, "{filled:?}");
+    own_loop.send(&get(path)).await;
+    let from_loop = own_loop.answer(false).await;
+
+    // HTTP/1.0 is not the loop's to serve: this connection goes to hyper at once.
+    let mut handed_off = Wire::connect(&h).await;
+    handed_off
+        .send(&format!(
+            "GET {path} HTTP/1.0\r\nHost: x\r\nX-API-Key: {DESIGN_KEY}\r\n\r\n"
+        ))
+        .await;
+    let from_hyper = handed_off.answer(false).await;
+
+    assert_eq!(
+        served.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "one fill, then hits"
+    );
+    for (writer, answer) in [("own loop", &from_loop), ("hyper", &from_hyper)] {
+        let all = |name: &str| {
+            answer
+                .headers
+                .iter()
+                .filter(|(field, _)| field == name)
+                .map(|(_, value)| value.as_str())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(answer.status, 200, "{writer}: {answer:?}");
+        assert_eq!(answer.body, filled.body, "{writer}");
+        let status = all("cache-status");
+        assert!(
+            status.len() == 1 && status[0].starts_with("teamgate; hit"),
+            "{writer}: {status:?}"
+        );
+        let age = all("age");
+        assert!(age.len() == 1 && age[0] != "900", "{writer}: {age:?}");
+        let id = all("x-request-id");
+        assert!(id.len() == 1 && id[0] != "upstream-id", "{writer}: {id:?}");
+        assert_eq!(all("vary"), ["accept", "accept-encoding"], "{writer}");
+        assert_eq!(all("content-type"), ["application/json"], "{writer}");
+        assert_eq!(
+            all("content-length"),
+            [filled.body.len().to_string()],
+            "{writer}"
+        );
+        assert_eq!(all("date").len(), 1, "{writer}");
+    }
+    let names = |answer: &RawAnswer| {
+        let mut names = answer
+            .headers
+            .iter()
+            .map(|(name, _)| name.clone())
+            .filter(|name| name != "connection" && name != "keep-alive")
+            .collect::<Vec<_>>();
+        names.sort();
+        names
+    };
+    assert_eq!(names(&from_loop), names(&from_hyper));
+    h.stop().await;
+}

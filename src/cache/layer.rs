@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures_util::future::{Either, Ready, ready};
-use http::header::{self, HeaderValue};
+use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use tokio::sync::{oneshot, watch};
@@ -41,6 +41,7 @@ use crate::auth::Authenticated;
 use crate::auth::inject::ClientAddr;
 use crate::body::Body;
 use crate::error::GatewayError;
+use crate::fields::{EncodedFields, SharedFields};
 use crate::route::RouteMatch;
 use crate::telemetry::RequestId;
 use crate::telemetry::metrics::Metrics;
@@ -516,7 +517,7 @@ async fn fill<S>(
             };
             let response = Arc::new(CachedResponse {
                 status: parts.status,
-                headers,
+                fields: Arc::new(EncodedFields::new(headers)),
                 body: bytes,
                 etag,
                 stored_at: Instant::now(),
@@ -550,7 +551,7 @@ async fn fill<S>(
             );
             let response = Arc::new(CachedResponse {
                 status: error.status(),
-                headers,
+                fields: Arc::new(EncodedFields::new(headers)),
                 body: error.json_body(shape, request_id.as_deref()),
                 etag: None,
                 stored_at: Instant::now(),
@@ -707,7 +708,7 @@ fn respond(
             header::EXPIRES,
             header::CONTENT_LOCATION,
         ] {
-            for value in entry.headers.get_all(&name) {
+            for value in entry.headers().get_all(&name) {
                 response.headers_mut().append(name.clone(), value.clone());
             }
         }
@@ -718,9 +719,14 @@ fn respond(
         } else {
             Body::Full(Some(entry.body.clone()))
         };
+        // The stored fields are shared, not copied; only this answer's own
+        // fields go in its map (see `crate::fields`).
         let mut response = Response::new(body);
         *response.status_mut() = entry.status;
-        *response.headers_mut() = entry.headers.clone();
+        *response.headers_mut() = HeaderMap::with_capacity(4);
+        response
+            .extensions_mut()
+            .insert(SharedFields(Arc::clone(&entry.fields)));
         response
     };
     let headers = response.headers_mut();

@@ -23,14 +23,16 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::policy::{CacheKey, Partition, Scope};
+use crate::fields::EncodedFields;
 use crate::telemetry::metrics::Metrics;
 
 /// A complete response, as stored (or as shared with coalesced waiters).
 #[derive(Debug)]
 pub struct CachedResponse {
     pub status: StatusCode,
-    /// End-to-end headers as the upstream sent them (plus a generated `ETag` if it sent none).
-    pub headers: HeaderMap,
+    /// End-to-end headers as the upstream sent them (plus a generated `ETag`
+    /// if it sent none), encoded once for the hits that share them.
+    pub fields: Arc<EncodedFields>,
     pub body: Bytes,
     pub etag: Option<HeaderValue>,
     pub stored_at: Instant,
@@ -55,6 +57,10 @@ pub enum Freshness {
 }
 
 impl CachedResponse {
+    pub fn headers(&self) -> &HeaderMap {
+        self.fields.map()
+    }
+
     pub fn age(&self, now: Instant) -> Duration {
         now.saturating_duration_since(self.stored_at)
     }
@@ -85,11 +91,15 @@ impl CachedResponse {
     /// Bytes this entry costs: body, headers and bookkeeping.
     fn weight(&self) -> usize {
         let headers: usize = self
-            .headers
+            .headers()
             .iter()
             .map(|(name, value)| name.as_str().len() + value.len() + 32)
             .sum();
-        self.body.len() + headers + std::mem::size_of::<Self>()
+        self.body.len()
+            + headers
+            + self.fields.encoded_len()
+            + std::mem::size_of::<Self>()
+            + std::mem::size_of::<EncodedFields>()
     }
 }
 
@@ -476,7 +486,7 @@ mod tests {
     fn response(stamp: Stamp, body: &'static [u8], ttl: u64) -> Arc<CachedResponse> {
         Arc::new(CachedResponse {
             status: StatusCode::OK,
-            headers: HeaderMap::new(),
+            fields: Arc::new(EncodedFields::new(HeaderMap::new())),
             body: Bytes::from_static(body),
             etag: None,
             stored_at: Instant::now(),

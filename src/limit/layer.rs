@@ -195,7 +195,9 @@ where
             tightest = tighter(tightest, snapshot);
         }
         // A refusal from below already carries its own headers.
-        if let Some(snapshot) = tightest.filter(|_| !response.headers().contains_key(&RATELIMIT)) {
+        if let Some(snapshot) =
+            tightest.filter(|_| !crate::fields::has_field(&response, &RATELIMIT))
+        {
             let headers = response.headers_mut();
             headers.insert(
                 &RATELIMIT_POLICY,

@@ -16,6 +16,7 @@ use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap};
 use http::{Method, Request, StatusCode, Uri, Version, response};
 
+use crate::fields::EncodedFields;
 use crate::wire::{self, FieldSpan};
 
 /// The most header fields a request the loop serves may carry (hyper's default).
@@ -177,10 +178,13 @@ impl Framing {
     }
 }
 
-/// Writes the status line, the headers, the framing header, `Date` if the
-/// answer has none, and `Connection: close` when the connection ends after it.
+/// Writes the status line, the fields shared with a cache entry (if any;
+/// none of them named in the answer's own map), the answer's own fields, the
+/// framing header, `Date` if the answer has none, and `Connection: close`
+/// when the connection ends after it.
 pub fn encode_response_head(
     parts: &response::Parts,
+    shared: Option<&EncodedFields>,
     framing: Framing,
     close: bool,
     date: &[u8],
@@ -196,6 +200,12 @@ pub fn encode_response_head(
         out.extend_from_slice(parts.status.canonical_reason().unwrap_or("").as_bytes());
         out.extend_from_slice(b"\r\n");
     }
+    if let Some(shared) = shared {
+        out.extend_from_slice(shared.lines());
+        if framing == Framing::AsIs {
+            out.extend_from_slice(shared.framing_lines());
+        }
+    }
     wire::write_fields(&parts.headers, framing != Framing::AsIs, out);
     match framing {
         Framing::AsIs | Framing::None => {}
@@ -206,12 +216,15 @@ pub fn encode_response_head(
         }
         Framing::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
     }
-    if !parts.headers.contains_key(header::DATE) {
+    if !parts.headers.contains_key(header::DATE) && !shared.is_some_and(EncodedFields::has_date) {
         out.extend_from_slice(b"date: ");
         out.extend_from_slice(date);
         out.extend_from_slice(b"\r\n");
     }
-    if close && !parts.headers.contains_key(header::CONNECTION) {
+    if close
+        && !parts.headers.contains_key(header::CONNECTION)
+        && !shared.is_some_and(EncodedFields::has_connection)
+    {
         out.extend_from_slice(b"connection: close\r\n");
     }
     out.extend_from_slice(b"\r\n");
@@ -337,9 +350,19 @@ mod tests {
     }
 
     fn head_of(parts: &response::Parts, framing: Framing, close: bool) -> String {
+        head_with(parts, None, framing, close)
+    }
+
+    fn head_with(
+        parts: &response::Parts,
+        shared: Option<&EncodedFields>,
+        framing: Framing,
+        close: bool,
+    ) -> String {
         let mut out = Vec::new();
         encode_response_head(
             parts,
+            shared,
             framing,
             close,
             b"Mon, 23 Nov 2026 12:00:00 GMT",
@@ -383,6 +406,32 @@ mod tests {
         );
         let odd = parts(599, &[]);
         assert!(head_of(&odd, Framing::None, false).starts_with("HTTP/1.1 599 \r\n"));
+    }
+
+    #[test]
+    fn shared_fields_come_first_and_framing_only_passes_for_head() {
+        let stored = parts(
+            200,
+            &[
+                ("content-type", "application/json"),
+                ("content-length", "12"),
+                ("date", "Sun, 22 Nov 2026 00:00:00 GMT"),
+            ],
+        );
+        let shared = EncodedFields::new(stored.headers);
+        let own = parts(200, &[("cache-status", "teamgate; hit")]);
+        assert_eq!(
+            head_with(&own, Some(&shared), Framing::Length(12), true),
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ndate: Sun, 22 Nov 2026 00:00:00 GMT\r\n\
+             cache-status: teamgate; hit\r\ncontent-length: 12\r\nconnection: close\r\n\r\n",
+            "the stored date is kept, not a second one added"
+        );
+        assert_eq!(
+            head_with(&own, Some(&shared), Framing::AsIs, false),
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ndate: Sun, 22 Nov 2026 00:00:00 GMT\r\n\
+             content-length: 12\r\ncache-status: teamgate; hit\r\n\r\n",
+            "a HEAD answer carries the stored length"
+        );
     }
 
     #[test]
