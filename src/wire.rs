@@ -37,10 +37,16 @@ pub fn cut(head: &Bytes, (offset, length): (u32, u32)) -> Bytes {
     head.slice(offset as usize..offset as usize + length as usize)
 }
 
+/// Room left in a parsed head's map for the fields the gateway adds to it
+/// (request id, upstream key, `X-Forwarded-*`), so adding them does not
+/// regrow it: a map built exactly full reallocates both its tables on the
+/// next insert.
+const ADDED_FIELDS: usize = 4;
+
 /// Builds the header map from the spans of a head that has been frozen;
 /// the values share the head's bytes. Errs with what `http` refused.
 pub fn header_map(head: &Bytes, spans: &[FieldSpan]) -> Result<HeaderMap, &'static str> {
-    let mut headers = HeaderMap::with_capacity(spans.len());
+    let mut headers = HeaderMap::with_capacity(spans.len() + ADDED_FIELDS);
     for span in spans {
         let (at, len) = (span.name.0 as usize, span.name.1 as usize);
         let name =

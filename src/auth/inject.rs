@@ -28,6 +28,7 @@ use crate::config::secret::HeaderForm;
 use crate::config::{CredentialPlacement, ServerSettings};
 use crate::error::GatewayError;
 use crate::route::{RouteClass, RouteMatch};
+use crate::wire;
 
 /// The client's address, attached by the listener to every request of a
 /// connection, with its `X-Forwarded-For` item made once per connection.
@@ -78,15 +79,27 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     let upgrade = keep_upgrade
         .then(|| headers.get(header::UPGRADE).cloned())
         .flatten();
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|value| value.to_str().ok())
-        .flat_map(|value| value.split(','))
-        .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
-        .collect();
-    for name in named {
-        headers.remove(name);
+    // The fields a `Connection` field names go too. Each value is cloned (a
+    // reference count) so the map can change while it is read, and the names
+    // are looked up as text, never built: no allocation per message. The
+    // `Connection` field itself stays until the end, so indices hold.
+    let fields = headers.get_all(header::CONNECTION).iter().count();
+    for index in 0..fields {
+        let Some(value) = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .nth(index)
+            .cloned()
+        else {
+            break;
+        };
+        for option in wire::connection_options(value.as_bytes()) {
+            if let Ok(name) = std::str::from_utf8(option)
+                && !name.eq_ignore_ascii_case("connection")
+            {
+                headers.remove(name);
+            }
+        }
     }
     for name in hop_by_hop() {
         headers.remove(name);
@@ -330,6 +343,17 @@ mod tests {
         strip_hop_by_hop(&mut headers, false);
         assert_eq!(headers.len(), 1);
         assert_eq!(headers["x-end-to-end"], "kept");
+
+        // Several `Connection` fields, one naming itself, empty and invalid options.
+        let mut headers = HeaderMap::new();
+        headers.append(header::CONNECTION, "Connection, , X-One".parse().unwrap());
+        headers.append(header::CONNECTION, "x-two,bad name".parse().unwrap());
+        headers.insert("x-one", "1".parse().unwrap());
+        headers.insert("x-two", "2".parse().unwrap());
+        headers.insert("x-three", "kept".parse().unwrap());
+        strip_hop_by_hop(&mut headers, false);
+        assert_eq!(headers.len(), 1, "{headers:?}");
+        assert_eq!(headers["x-three"], "kept");
     }
 
     #[test]
