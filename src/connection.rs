@@ -15,7 +15,7 @@
 //! instead of being refused.
 
 use std::convert::Infallible;
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, Waker};
 
 use futures_util::FutureExt;
@@ -25,8 +25,9 @@ use hyper::body::Incoming;
 use tower::util::Oneshot;
 use tower::{Service, ServiceExt};
 
-use crate::auth::inject::{ClientAddr, ClientTls};
+use crate::auth::inject::ClientAddr;
 use crate::body::Body;
+use crate::telemetry::RequestRecord;
 
 /// One client connection's service (see the module docs).
 #[derive(Debug)]
@@ -54,10 +55,12 @@ where
         &self,
         mut request: Request<Body>,
     ) -> Either<S::Future, Oneshot<S, Request<Body>>> {
-        request.extensions_mut().insert(self.client_addr.clone());
-        if self.is_tls {
-            request.extensions_mut().insert(ClientTls);
-        }
+        request
+            .extensions_mut()
+            .insert(Arc::new(RequestRecord::for_client(
+                self.client_addr.clone(),
+                self.is_tls,
+            )));
         // Uncontended: only this connection's task calls it.
         let mut stack = self.stack.lock().unwrap_or_else(PoisonError::into_inner);
         match stack.poll_ready(&mut Context::from_waker(Waker::noop())) {
@@ -155,11 +158,11 @@ mod tests {
         }
 
         fn call(&mut self, request: Request<Body>) -> Self::Future {
-            let addr = request
-                .extensions()
-                .get::<ClientAddr>()
+            let record = RequestRecord::of(&request);
+            let addr = record
+                .and_then(|record| record.client.as_ref())
                 .map(|client| client.addr.to_string());
-            let tls = request.extensions().get::<ClientTls>().is_some();
+            let tls = record.is_some_and(|record| record.tls);
             ready(Ok(Response::new(Body::full(format!("{addr:?} tls={tls}")))))
         }
     }

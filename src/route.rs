@@ -614,12 +614,9 @@ where
                 let span = tracing::Span::current();
                 span.record("upstream", route.upstream.name.as_str());
                 span.record("route_class", route.class_label());
-                if let Some(labels) = request
-                    .extensions()
-                    .get::<Arc<crate::telemetry::metrics::RequestLabels>>()
-                {
-                    let _ = labels.upstream.set(Arc::clone(&route.upstream));
-                    let _ = labels.route_class.set(route.class_label());
+                if let Some(record) = crate::telemetry::RequestRecord::of(&request) {
+                    let _ = record.labels.upstream.set(Arc::clone(&route.upstream));
+                    let _ = record.labels.route_class.set(route.class_label());
                 }
                 request.extensions_mut().insert(route);
                 Either::Right(self.inner.call(request))

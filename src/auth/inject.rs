@@ -13,6 +13,7 @@
 use std::borrow::Cow;
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use futures_util::future::{Either, Ready, ready};
@@ -28,10 +29,12 @@ use crate::config::secret::HeaderForm;
 use crate::config::{CredentialPlacement, ServerSettings};
 use crate::error::GatewayError;
 use crate::route::{RouteClass, RouteMatch};
+use crate::telemetry::RequestRecord;
 use crate::wire;
 
-/// The client's address, attached by the listener to every request of a
-/// connection, with its `X-Forwarded-For` item made once per connection.
+/// The client's address, with its `X-Forwarded-For` item made once per
+/// connection; every request of the connection carries it in its
+/// [`RequestRecord`](crate::telemetry::RequestRecord).
 #[derive(Debug, Clone)]
 pub struct ClientAddr {
     pub addr: SocketAddr,
@@ -48,10 +51,6 @@ impl ClientAddr {
         }
     }
 }
-
-/// Present when the client connected over TLS, attached by the listener.
-#[derive(Debug, Clone, Copy)]
-pub struct ClientTls;
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -149,10 +148,11 @@ pub fn prepare_upstream_request(
         .ok_or(GatewayError::Internal)?;
     let auth = extensions.get::<Authenticated>().cloned();
     let public_read = extensions.get::<super::PublicRead>().is_some();
-    let client_addr = extensions
-        .get::<ClientAddr>()
-        .map(|addr| addr.forwarded_for.clone());
-    let client_tls = extensions.get::<ClientTls>().is_some();
+    let record = extensions.get::<Arc<RequestRecord>>();
+    let client_addr = record
+        .and_then(|record| record.client.as_ref())
+        .map(|client| client.forwarded_for.clone());
+    let client_tls = record.is_some_and(|record| record.tls);
     let upstream = &route.upstream;
     // A public read carries no team credential: the client's own
     // `Authorization: public-auth-token` is what the upstream expects.

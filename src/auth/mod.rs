@@ -161,11 +161,8 @@ where
                     span.record("team", authenticated.team.name.as_str());
                     span.record("key", authenticated.key.fingerprint().as_str());
                 }
-                if let Some(labels) = request
-                    .extensions()
-                    .get::<Arc<crate::telemetry::metrics::RequestLabels>>()
-                {
-                    let _ = labels.team.set(Arc::clone(&authenticated.team));
+                if let Some(record) = crate::telemetry::RequestRecord::of(&request) {
+                    let _ = record.labels.team.set(Arc::clone(&authenticated.team));
                 }
                 request.extensions_mut().insert(authenticated);
                 Either::Right(self.inner.call(request))

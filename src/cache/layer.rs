@@ -38,13 +38,12 @@ use super::policy::{
 };
 use super::store::{CachedResponse, Freshness, Join, Outcome, Store};
 use crate::auth::Authenticated;
-use crate::auth::inject::ClientAddr;
 use crate::body::Body;
 use crate::error::GatewayError;
 use crate::fields::{EncodedFields, SharedFields};
 use crate::route::RouteMatch;
-use crate::telemetry::RequestId;
 use crate::telemetry::metrics::Metrics;
+use crate::telemetry::{RequestId, RequestRecord};
 
 /// Tower layer for [`CacheService`].
 #[derive(Debug, Clone)]
@@ -669,18 +668,10 @@ fn fill_request(request: &Request<Body>) -> Request<Body> {
     if let Some(public) = from.get::<crate::auth::PublicRead>() {
         to.insert(*public);
     }
-    if let Some(id) = from.get::<RequestId>() {
-        to.insert(id.clone());
-    }
-    if let Some(addr) = from.get::<ClientAddr>() {
-        to.insert(addr.clone());
-    }
-    if let Some(tls) = from.get::<crate::auth::inject::ClientTls>() {
-        to.insert(*tls);
-    }
-    // The leader's labels: its access-log line reports the fill's upstream status.
-    if let Some(labels) = from.get::<Arc<crate::telemetry::metrics::RequestLabels>>() {
-        to.insert(Arc::clone(labels));
+    // The leader's record: the client address and request id go upstream
+    // with the fill, and the leader's access line reports its upstream status.
+    if let Some(record) = from.get::<Arc<RequestRecord>>() {
+        to.insert(Arc::clone(record));
     }
     fill
 }

@@ -32,7 +32,6 @@ use crate::body::Body;
 use crate::config::Upstream;
 use crate::error::GatewayError;
 use crate::route::{RouteClass, RouteMatch};
-use crate::telemetry::RequestId;
 use crate::telemetry::metrics::Metrics;
 use client::{Client, ClientError, UpgradedUpstream};
 pub use client::{ResponseBody, codec as http1};
@@ -137,15 +136,17 @@ async fn forward(
         return GatewayError::Internal.into_response(crate::error::ErrorShape::ComfyFlat, None);
     };
     let shape = route.error_shape();
-    let request_id = request.extensions().get::<RequestId>().cloned();
-    let request_id = request_id.as_ref().and_then(|id| id.0.to_str().ok());
+    let record = request
+        .extensions()
+        .get::<Arc<crate::telemetry::RequestRecord>>()
+        .cloned();
+    let request_id = record
+        .as_ref()
+        .and_then(|record| record.id.get())
+        .and_then(|id| id.0.to_str().ok());
 
     let is_upgrade = route.class == RouteClass::Upgrade;
     let client_upgrade = is_upgrade.then(|| hyper::upgrade::on(&mut request));
-    let labels = request
-        .extensions()
-        .get::<Arc<crate::telemetry::metrics::RequestLabels>>()
-        .cloned();
     let (mut parts, body) = request.into_parts();
     // Nothing goes upstream until the body has shown its first bytes: a body
     // that is broken from the start (bad chunked framing, too big) is refused
@@ -205,8 +206,11 @@ async fn forward(
 
     timer.observe_duration();
     span.record("upstream_status", response.status().as_u16());
-    if let Some(labels) = labels {
-        let _ = labels.upstream_status.set(response.status().as_u16());
+    if let Some(record) = &record {
+        let _ = record
+            .labels
+            .upstream_status
+            .set(response.status().as_u16());
     }
     if response.status().is_server_error() {
         metrics.upstream_error(upstream_name, "5xx");

@@ -24,8 +24,9 @@ pub mod logging;
 pub mod metrics;
 pub mod traces;
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
+use crate::auth::inject::ClientAddr;
 use metrics::{Metrics, RequestLabels};
 
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -37,9 +38,8 @@ pub struct RequestId(pub HeaderValue);
 impl RequestId {
     /// The id of a request that went through [`Observe`], for error bodies.
     pub fn of<B>(request: &Request<B>) -> Option<&str> {
-        request
-            .extensions()
-            .get::<RequestId>()
+        RequestRecord::of(request)
+            .and_then(|record| record.id.get())
             .and_then(|id| id.0.to_str().ok())
     }
 
@@ -65,6 +65,40 @@ impl RequestId {
                 RequestId(HeaderValue::from_str(id).expect("a UUID is a valid header value"))
             }
         }
+    }
+}
+
+/// What is known about one request as it goes through the stack: where it
+/// came from (set by the connection), its id (set by [`Observe`]), and what
+/// inner layers learn for the metrics and the access line. One extension,
+/// `Arc<RequestRecord>`, shared by every layer and by a cache fill started
+/// for the request: an extension per fact cost a box each, and the fourth
+/// made the extension table grow, on every request.
+#[derive(Debug, Default)]
+pub struct RequestRecord {
+    /// The peer, with its `X-Forwarded-For` item; `None` outside a connection.
+    pub client: Option<ClientAddr>,
+    /// Whether the client connected over TLS (`X-Forwarded-Proto`).
+    pub tls: bool,
+    pub id: OnceLock<RequestId>,
+    pub labels: RequestLabels,
+}
+
+impl RequestRecord {
+    /// The record a connection attaches to each of its requests.
+    pub fn for_client(client: ClientAddr, tls: bool) -> Self {
+        RequestRecord {
+            client: Some(client),
+            tls,
+            ..RequestRecord::default()
+        }
+    }
+
+    pub fn of<B>(request: &Request<B>) -> Option<&RequestRecord> {
+        request
+            .extensions()
+            .get::<Arc<RequestRecord>>()
+            .map(Arc::as_ref)
     }
 }
 
@@ -153,13 +187,19 @@ where
         // end (a reference-counted clone), kept only when that line is on.
         let logged_uri = tracing::enabled!(target: logging::ACCESS_TARGET, tracing::Level::INFO)
             .then(|| request.uri().clone());
-        let labels = Arc::new(RequestLabels::default());
-        request.extensions_mut().insert(Arc::clone(&labels));
+        let record = match request.extensions().get::<Arc<RequestRecord>>() {
+            Some(record) => Arc::clone(record),
+            None => {
+                let record = Arc::new(RequestRecord::default());
+                request.extensions_mut().insert(Arc::clone(&record));
+                record
+            }
+        };
+        let _ = record.id.set(request_id.clone());
         let method = request.method().clone();
         request
             .headers_mut()
             .insert(X_REQUEST_ID.clone(), request_id.0.clone());
-        request.extensions_mut().insert(request_id.clone());
         // Inner layers' synchronous work (routing, auth) runs inside the span too.
         let inner = span.in_scope(|| self.inner.call(request));
         ObserveFuture {
@@ -168,7 +208,7 @@ where
             request_id: Some(request_id),
             started: Instant::now(),
             metrics: Arc::clone(&self.metrics),
-            labels,
+            record,
             method,
             logged_uri,
             _in_flight: InFlightGuard::enter(&self.metrics),
@@ -185,7 +225,7 @@ pin_project! {
         request_id: Option<RequestId>,
         started: Instant,
         metrics: Arc<Metrics>,
-        labels: Arc<RequestLabels>,
+        record: Arc<RequestRecord>,
         method: http::Method,
         // Logged by its path only, never the query (Comfy's `/ws` carries a key in `token=`).
         logged_uri: Option<http::Uri>,
@@ -207,7 +247,7 @@ where
         let elapsed = this.started.elapsed();
         let cache = metrics::cache_label(response.headers().get("cache-status"));
         this.metrics.request(
-            this.labels,
+            &this.record.labels,
             this.method,
             response.status(),
             cache,
@@ -215,13 +255,13 @@ where
         );
         this.span.record("status", response.status().as_u16());
         this.span.record("cache", cache);
-        let upstream_status = this.labels.upstream_status.get().copied();
+        let upstream_status = this.record.labels.upstream_status.get().copied();
         if let Some(upstream_status) = upstream_status {
             this.span.record("upstream_status", upstream_status);
         }
         // The access log carries every field itself: at the default level the
         // request span (DEBUG) is not even built, so this line costs one event.
-        let labels = &this.labels;
+        let labels = &this.record.labels;
         if let Some(uri) = this.logged_uri.take() {
             tracing::info!(
                 target: logging::ACCESS_TARGET,
