@@ -1,8 +1,8 @@
 //! Assembles the request path, outermost layer first, in one place.
 //!
-//! Each layer reads what the layers above attached to the request
-//! (`RequestId`, `RouteMatch`, `Authenticated`) and either answers itself or
-//! passes the request on.
+//! Each layer reads what the layers above attached to the request (the
+//! `RequestRecord` with the client address and request id, `RouteMatch`,
+//! `Authenticated`) and either answers itself or passes the request on.
 
 use std::sync::Arc;
 
