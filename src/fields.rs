@@ -35,6 +35,7 @@ pub struct EncodedFields {
     /// The framing fields, for an answer whose framing is passed on as it
     /// is (`HEAD`, `304`).
     framing_lines: Bytes,
+    /// Looked up once here rather than for every answer written.
     has_date: bool,
     has_connection: bool,
 }
@@ -42,15 +43,15 @@ pub struct EncodedFields {
 impl EncodedFields {
     pub fn new(map: HeaderMap) -> Self {
         let mut lines = Vec::with_capacity(map.len() * 40);
-        wire::write_fields(&map, true, &mut lines);
-        let mut framing = HeaderMap::new();
-        for name in [header::CONTENT_LENGTH, header::TRANSFER_ENCODING] {
-            for value in map.get_all(&name) {
-                framing.append(name.clone(), value.clone());
-            }
-        }
         let mut framing_lines = Vec::new();
-        wire::write_fields(&framing, false, &mut framing_lines);
+        for (name, value) in &map {
+            let out = if wire::is_framing(name) {
+                &mut framing_lines
+            } else {
+                &mut lines
+            };
+            wire::write_field(name, value, out);
+        }
         EncodedFields {
             has_date: map.contains_key(header::DATE),
             has_connection: map.contains_key(header::CONNECTION),

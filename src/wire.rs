@@ -38,9 +38,9 @@ pub fn cut(head: &Bytes, (offset, length): (u32, u32)) -> Bytes {
 }
 
 /// Room left in a parsed head's map for the fields the gateway adds to it
-/// (request id, upstream key, `X-Forwarded-*`), so adding them does not
-/// regrow it: a map built exactly full reallocates both its tables on the
-/// next insert.
+/// (to a request: request id, upstream key, `X-Forwarded-*`; to an upstream
+/// answer: request id, `Cache-Status`), so adding them does not regrow it: a
+/// map built exactly full reallocates both its tables on the next insert.
 const ADDED_FIELDS: usize = 4;
 
 /// Builds the header map from the spans of a head that has been frozen;
@@ -63,14 +63,23 @@ pub fn header_map(head: &Bytes, spans: &[FieldSpan]) -> Result<HeaderMap, &'stat
 /// body's framing itself and writes that header on its own.
 pub fn write_fields(headers: &HeaderMap, skip_framing: bool, out: &mut impl BufMut) {
     for (name, value) in headers {
-        if skip_framing && (name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING) {
-            continue;
+        if !(skip_framing && is_framing(name)) {
+            write_field(name, value, out);
         }
-        out.put_slice(name.as_str().as_bytes());
-        out.put_slice(b": ");
-        out.put_slice(value.as_bytes());
-        out.put_slice(b"\r\n");
     }
+}
+
+/// `Content-Length` and `Transfer-Encoding`: the fields that frame a body.
+pub fn is_framing(name: &HeaderName) -> bool {
+    name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING
+}
+
+/// Writes one field as `name: value\r\n`.
+pub fn write_field(name: &HeaderName, value: &HeaderValue, out: &mut impl BufMut) {
+    out.put_slice(name.as_str().as_bytes());
+    out.put_slice(b": ");
+    out.put_slice(value.as_bytes());
+    out.put_slice(b"\r\n");
 }
 
 /// The options in one `Connection` field value (`keep-alive, Upgrade`).

@@ -304,9 +304,17 @@ async fn shutdown_closes_idle_connections_and_lets_a_busy_one_finish() {
     h.stopped().await.expect("run returns Ok");
 }
 
-/// An upstream that answers every request with the same asset list, carrying
-/// fields the gateway also sets per answer (`Age`, `Cache-Status`, the
-/// request id) and a field with two values. Counts the requests it serves.
+/// The request target whose answer also carries fields the gateway sets per
+/// answer (`Age`, `Cache-Status`, the request id), so a hit's own fields
+/// overlap the stored ones.
+const OVERLAPPING: &str = "/api/assets?limit=6";
+/// A target whose answer shares no field name with a hit's own fields: the
+/// own loop writes the stored lines as they are.
+const DISJOINT: &str = "/api/assets?limit=5";
+
+/// An upstream that answers every request with the same asset list and a
+/// field with two values, plus the per-answer fields for [`OVERLAPPING`].
+/// Counts the requests it serves.
 async fn canned_upstream() -> (
     std::net::SocketAddr,
     std::sync::Arc<std::sync::atomic::AtomicUsize>,
@@ -333,11 +341,16 @@ async fn canned_upstream() -> (
                         }
                     }
                     let end = buf.windows(4).position(|four| four == b"\r\n\r\n").unwrap();
+                    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
                     buf.drain(..end + 4);
                     counter.fetch_add(1, Ordering::SeqCst);
+                    let per_answer = if head.contains(OVERLAPPING) {
+                        "Age: 900\r\nCache-Status: upstream-cdn; hit\r\nX-Request-Id: upstream-id\r\n"
+                    } else {
+                        ""
+                    };
                     let answer = format!(
-                        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nAge: 900\r\n\
-                         Cache-Status: upstream-cdn; hit\r\nX-Request-Id: upstream-id\r\n\
+                        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n{per_answer}\
                          Vary: accept\r\nVary: accept-encoding\r\nContent-Length: {}\r\n\r\n{BODY}",
                         BODY.len()
                     );
@@ -354,75 +367,79 @@ async fn canned_upstream() -> (
 /// A cache hit shares the entry's encoded fields instead of copying them
 /// (`src/fields.rs`). Written by the own loop or by hyper (after a hand-off),
 /// the answer carries the same fields: each field the gateway sets per answer
-/// once, its own value replacing the one stored from upstream, and stored
-/// fields with several values kept whole.
+/// once, its own value replacing one stored from upstream, and stored fields
+/// with several values kept whole. Both for an entry whose fields the hit's
+/// own ones overlap (the loop merges) and for one they do not (the loop
+/// writes the stored lines as they are).
 #[tokio::test]
 async fn a_cache_hit_carries_the_same_fields_from_either_writer() {
     let (addr, served) = canned_upstream().await;
     let emulator = teamgate::emulator::Emulator::new(accounts());
     let h = Harness::start_in_front_of(emulator, addr, &format!("http://{addr}"), "").await;
-    let path = "/api/assets?limit=5";
 
-    let mut own_loop = Wire::connect(&h).await;
-    own_loop.send(&get(path)).await;
-    let filled = own_loop.answer(false).await;
-    assert_eq!(filled.status, 200, "{filled:?}");
-    own_loop.send(&get(path)).await;
-    let from_loop = own_loop.answer(false).await;
+    for (fills, path) in [(1, DISJOINT), (2, OVERLAPPING)] {
+        let mut own_loop = Wire::connect(&h).await;
+        own_loop.send(&get(path)).await;
+        let filled = own_loop.answer(false).await;
+        assert_eq!(filled.status, 200, "{path}: {filled:?}");
+        own_loop.send(&get(path)).await;
+        let from_loop = own_loop.answer(false).await;
 
-    // HTTP/1.0 is not the loop's to serve: this connection goes to hyper at once.
-    let mut handed_off = Wire::connect(&h).await;
-    handed_off
-        .send(&format!(
-            "GET {path} HTTP/1.0\r\nHost: x\r\nX-API-Key: {DESIGN_KEY}\r\n\r\n"
-        ))
-        .await;
-    let from_hyper = handed_off.answer(false).await;
+        // HTTP/1.0 is not the loop's to serve: this connection goes to hyper at once.
+        let mut handed_off = Wire::connect(&h).await;
+        handed_off
+            .send(&format!(
+                "GET {path} HTTP/1.0\r\nHost: x\r\nX-API-Key: {DESIGN_KEY}\r\n\r\n"
+            ))
+            .await;
+        let from_hyper = handed_off.answer(false).await;
 
-    assert_eq!(
-        served.load(std::sync::atomic::Ordering::SeqCst),
-        1,
-        "one fill, then hits"
-    );
-    for (writer, answer) in [("own loop", &from_loop), ("hyper", &from_hyper)] {
-        let all = |name: &str| {
-            answer
+        assert_eq!(
+            served.load(std::sync::atomic::Ordering::SeqCst),
+            fills,
+            "{path}: one fill, then hits"
+        );
+        for (writer, answer) in [("own loop", &from_loop), ("hyper", &from_hyper)] {
+            let all = |name: &str| {
+                answer
+                    .headers
+                    .iter()
+                    .filter(|(field, _)| field == name)
+                    .map(|(_, value)| value.as_str())
+                    .collect::<Vec<_>>()
+            };
+            let at = format!("{path} via {writer}");
+            assert_eq!(answer.status, 200, "{at}: {answer:?}");
+            assert_eq!(answer.body, filled.body, "{at}");
+            let status = all("cache-status");
+            assert!(
+                status.len() == 1 && status[0].starts_with("teamgate; hit"),
+                "{at}: {status:?}"
+            );
+            let age = all("age");
+            assert!(age.len() == 1 && age[0] != "900", "{at}: {age:?}");
+            let id = all("x-request-id");
+            assert!(id.len() == 1 && id[0] != "upstream-id", "{at}: {id:?}");
+            assert_eq!(all("vary"), ["accept", "accept-encoding"], "{at}");
+            assert_eq!(all("content-type"), ["application/json"], "{at}");
+            assert_eq!(
+                all("content-length"),
+                [filled.body.len().to_string()],
+                "{at}"
+            );
+            assert_eq!(all("date").len(), 1, "{at}");
+        }
+        let names = |answer: &RawAnswer| {
+            let mut names = answer
                 .headers
                 .iter()
-                .filter(|(field, _)| field == name)
-                .map(|(_, value)| value.as_str())
-                .collect::<Vec<_>>()
+                .map(|(name, _)| name.clone())
+                .filter(|name| name != "connection" && name != "keep-alive")
+                .collect::<Vec<_>>();
+            names.sort();
+            names
         };
-        assert_eq!(answer.status, 200, "{writer}: {answer:?}");
-        assert_eq!(answer.body, filled.body, "{writer}");
-        let status = all("cache-status");
-        assert!(
-            status.len() == 1 && status[0].starts_with("teamgate; hit"),
-            "{writer}: {status:?}"
-        );
-        let age = all("age");
-        assert!(age.len() == 1 && age[0] != "900", "{writer}: {age:?}");
-        let id = all("x-request-id");
-        assert!(id.len() == 1 && id[0] != "upstream-id", "{writer}: {id:?}");
-        assert_eq!(all("vary"), ["accept", "accept-encoding"], "{writer}");
-        assert_eq!(all("content-type"), ["application/json"], "{writer}");
-        assert_eq!(
-            all("content-length"),
-            [filled.body.len().to_string()],
-            "{writer}"
-        );
-        assert_eq!(all("date").len(), 1, "{writer}");
+        assert_eq!(names(&from_loop), names(&from_hyper), "{path}");
     }
-    let names = |answer: &RawAnswer| {
-        let mut names = answer
-            .headers
-            .iter()
-            .map(|(name, _)| name.clone())
-            .filter(|name| name != "connection" && name != "keep-alive")
-            .collect::<Vec<_>>();
-        names.sort();
-        names
-    };
-    assert_eq!(names(&from_loop), names(&from_hyper));
     h.stop().await;
 }

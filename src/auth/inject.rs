@@ -13,7 +13,6 @@
 use std::borrow::Cow;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use futures_util::future::{Either, Ready, ready};
@@ -82,16 +81,14 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     // reference count) so the map can change while it is read, and the names
     // are looked up as text, never built: no allocation per message. The
     // `Connection` field itself stays until the end, so indices hold.
-    let fields = headers.get_all(header::CONNECTION).iter().count();
-    for index in 0..fields {
-        let Some(value) = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .nth(index)
-            .cloned()
-        else {
-            break;
-        };
+    let mut index = 0;
+    while let Some(value) = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .nth(index)
+        .cloned()
+    {
+        index += 1;
         for option in wire::connection_options(value.as_bytes()) {
             if let Ok(name) = std::str::from_utf8(option)
                 && !name.eq_ignore_ascii_case("connection")
@@ -148,7 +145,7 @@ pub fn prepare_upstream_request(
         .ok_or(GatewayError::Internal)?;
     let auth = extensions.get::<Authenticated>().cloned();
     let public_read = extensions.get::<super::PublicRead>().is_some();
-    let record = extensions.get::<Arc<RequestRecord>>();
+    let record = RequestRecord::of(request);
     let client_addr = record
         .and_then(|record| record.client.as_ref())
         .map(|client| client.forwarded_for.clone());

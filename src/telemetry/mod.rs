@@ -168,7 +168,20 @@ where
     }
 
     fn call(&mut self, mut request: Request<Body>) -> Self::Future {
-        let request_id = RequestId::for_request(&request);
+        // The connection attaches the record; a stack called without one
+        // (the micro-benchmarks, layer tests) gets an empty one here.
+        let record = match request.extensions().get::<Arc<RequestRecord>>() {
+            Some(record) => Arc::clone(record),
+            None => {
+                let record = Arc::new(RequestRecord::default());
+                request.extensions_mut().insert(Arc::clone(&record));
+                record
+            }
+        };
+        let request_id = record
+            .id
+            .get_or_init(|| RequestId::for_request(&request))
+            .clone();
         let span = tracing::debug_span!(
             "request",
             request_id = %request_id.0.to_str().unwrap_or_default(),
@@ -187,25 +200,15 @@ where
         // end (a reference-counted clone), kept only when that line is on.
         let logged_uri = tracing::enabled!(target: logging::ACCESS_TARGET, tracing::Level::INFO)
             .then(|| request.uri().clone());
-        let record = match request.extensions().get::<Arc<RequestRecord>>() {
-            Some(record) => Arc::clone(record),
-            None => {
-                let record = Arc::new(RequestRecord::default());
-                request.extensions_mut().insert(Arc::clone(&record));
-                record
-            }
-        };
-        let _ = record.id.set(request_id.clone());
         let method = request.method().clone();
         request
             .headers_mut()
-            .insert(X_REQUEST_ID.clone(), request_id.0.clone());
+            .insert(X_REQUEST_ID.clone(), request_id.0);
         // Inner layers' synchronous work (routing, auth) runs inside the span too.
         let inner = span.in_scope(|| self.inner.call(request));
         ObserveFuture {
             inner,
             span,
-            request_id: Some(request_id),
             started: Instant::now(),
             metrics: Arc::clone(&self.metrics),
             record,
@@ -222,7 +225,6 @@ pin_project! {
         #[pin]
         inner: F,
         span: Span,
-        request_id: Option<RequestId>,
         started: Instant,
         metrics: Arc<Metrics>,
         record: Arc<RequestRecord>,
@@ -243,7 +245,7 @@ where
         let this = self.project();
         let _entered = this.span.enter();
         let Ok(mut response) = std::task::ready!(this.inner.poll(cx));
-        let request_id = this.request_id.take();
+        let request_id = this.record.id.get();
         let elapsed = this.started.elapsed();
         let cache = metrics::cache_label(response.headers().get("cache-status"));
         this.metrics.request(
@@ -266,7 +268,6 @@ where
             tracing::info!(
                 target: logging::ACCESS_TARGET,
                 request_id = request_id
-                    .as_ref()
                     .and_then(|id| id.0.to_str().ok())
                     .unwrap_or_default(),
                 method = this.method.as_str(),
@@ -282,7 +283,9 @@ where
             );
         }
         if let Some(id) = request_id {
-            response.headers_mut().insert(X_REQUEST_ID.clone(), id.0);
+            response
+                .headers_mut()
+                .insert(X_REQUEST_ID.clone(), id.0.clone());
         }
         Poll::Ready(Ok(response))
     }

@@ -924,36 +924,43 @@ mod tests {
         listener.local_addr().unwrap()
     }
 
-    #[tokio::test]
-    async fn a_blackholed_first_address_is_overtaken_by_the_next() {
-        let (dead, _listener, _filler) = blackhole().await;
+    /// Races `first` against a live listener placed second and checks the
+    /// live one won within a bound that only keeps a broken build from
+    /// hanging the suite.
+    async fn second_address_wins(first: SocketAddr, head_start: Duration, why: &str) {
         let live = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let live_addr = live.local_addr().unwrap();
-        // Connecting to `dead` alone would hang for the kernel's SYN retries
-        // (minutes); the bound only keeps a broken build from hanging the suite.
         let connected = tokio::time::timeout(
             Duration::from_secs(30),
-            connect_first(vec![dead, live_addr], Duration::from_millis(50)),
+            connect_first(vec![first, live_addr], head_start),
         )
         .await
-        .expect("the second address is tried while the first hangs")
+        .expect(why)
         .unwrap();
         assert_eq!(connected.peer_addr().unwrap(), live_addr);
     }
 
     #[tokio::test]
-    async fn a_refused_address_moves_on_to_the_next() {
-        let live = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let live_addr = live.local_addr().unwrap();
-        // A head start longer than the bound: only the refusal can start the next attempt.
-        let connected = tokio::time::timeout(
-            Duration::from_secs(30),
-            connect_first(vec![refused().await, live_addr], Duration::from_secs(3600)),
+    async fn a_blackholed_first_address_is_overtaken_by_the_next() {
+        let (dead, _listener, _filler) = blackhole().await;
+        // Connecting to `dead` alone would hang for the kernel's SYN retries (minutes).
+        second_address_wins(
+            dead,
+            Duration::from_millis(50),
+            "the second address is tried while the first hangs",
         )
-        .await
-        .expect("a refusal starts the next address at once")
-        .unwrap();
-        assert_eq!(connected.peer_addr().unwrap(), live_addr);
+        .await;
+    }
+
+    #[tokio::test]
+    async fn a_refused_address_moves_on_to_the_next() {
+        // A head start longer than the bound: only the refusal can start the next attempt.
+        second_address_wins(
+            refused().await,
+            Duration::from_secs(3600),
+            "a refusal starts the next address at once",
+        )
+        .await;
     }
 
     #[tokio::test]
