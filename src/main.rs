@@ -246,3 +246,13 @@ async fn shutdown_signal() {
         () = terminate => {}
     }
 }
+
+/// jemalloc instead of the system allocator: a request makes about twenty
+/// short-lived allocations (header maps, body buffers, futures), and
+/// jemalloc's per-thread caches take them without glibc's bin consolidation.
+/// Measured in A/B pairs on the load benchmark's pass-through: +4%
+/// (36.6k -> 38.1k req/s); cache hits unchanged; RSS with 10k cached pages
+/// 159 -> 163 MiB (benches/README.md).
+#[cfg(not(target_env = "msvc"))]
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
