@@ -1,6 +1,6 @@
 //! Micro-benchmarks of the per-request pure work on the hot path:
 //! classification, client-key hashing and lookup, cache-key building, and the
-//! upstream header rewrite. `cargo bench --bench micro`.
+//! upstream header rewrite, one access-log line. `cargo bench --bench micro`.
 
 use std::hint::black_box;
 use std::sync::Arc;
@@ -12,9 +12,11 @@ use teamgate::auth::inject::{ClientAddr, prepare_upstream_request, strip_hop_by_
 use teamgate::auth::keys::KeyDigest;
 use teamgate::body::Body;
 use teamgate::cache::policy::{CacheKey, CredentialId, Partition};
+use teamgate::config::LogFormat;
 use teamgate::config::{self, Config, Secrets};
 use teamgate::proxy::http1;
 use teamgate::route::{RequestLimits, Router, check_request};
+use teamgate::telemetry::logging::{self, AccessLine, LogSink};
 
 const CLIENT_KEY: &str = "tg_bench_key_0123456789abcdefghijkl";
 
@@ -157,5 +159,34 @@ fn benches(c: &mut Criterion) {
     });
 }
 
-criterion_group!(micro, benches);
+/// One access line through the subscriber `serve` installs (JSON, INFO),
+/// into a log sink that drains to nowhere: the whole cost of logging a request.
+fn access_line(c: &mut Criterion) {
+    use tracing_subscriber::Layer as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+    let (sink, _writer) = LogSink::spawn(std::io::sink());
+    let subscriber = tracing_subscriber::registry().with(
+        logging::layer(LogFormat::Json, false, sink)
+            .with_filter(tracing_subscriber::EnvFilter::new("info")),
+    );
+    let line = AccessLine {
+        request_id: "0b6a3f7e-6c1d-4a3e-9f1e-2a5c8d9b7e41",
+        method: "GET",
+        path: "/api/assets",
+        team: "team-a",
+        upstream: "comfy",
+        route_class: "asset_list",
+        cache: "hit",
+        status: 200,
+        upstream_status: None,
+        latency_us: 183,
+    };
+    tracing::subscriber::with_default(subscriber, || {
+        c.bench_function("telemetry/access_line_json", |b| {
+            b.iter(|| black_box(&line).log())
+        });
+    });
+}
+
+criterion_group!(micro, benches, access_line);
 criterion_main!(micro);

@@ -30,6 +30,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tracing::field::{Field, Visit};
 use tracing::{Event, Level, Subscriber};
+use tracing_subscriber::Layer;
 use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, MakeWriter};
 use tracing_subscriber::registry::LookupSpan;
@@ -38,6 +39,42 @@ use crate::config::LogFormat;
 
 /// The target of the per-request access-log event.
 pub const ACCESS_TARGET: &str = "teamgate::access";
+
+/// What one access line says about a request; [`AccessLine::log`] writes it
+/// as an INFO event of target [`ACCESS_TARGET`], message `served`.
+#[derive(Debug, Clone, Copy)]
+pub struct AccessLine<'a> {
+    pub request_id: &'a str,
+    pub method: &'a str,
+    /// The path only, never the query (Comfy's `/ws` carries a key in `token=`).
+    pub path: &'a str,
+    pub team: &'a str,
+    pub upstream: &'a str,
+    pub route_class: &'a str,
+    pub cache: &'a str,
+    pub status: u16,
+    pub upstream_status: Option<u16>,
+    pub latency_us: u64,
+}
+
+impl AccessLine<'_> {
+    pub fn log(&self) {
+        tracing::info!(
+            target: ACCESS_TARGET,
+            request_id = self.request_id,
+            method = self.method,
+            path = self.path,
+            team = self.team,
+            upstream = self.upstream,
+            route_class = self.route_class,
+            cache = self.cache,
+            status = self.status,
+            upstream_status = self.upstream_status,
+            latency_us = self.latency_us,
+            "served"
+        );
+    }
+}
 
 /// How long the writer lets lines gather after a write before it looks
 /// again: under load, one write (and one wake-up of this thread) per window.
@@ -194,7 +231,9 @@ pub struct SinkWriter<'a>(&'a LogSink);
 
 impl Write for SinkWriter<'_> {
     fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        self.0.append(bytes);
+        if !bytes.is_empty() {
+            self.0.append(bytes);
+        }
         Ok(bytes.len())
     }
 
@@ -203,17 +242,46 @@ impl Write for SinkWriter<'_> {
     }
 }
 
-/// An event formatter: `teamgate::access` events are written directly,
-/// everything else by `general` (the stock text or JSON format).
+/// The log layer: the stock `tracing_subscriber::fmt` layer (text, or
+/// flattened JSON) writing into `sink`, with access lines formatted by
+/// [`FastAccessLines`]. `ansi`: colour the text format.
+pub fn layer<S>(format: LogFormat, ansi: bool, sink: LogSink) -> Box<dyn Layer<S> + Send + Sync>
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+{
+    match format {
+        LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_writer(sink.clone())
+            .with_ansi(ansi)
+            .map_event_format(|general| FastAccessLines::new(general, format, sink))
+            .boxed(),
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .flatten_event(true)
+            .with_writer(sink.clone())
+            .map_event_format(|general| FastAccessLines::new(general, format, sink))
+            .boxed(),
+    }
+}
+
+/// An event formatter: `teamgate::access` events are formatted here and
+/// appended to `sink` directly (the fmt layer's writer, given the same sink,
+/// then has nothing to write), everything else by `general` (the stock text
+/// or JSON format).
 #[derive(Debug)]
-pub struct FastAccessLines<F> {
+struct FastAccessLines<F> {
     general: F,
     format: LogFormat,
+    sink: LogSink,
 }
 
 impl<F> FastAccessLines<F> {
-    pub fn new(general: F, format: LogFormat) -> Self {
-        FastAccessLines { general, format }
+    fn new(general: F, format: LogFormat, sink: LogSink) -> Self {
+        FastAccessLines {
+            general,
+            format,
+            sink,
+        }
     }
 }
 
@@ -222,11 +290,49 @@ fn is_access_event(metadata: &tracing::Metadata<'_>) -> bool {
     metadata.target() == ACCESS_TARGET
 }
 
+/// What an access line is formatted with, one per thread.
+#[derive(Default)]
+struct Scratch {
+    clock: SecondClock,
+    keys: JsonKeys,
+    /// The line being formatted (plain `String` pushes inline; the fmt
+    /// layer's `Writer` is a `dyn`).
+    line: String,
+}
+
 thread_local! {
-    /// Per thread: the formatted current second, and a line to format into
-    /// (plain `String` pushes inline; the fmt layer's `Writer` is a `dyn`).
-    static SCRATCH: RefCell<(SecondClock, String)> =
-        RefCell::new((SecondClock::default(), String::with_capacity(512)));
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch {
+        line: String::with_capacity(512),
+        ..Scratch::default()
+    });
+}
+
+/// The `,"name":` in front of each field of one callsite, escaped once:
+/// every access line comes from the same callsite, so its field names are
+/// written as prepared bytes instead of being checked and quoted per line.
+#[derive(Default)]
+struct JsonKeys {
+    callsite: Option<tracing::callsite::Identifier>,
+    /// By field index.
+    keys: Vec<String>,
+}
+
+impl JsonKeys {
+    fn for_event(&mut self, metadata: &tracing::Metadata<'_>) -> &[String] {
+        let callsite = metadata.callsite();
+        if self.callsite.as_ref() != Some(&callsite) {
+            self.keys.clear();
+            for field in metadata.fields() {
+                let mut key = String::from(",");
+                // Writing into a `String` cannot fail.
+                let _ = json_string(&mut key, field.name());
+                key.push(':');
+                self.keys.push(key);
+            }
+            self.callsite = Some(callsite);
+        }
+        &self.keys
+    }
 }
 
 impl<S, N, F> FormatEvent<S, N> for FastAccessLines<F>
@@ -250,10 +356,13 @@ where
                 // Only if formatting a field logged an access event itself.
                 return self.general.format_event(context, writer.by_ref(), event);
             };
-            let (clock, line) = &mut *scratch;
+            let Scratch { clock, keys, line } = &mut *scratch;
             line.clear();
             match self.format {
-                LogFormat::Json => format_json(line, clock, now, event)?,
+                LogFormat::Json => {
+                    let keys = keys.for_event(event.metadata());
+                    format_json(line, clock, keys, now, event)?;
+                }
                 LogFormat::Text => {
                     let style = Style {
                         ansi: writer.has_ansi_escapes(),
@@ -262,7 +371,8 @@ where
                     format_text(line, clock, now, event, style)?;
                 }
             }
-            writer.write_str(line)
+            self.sink.append(line.as_bytes());
+            Ok(())
         })
     }
 }
@@ -310,9 +420,11 @@ impl SecondClock {
 
 /// `{"timestamp":…,"level":…,<fields in order>,"target":…}` — the flattened
 /// JSON `tracing_subscriber::fmt().json().flatten_event(true)` writes.
+/// `keys`: [`JsonKeys::for_event`] of `event`.
 fn format_json(
     out: &mut impl fmt::Write,
     clock: &mut SecondClock,
+    keys: &[String],
     now: SystemTime,
     event: &Event<'_>,
 ) -> fmt::Result {
@@ -323,6 +435,7 @@ fn format_json(
     out.write_char('"')?;
     let mut fields = JsonFields {
         out,
+        keys,
         result: Ok(()),
     };
     event.record(&mut fields);
@@ -335,6 +448,8 @@ fn format_json(
 /// Writes each field as `,"name":value`; the first error is kept.
 struct JsonFields<'a, W> {
     out: &'a mut W,
+    /// `,"name":` by field index.
+    keys: &'a [String],
     result: fmt::Result,
 }
 
@@ -344,9 +459,14 @@ impl<W: fmt::Write> JsonFields<'_, W> {
             return;
         }
         self.result = (|| {
-            self.out.write_char(',')?;
-            json_string(self.out, field.name())?;
-            self.out.write_char(':')?;
+            match self.keys.get(field.index()) {
+                Some(key) => self.out.write_str(key)?,
+                None => {
+                    self.out.write_char(',')?;
+                    json_string(self.out, field.name())?;
+                    self.out.write_char(':')?;
+                }
+            }
             value(self.out)
         })();
     }
@@ -651,29 +771,18 @@ mod tests {
     /// makes of `emit`'s events: with [`FastAccessLines`] when `fast`, with
     /// the stock formatter alone otherwise.
     fn capture(format: LogFormat, fast: bool, emit: impl FnOnce()) -> String {
-        use tracing_subscriber::Layer as _;
         let out = Captured::default();
         let (sink, guard) = LogSink::spawn(out.clone());
         let layer = match (format, fast) {
+            (_, true) => layer(format, false, sink),
             (LogFormat::Json, false) => tracing_subscriber::fmt::layer()
                 .json()
                 .flatten_event(true)
                 .with_writer(sink)
                 .boxed(),
-            (LogFormat::Json, true) => tracing_subscriber::fmt::layer()
-                .json()
-                .flatten_event(true)
-                .with_writer(sink)
-                .map_event_format(|general| FastAccessLines::new(general, format))
-                .boxed(),
             (LogFormat::Text, false) => tracing_subscriber::fmt::layer()
                 .with_ansi(false)
                 .with_writer(sink)
-                .boxed(),
-            (LogFormat::Text, true) => tracing_subscriber::fmt::layer()
-                .with_ansi(false)
-                .with_writer(sink)
-                .map_event_format(|general| FastAccessLines::new(general, format))
                 .boxed(),
         };
         tracing::subscriber::with_default(tracing_subscriber::registry().with(layer), emit);
@@ -730,6 +839,101 @@ mod tests {
             };
             assert_eq!(strip(&fast), strip(&stock), "{format:?}");
         }
+    }
+
+    #[test]
+    fn an_access_line_carries_every_field_of_the_request() {
+        let line = AccessLine {
+            request_id: "req-1",
+            method: "GET",
+            path: "/api/assets",
+            team: "design",
+            upstream: "comfy",
+            route_class: "asset_list",
+            cache: "hit",
+            status: 200,
+            upstream_status: None,
+            latency_us: 183,
+        };
+        let text = capture(LogFormat::Json, true, || line.log());
+        let value: serde_json::Value = serde_json::from_str(text.trim_end()).expect(&text);
+        let object = value.as_object().unwrap();
+        let keys: Vec<&str> = object.keys().map(String::as_str).collect();
+        // serde_json's map is sorted; None fields are left out.
+        assert_eq!(
+            keys,
+            [
+                "cache",
+                "latency_us",
+                "level",
+                "message",
+                "method",
+                "path",
+                "request_id",
+                "route_class",
+                "status",
+                "target",
+                "team",
+                "timestamp",
+                "upstream"
+            ]
+        );
+        assert_eq!(value["request_id"], "req-1");
+        assert_eq!(value["method"], "GET");
+        assert_eq!(value["path"], "/api/assets");
+        assert_eq!(value["team"], "design");
+        assert_eq!(value["upstream"], "comfy");
+        assert_eq!(value["route_class"], "asset_list");
+        assert_eq!(value["cache"], "hit");
+        assert_eq!(value["status"], 200);
+        assert_eq!(value["latency_us"], 183);
+        assert_eq!(value["message"], "served");
+        assert_eq!(value["target"], ACCESS_TARGET);
+        let with_upstream = capture(LogFormat::Json, true, || {
+            AccessLine {
+                upstream_status: Some(502),
+                ..line
+            }
+            .log()
+        });
+        let value: serde_json::Value = serde_json::from_str(with_upstream.trim_end()).unwrap();
+        assert_eq!(value["upstream_status"], 502);
+    }
+
+    /// Field names are prepared per callsite: lines from callsites taking
+    /// turns on one thread each get their own names.
+    #[test]
+    fn field_names_follow_the_callsite_when_access_lines_alternate() {
+        let text = capture(LogFormat::Json, true, || {
+            for round in 0..2u64 {
+                tracing::info!(target: "teamgate::access", first = round, "a");
+                tracing::info!(target: "teamgate::access", second = round, third = "x", "b");
+            }
+        });
+        let fields: Vec<Vec<String>> = text
+            .lines()
+            .map(|line| {
+                let value: serde_json::Value = serde_json::from_str(line).expect(line);
+                value
+                    .as_object()
+                    .unwrap()
+                    .keys()
+                    .filter(|key| {
+                        !["timestamp", "level", "message", "target"].contains(&key.as_str())
+                    })
+                    .cloned()
+                    .collect()
+            })
+            .collect();
+        assert_eq!(
+            fields,
+            [
+                vec!["first"],
+                vec!["second", "third"],
+                vec!["first"],
+                vec!["second", "third"]
+            ]
+        );
     }
 
     #[test]

@@ -265,22 +265,24 @@ where
         // request span (DEBUG) is not even built, so this line costs one event.
         let labels = &this.record.labels;
         if let Some(uri) = this.logged_uri.take() {
-            tracing::info!(
-                target: logging::ACCESS_TARGET,
-                request_id = request_id
+            logging::AccessLine {
+                request_id: request_id
                     .and_then(|id| id.0.to_str().ok())
                     .unwrap_or_default(),
-                method = this.method.as_str(),
-                path = uri.path(),
-                team = labels.team.get().map_or("", |team| team.name.as_str()),
-                upstream = labels.upstream.get().map_or("", |upstream| upstream.name.as_str()),
-                route_class = labels.route_class.get().copied().unwrap_or("none"),
+                method: this.method.as_str(),
+                path: uri.path(),
+                team: labels.team.get().map_or("", |team| team.name.as_str()),
+                upstream: labels
+                    .upstream
+                    .get()
+                    .map_or("", |upstream| upstream.name.as_str()),
+                route_class: labels.route_class.get().copied().unwrap_or("none"),
                 cache,
-                status = response.status().as_u16(),
+                status: response.status().as_u16(),
                 upstream_status,
-                latency_us = elapsed.as_micros() as u64,
-                "served"
-            );
+                latency_us: elapsed.as_micros() as u64,
+            }
+            .log();
         }
         if let Some(id) = request_id {
             response

@@ -22,8 +22,8 @@ use tracing_subscriber::Layer as _;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
-use super::logging::{FastAccessLines, LogSink, LogSinkGuard};
-use crate::config::{LogFormat, LogSettings, OtlpProtocol, TraceSettings};
+use super::logging::{self, LogSink, LogSinkGuard};
+use crate::config::{LogSettings, OtlpProtocol, TraceSettings};
 
 /// Keeps the trace pipeline alive; [`TelemetryGuard::shutdown`] flushes it.
 #[derive(Debug, Default)]
@@ -57,20 +57,7 @@ pub fn init(log: &LogSettings, traces: &TraceSettings) -> anyhow::Result<Telemet
     // a request never waits on a write. The per-request access line has a
     // formatter of its own; every other line is the stock text or JSON.
     let (sink, sink_guard) = LogSink::spawn(std::io::stderr());
-    let format = log.format;
-    let log_layer = match format {
-        LogFormat::Text => tracing_subscriber::fmt::layer()
-            .with_writer(sink)
-            .with_ansi(ansi)
-            .map_event_format(|general| FastAccessLines::new(general, format))
-            .boxed(),
-        LogFormat::Json => tracing_subscriber::fmt::layer()
-            .json()
-            .flatten_event(true)
-            .with_writer(sink)
-            .map_event_format(|general| FastAccessLines::new(general, format))
-            .boxed(),
-    };
+    let log_layer = logging::layer(log.format, ansi, sink);
     let provider = traces
         .endpoint
         .as_deref()
