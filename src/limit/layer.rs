@@ -257,7 +257,7 @@ where
 {
     type Response = Response<Body>;
     type Error = Infallible;
-    type Future = Either<S::Future, BoxFuture>;
+    type Future = Either<S::Future, Either<WatchFor429<S::Future>, BoxFuture>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         self.inner.poll_ready(cx)
@@ -279,10 +279,22 @@ where
             return Either::Left(self.inner.call(request));
         };
         let settings = self.quotas.settings;
+        // No rate and no in-flight cap (the usual budget) and not paused:
+        // nothing to wait for before the call, only an upstream 429 to look
+        // at after it, so the inner service is called in place — no boxed
+        // future, no service clone. A pause that starts meanwhile applies
+        // from the next request, as it does for requests already waiting.
+        if budget.rate.is_none() && budget.in_flight.is_none() && budget.paused_for().is_none() {
+            return Either::Right(Either::Left(WatchFor429 {
+                inner: self.inner.call(request),
+                budget,
+                settings,
+            }));
+        }
         let metrics = Arc::clone(&self.metrics);
         let inner = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, inner);
-        Either::Right(Box::pin(async move {
+        Either::Right(Either::Right(Box::pin(async move {
             let shape = crate::error::shape_of(&request);
             let refuse = |denial: Denial| {
                 Ok(too_many_requests(
@@ -323,19 +335,54 @@ where
                 }
             };
             let Ok(mut response) = inner.oneshot(request).await;
-            if response.status() == StatusCode::TOO_MANY_REQUESTS && settings.pause_on_upstream_429
-            {
-                if let Some(wait) = retry_after(response.headers().get(RETRY_AFTER)) {
-                    let wait = wait.min(settings.max_pause);
-                    budget.pause(wait);
-                    tracing::warn!(pause = ?wait, "upstream answered 429: pausing this team's upstream budget");
-                }
-            }
+            pause_on_upstream_429(&budget, settings, &response);
             if let Some(snapshot) = snapshot {
                 response.extensions_mut().insert(UpstreamSnapshot(snapshot));
             }
             Ok(response)
-        }))
+        })))
+    }
+}
+
+pin_project! {
+    /// The upstream call of a budget with no rate or in-flight cap: the
+    /// answer passes as it is, and a 429 pauses the budget.
+    pub struct WatchFor429<F> {
+        #[pin]
+        inner: F,
+        budget: Arc<super::UpstreamBudget>,
+        settings: crate::config::LimitSettings,
+    }
+}
+
+impl<F> Future for WatchFor429<F>
+where
+    F: Future<Output = Result<Response<Body>, Infallible>>,
+{
+    type Output = Result<Response<Body>, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let Ok(response) = std::task::ready!(this.inner.poll(cx));
+        pause_on_upstream_429(this.budget, *this.settings, &response);
+        Poll::Ready(Ok(response))
+    }
+}
+
+/// An upstream 429 with `Retry-After` pauses the team's budget for that
+/// long (at most `max_pause`), when the settings say so.
+fn pause_on_upstream_429(
+    budget: &super::UpstreamBudget,
+    settings: crate::config::LimitSettings,
+    response: &Response<Body>,
+) {
+    if response.status() != StatusCode::TOO_MANY_REQUESTS || !settings.pause_on_upstream_429 {
+        return;
+    }
+    if let Some(wait) = retry_after(response.headers().get(RETRY_AFTER)) {
+        let wait = wait.min(settings.max_pause);
+        budget.pause(wait);
+        tracing::warn!(pause = ?wait, "upstream answered 429: pausing this team's upstream budget");
     }
 }
 
@@ -459,9 +506,17 @@ client_keys = ["{}"]
         );
     }
 
+    /// Both ways through the budget: the in-place call of a budget with no
+    /// rate or cap, and the boxed one that waits for a permit first.
     #[tokio::test(start_paused = true)]
     async fn the_upstream_pause_ends_when_retry_after_said() {
-        let config = config("");
+        for limits in ["", r#"upstream = { rate = "1000/h", burst = 100 }"#] {
+            upstream_pause_ends_when_retry_after_said(limits).await;
+        }
+    }
+
+    async fn upstream_pause_ends_when_retry_after_said(limits: &str) {
+        let config = config(limits);
         let quotas = Arc::new(Quotas::new(&config));
         let throttled = tower::service_fn(|_request: Request<Body>| async {
             let mut response = Response::new(Body::Empty);
