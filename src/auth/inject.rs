@@ -33,7 +33,7 @@ use crate::wire;
 
 /// The client's address, with its `X-Forwarded-For` item made once per
 /// connection; every request of the connection carries it in its
-/// [`RequestRecord`](crate::telemetry::RequestRecord).
+/// [`RequestRecord`].
 #[derive(Debug, Clone)]
 pub struct ClientAddr {
     pub addr: SocketAddr,

@@ -4,7 +4,7 @@
 //!   and body; TinyLFU admission and eviction). moka's own expiry only frees
 //!   memory (TTL + grace); freshness is judged against tokio's clock, so
 //!   tests can pause and advance time.
-//! - [`Generations`] closes the fill-versus-invalidate race. A fill is stamped
+//! - `Generations` closes the fill-versus-invalidate race. A fill is stamped
 //!   with the generations of its scope *before* it goes upstream; a write that
 //!   returns 2xx bumps the generations of the scopes it touched before its
 //!   answer reaches the client. An entry (or an in-flight fill) whose stamp is

@@ -3,7 +3,7 @@
 //! Loading happens in two passes so an operator sees every problem at once:
 //! 1. the TOML is parsed into the `File*` structs (a syntax or type error stops
 //!    here); unknown keys are collected rather than failing on the first;
-//! 2. [`validate`] turns that into the runtime [`Config`], collecting every
+//! 2. `validate` turns that into the runtime [`Config`], collecting every
 //!    problem — bad URLs, unknown presets, unresolvable secrets, duplicate
 //!    client keys — each with the key it belongs to.
 //!

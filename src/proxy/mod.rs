@@ -1,5 +1,5 @@
 //! The upstream side: forwarding through a per-upstream HTTP/1.1 client
-//! (see [`client`]), with timeouts, and the tunnel for upgraded (websocket)
+//! (see `client`), with timeouts, and the tunnel for upgraded (websocket)
 //! connections.
 //!
 //! Bodies stream in both directions; nothing here buffers a body. The

@@ -12,11 +12,13 @@
 //! its requests on a stuck log pipe fails everyone; one that drops lines and
 //! says so fails nobody.
 //!
-//! [`FastAccessLines`] is the event formatter of the `tracing_subscriber::fmt`
-//! layer: it writes `teamgate::access` events (one per request) itself —
-//! JSON or text, in the same shape the general formatter gives every other
-//! line — with a per-second cached timestamp and no intermediate values,
-//! and hands every other event to the general formatter. The access line
+//! [`layer`] is the `tracing_subscriber::fmt` layer writing into the sink.
+//! Its event formatter, `FastAccessLines`, writes `teamgate::access` events
+//! (one per request, [`AccessLine`]) itself — JSON or text, in the same
+//! shape the general formatter gives every other line — with a per-second
+//! cached timestamp, field names prepared once per callsite and no
+//! intermediate values, and appends them to the sink directly; every other
+//! event goes to the general formatter. The access line
 //! stays an ordinary `tracing` event under the one log filter:
 //! `RUST_LOG=teamgate::access=off` turns it off, and any other subscriber
 //! (tests, an embedding program) sees it like any other.
@@ -244,7 +246,7 @@ impl Write for SinkWriter<'_> {
 
 /// The log layer: the stock `tracing_subscriber::fmt` layer (text, or
 /// flattened JSON) writing into `sink`, with access lines formatted by
-/// [`FastAccessLines`]. `ansi`: colour the text format.
+/// `FastAccessLines`. `ansi`: colour the text format.
 pub fn layer<S>(format: LogFormat, ansi: bool, sink: LogSink) -> Box<dyn Layer<S> + Send + Sync>
 where
     S: Subscriber + for<'a> LookupSpan<'a>,
