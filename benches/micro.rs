@@ -16,7 +16,13 @@ use teamgate::config::LogFormat;
 use teamgate::config::{self, Config, Secrets};
 use teamgate::proxy::http1;
 use teamgate::route::{RequestLimits, Router, check_request};
+use teamgate::telemetry::RequestRecord;
 use teamgate::telemetry::logging::{self, AccessLine, LogSink};
+
+// The allocator the `teamgate` binary uses, so allocation costs here are the server's.
+#[cfg(not(target_env = "msvc"))]
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 const CLIENT_KEY: &str = "tg_bench_key_0123456789abcdefghijkl";
 
@@ -60,6 +66,15 @@ fn request(target: &str) -> Request<Body> {
         .header("connection", "keep-alive")
         .body(Body::Empty)
         .unwrap()
+}
+
+/// What the connection attaches to every request: the client's address (for
+/// `X-Forwarded-For`) and whether it came over TLS.
+fn client_record() -> Arc<RequestRecord> {
+    Arc::new(RequestRecord::for_client(
+        ClientAddr::new("127.0.0.1:5000".parse().unwrap()),
+        false,
+    ))
 }
 
 fn benches(c: &mut Criterion) {
@@ -116,9 +131,7 @@ fn benches(c: &mut Criterion) {
                 let mut request = request("/api/assets?limit=20&include_tags=input,output");
                 request.extensions_mut().insert(route.clone());
                 request.extensions_mut().insert(authenticated.clone());
-                request
-                    .extensions_mut()
-                    .insert(ClientAddr::new("127.0.0.1:5000".parse().unwrap()));
+                request.extensions_mut().insert(client_record());
                 request
             },
             |mut request| prepare_upstream_request(&mut request, &config.server).unwrap(),
@@ -133,9 +146,7 @@ fn benches(c: &mut Criterion) {
     upstream_request
         .extensions_mut()
         .insert(authenticated.clone());
-    upstream_request
-        .extensions_mut()
-        .insert(ClientAddr::new("127.0.0.1:5000".parse().unwrap()));
+    upstream_request.extensions_mut().insert(client_record());
     prepare_upstream_request(&mut upstream_request, &config.server).unwrap();
     let (parts, _) = upstream_request.into_parts();
     c.bench_function("upstream/encode_head", |b| {

@@ -138,12 +138,14 @@ pub fn prepare_upstream_request(
     request: &mut Request<Body>,
     settings: &ServerSettings,
 ) -> Result<(), GatewayError> {
+    // First everything the request's extensions and URI say, as owned values
+    // (reference counts, no copies of the route or the team); then the
+    // request is rewritten.
     let extensions = request.extensions();
     let route = extensions
         .get::<RouteMatch>()
-        .cloned()
         .ok_or(GatewayError::Internal)?;
-    let auth = extensions.get::<Authenticated>().cloned();
+    let auth = extensions.get::<Authenticated>();
     let public_read = extensions.get::<super::PublicRead>().is_some();
     let record = RequestRecord::of(request);
     let client_addr = record
@@ -153,20 +155,33 @@ pub fn prepare_upstream_request(
     let upstream = &route.upstream;
     // A public read carries no team credential: the client's own
     // `Authorization: public-auth-token` is what the upstream expects.
-    let secret = match (&auth, public_read) {
+    let secret = match (auth, public_read) {
         (Some(auth), _) => Some(
             auth.team
                 .credential_for(upstream)
-                .ok_or(GatewayError::NoUpstreamCredential)?
-                .clone(),
+                .ok_or(GatewayError::NoUpstreamCredential)?,
         ),
         (None, true) => None,
         (None, false) => return Err(GatewayError::Internal),
     };
     let placement = &route.rule().credential;
+    let credential_header = match (placement, secret) {
+        (_, None) | (CredentialPlacement::QueryParam(_), _) => None,
+        (CredentialPlacement::Header(name), Some(secret)) => {
+            Some((name.clone(), secret.header_value(HeaderForm::Plain)))
+        }
+        (CredentialPlacement::Bearer, Some(secret)) => Some((
+            header::AUTHORIZATION,
+            secret.header_value(HeaderForm::Bearer),
+        )),
+        (CredentialPlacement::Basic, Some(secret)) => Some((
+            header::AUTHORIZATION,
+            secret.header_value(HeaderForm::Basic),
+        )),
+    };
 
     let path = route.upstream_path(request.uri().path());
-    let query: Option<Cow<'_, str>> = match (placement, &secret) {
+    let query: Option<Cow<'_, str>> = match (placement, secret) {
         (CredentialPlacement::QueryParam(name), Some(secret)) => {
             Some(replace_query_param(request.uri().query(), name, secret.expose()).into())
         }
@@ -181,15 +196,14 @@ pub fn prepare_upstream_request(
         target.push('?');
         target.push_str(query);
     }
-    let path_and_query = PathAndQuery::try_from(target).map_err(|_| GatewayError::Internal)?;
-    let uri = Uri::builder()
-        .scheme(upstream.scheme.clone())
-        .authority(upstream.authority.clone())
-        .path_and_query(path_and_query)
-        .build()
-        .map_err(|_| GatewayError::Internal)?;
+    let mut uri = http::uri::Parts::default();
+    uri.scheme = Some(upstream.scheme.clone());
+    uri.authority = Some(upstream.authority.clone());
+    uri.path_and_query = Some(PathAndQuery::try_from(target).map_err(|_| GatewayError::Internal)?);
+    let uri = Uri::from_parts(uri).map_err(|_| GatewayError::Internal)?;
     let is_upgrade = route.class == RouteClass::Upgrade;
     let host = upstream.host_header.clone();
+    let strips_authorization = secret.is_some();
 
     let received_version = request.version();
     *request.uri_mut() = uri;
@@ -199,7 +213,7 @@ pub fn prepare_upstream_request(
     let headers = request.headers_mut();
     strip_hop_by_hop(headers, is_upgrade);
     headers.remove(&X_API_KEY);
-    if secret.is_some() {
+    if strips_authorization {
         headers.remove(header::AUTHORIZATION);
     }
     headers.insert(header::HOST, host);
@@ -218,18 +232,9 @@ pub fn prepare_upstream_request(
         };
         append_list(headers, &header::VIA, via);
     }
-    let Some(secret) = secret else {
-        // A public read: the client's `Authorization: public-auth-token` stays.
-        return Ok(());
-    };
-    let (name, form) = match placement {
-        CredentialPlacement::Header(name) => (name.clone(), HeaderForm::Plain),
-        CredentialPlacement::Bearer => (header::AUTHORIZATION, HeaderForm::Bearer),
-        CredentialPlacement::Basic => (header::AUTHORIZATION, HeaderForm::Basic),
-        CredentialPlacement::QueryParam(_) => return Ok(()),
-    };
-    let value = secret.header_value(form).ok_or(GatewayError::Internal)?;
-    headers.insert(name, value);
+    if let Some((name, value)) = credential_header {
+        headers.insert(name, value.ok_or(GatewayError::Internal)?);
+    }
     Ok(())
 }
 
