@@ -260,6 +260,11 @@ pub fn is_upgrade(version: Version, headers: &HeaderMap) -> bool {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PathPattern {
     source: String,
+    /// `/` and the leading literal segments (`/api/assets` for
+    /// `/api/assets/{id:uuid}`): every path the pattern matches starts with
+    /// it, so most rules are ruled out by one comparison, without splitting
+    /// the path.
+    literal_prefix: String,
     segments: Vec<Segment>,
     /// Ends in `**`: any number (zero included) of further segments.
     open_tail: bool,
@@ -315,8 +320,16 @@ impl PathPattern {
             };
             segments.push(segment);
         }
+        let literals: Vec<&str> = segments
+            .iter()
+            .map_while(|segment| match segment {
+                Segment::Literal(literal) => Some(literal.as_str()),
+                _ => None,
+            })
+            .collect();
         Ok(PathPattern {
             source: source.to_owned(),
+            literal_prefix: format!("/{}", literals.join("/")),
             segments,
             open_tail,
         })
@@ -351,6 +364,9 @@ impl PathPattern {
 
     /// Matches `path`, reporting each named placeholder's value.
     fn walk<'p>(&self, path: &'p str, mut on_capture: impl FnMut(&str, &'p str)) -> bool {
+        if !path.starts_with(&self.literal_prefix) {
+            return false;
+        }
         let Some(rest) = path.strip_prefix('/') else {
             return false;
         };
@@ -407,6 +423,14 @@ mod tests {
             ("/api/assets/*", "/api/assets/remote-metadata", true),
             ("/", "/", true),
             ("/", "/x", false),
+            // The literal prefix is only a first check: segment boundaries
+            // and what follows it still decide.
+            ("/api/assets", "/api/assetsx", false),
+            ("/api/assets/{id}/tags", "/api/assets", false),
+            ("/api/assets/{id}/tags", "/api/asset/x/tags", false),
+            ("/{team}/jobs", "/design/jobs", true),
+            ("/{team}/jobs", "/design/job", false),
+            ("/api/v2/**", "/api/v", false),
         ];
         for (pattern, path, expected) in cases {
             let parsed = PathPattern::parse(pattern).unwrap();
