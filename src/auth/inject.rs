@@ -74,6 +74,19 @@ fn hop_by_hop() -> [&'static HeaderName; 9] {
 /// Removes hop-by-hop headers. On an upgrade, `Connection: upgrade` and
 /// `Upgrade` are the point of the request (or 101 answer) and are kept.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    // One pass over the names the message has (standard names compare as
+    // tags) instead of a hashed removal of each of the nine: most messages
+    // carry one of them (`Connection`) or none.
+    let hop_by_hop = hop_by_hop();
+    let mut present = 0u16;
+    for name in headers.keys() {
+        if let Some(at) = hop_by_hop.iter().position(|hop| *hop == name) {
+            present |= 1 << at;
+        }
+    }
+    if present == 0 {
+        return;
+    }
     let upgrade = keep_upgrade
         .then(|| headers.get(header::UPGRADE).cloned())
         .flatten();
@@ -97,8 +110,10 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
             }
         }
     }
-    for name in hop_by_hop() {
-        headers.remove(name);
+    for (at, name) in hop_by_hop.into_iter().enumerate() {
+        if present & (1 << at) != 0 {
+            headers.remove(name);
+        }
     }
     if let Some(upgrade) = upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
