@@ -1,6 +1,7 @@
 //! Micro-benchmarks of the per-request pure work on the hot path:
 //! classification, client-key hashing and lookup, cache-key building, and the
-//! upstream header rewrite, one access-log line. `cargo bench --bench micro`.
+//! upstream header rewrite, request and answer heads, one access-log line.
+//! `cargo bench --bench micro`.
 
 use std::hint::black_box;
 use std::sync::Arc;
@@ -161,6 +162,21 @@ fn benches(c: &mut Criterion) {
         Date: Mon, 23 Nov 2026 14:14:21 GMT\r\nContent-Type: application/json\r\n\
         Content-Length: 11912\r\nLast-Modified: Mon, 23 Nov 2026 14:00:10 GMT\r\n\
         Connection: keep-alive\r\nETag: \"6b0446ea-2e88\"\r\nAccept-Ranges: bytes\r\n\r\n";
+    // The own HTTP/1 loop's per-request work: a client's request head into
+    // an `http::Request`.
+    let client_head: &[u8] = b"GET /api/assets?limit=20&include_tags=input,output HTTP/1.1\r\n\
+        Host: gateway.internal:8080\r\nAuthorization: Bearer tg_bench_key_0123456789abcdefghijkl\r\n\
+        Accept: application/json\r\nAccept-Encoding: gzip, br\r\nUser-Agent: comfy-cli/1.0\r\n\r\n";
+    c.bench_function("server/parse_request", |b| {
+        b.iter_batched(
+            || bytes::BytesMut::from(client_head),
+            |mut buf| match teamgate::server::codec::parse_request(&mut buf) {
+                teamgate::server::codec::Head::Simple { request, .. } => request,
+                _ => panic!("a simple GET head"),
+            },
+            criterion::BatchSize::SmallInput,
+        )
+    });
     c.bench_function("upstream/parse_head", |b| {
         b.iter_batched(
             || bytes::BytesMut::from(answer),

@@ -25,6 +25,49 @@ impl FieldSpan {
     }
 }
 
+/// The spans of a parsed head's fields: inline up to [`FieldSpans::INLINE`]
+/// fields (more than most heads carry), on the heap beyond, rather than an
+/// array sized for the most fields a head may have (100 or 128) filled in
+/// for every head. Both codecs record their spans through it.
+#[derive(Debug)]
+pub struct FieldSpans {
+    inline: [FieldSpan; FieldSpans::INLINE],
+    spilled: Vec<FieldSpan>,
+    len: usize,
+}
+
+impl FieldSpans {
+    pub const INLINE: usize = 24;
+
+    /// The spans of `fields`, which httparse parsed out of `buf`.
+    pub fn of(buf: &[u8], fields: &[httparse::Header<'_>]) -> Self {
+        let mut spans = FieldSpans {
+            inline: [FieldSpan::default(); FieldSpans::INLINE],
+            spilled: Vec::new(),
+            len: fields.len(),
+        };
+        if fields.len() <= FieldSpans::INLINE {
+            for (span, field) in spans.inline.iter_mut().zip(fields) {
+                *span = FieldSpan::of(buf, field);
+            }
+        } else {
+            spans.spilled = fields
+                .iter()
+                .map(|field| FieldSpan::of(buf, field))
+                .collect();
+        }
+        spans
+    }
+
+    pub fn as_slice(&self) -> &[FieldSpan] {
+        if self.len <= FieldSpans::INLINE {
+            &self.inline[..self.len]
+        } else {
+            &self.spilled
+        }
+    }
+}
+
 /// `(offset, length)` of `part`, a slice of `buf`. Heads are bounded far
 /// below 4 GiB by both sides, so the offsets fit `u32`.
 pub fn span_of(buf: &[u8], part: &[u8]) -> (u32, u32) {
@@ -117,6 +160,33 @@ pub fn chunk_size_line(length: usize, scratch: &mut [u8; 18]) -> &[u8] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Heads with few fields (spans inline) and with more than the inline
+    /// room (spans on the heap) give the same map: every field, in order,
+    /// duplicates kept.
+    #[test]
+    fn field_spans_cover_every_field_inline_or_spilled() {
+        for count in [0, 3, FieldSpans::INLINE, FieldSpans::INLINE + 1, 90] {
+            let mut text = String::from("HTTP/1.1 200 OK\r\n");
+            for at in 0..count {
+                text.push_str(&format!("x-field-{}: value {at}\r\n", at % 7));
+            }
+            text.push_str("\r\n");
+            let bytes = Bytes::from(text);
+            let mut slots = vec![httparse::EMPTY_HEADER; 128];
+            let mut response = httparse::Response::new(&mut slots);
+            assert!(response.parse(&bytes).unwrap().is_complete());
+            let spans = FieldSpans::of(&bytes, response.headers);
+            assert_eq!(spans.as_slice().len(), count);
+            let map = header_map(&bytes, spans.as_slice()).unwrap();
+            assert_eq!(map.len(), count);
+            for at in 0..count {
+                let name = format!("x-field-{}", at % 7);
+                let nth = map.get_all(&name).iter().nth(at / 7).unwrap();
+                assert_eq!(nth, format!("value {at}").as_str(), "{count} fields");
+            }
+        }
+    }
 
     #[test]
     fn chunk_size_lines_are_lowercase_hex() {

@@ -17,7 +17,7 @@ use http::header::{self, HeaderMap};
 use http::{Method, Request, StatusCode, Uri, Version, response};
 
 use crate::fields::EncodedFields;
-use crate::wire::{self, FieldSpan};
+use crate::wire::{self, FieldSpan, FieldSpans};
 
 /// The most header fields a request the loop serves may carry (hyper's default).
 const MAX_HEADERS: usize = 100;
@@ -89,13 +89,9 @@ pub fn parse_request(buf: &mut BytesMut) -> Head {
     }
 
     let target = wire::span_of(buf, path.as_bytes());
-    let mut spans = [FieldSpan::default(); MAX_HEADERS];
-    let count = parsed.headers.len();
-    for (span, field) in spans.iter_mut().zip(parsed.headers.iter()) {
-        *span = FieldSpan::of(buf, field);
-    }
+    let spans = FieldSpans::of(buf, parsed.headers);
     let head = buf.split_to(consumed).freeze();
-    match build_request(&head, method, target, &spans[..count]) {
+    match build_request(&head, method, target, spans.as_slice()) {
         Some(request) => Head::Simple {
             request,
             keep_alive,

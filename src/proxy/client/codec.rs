@@ -5,11 +5,13 @@
 //! that decide where one message ends and the next begins (the rules request
 //! smuggling lives off) are tested on their own, without sockets.
 
+use std::mem::MaybeUninit;
+
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap};
 use http::{Method, StatusCode, Version, request};
 
-use crate::wire::{self, FieldSpan};
+use crate::wire::{self, FieldSpans};
 
 /// Why an upstream's bytes could not be read as an HTTP/1.1 answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -104,9 +106,14 @@ pub struct ResponseHead {
 /// Parses a response head from the front of `buf` and removes it. `Ok(None)`:
 /// the head is not complete yet. Header values share the head's bytes.
 pub fn parse_head(buf: &mut BytesMut) -> Result<Option<ResponseHead>, ProtocolError> {
-    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut response = httparse::Response::new(&mut slots);
-    let consumed = match response.parse(buf) {
+    // Uninitialised slots: zeroing all of them cost more than the parse.
+    let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut response = httparse::Response::new(&mut []);
+    let consumed = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        &mut response,
+        buf,
+        &mut slots,
+    ) {
         Ok(httparse::Status::Complete(consumed)) => consumed,
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(httparse::Error::TooManyHeaders) => return Err(ProtocolError("too many headers")),
@@ -121,13 +128,9 @@ pub fn parse_head(buf: &mut BytesMut) -> Result<Option<ResponseHead>, ProtocolEr
     } else {
         Version::HTTP_11
     };
-    let mut spans = [FieldSpan::default(); MAX_HEADERS];
-    let count = response.headers.len();
-    for (span, field) in spans.iter_mut().zip(response.headers.iter()) {
-        *span = FieldSpan::of(buf, field);
-    }
+    let spans = FieldSpans::of(buf, response.headers);
     let head = buf.split_to(consumed).freeze();
-    let headers = wire::header_map(&head, &spans[..count]).map_err(ProtocolError)?;
+    let headers = wire::header_map(&head, spans.as_slice()).map_err(ProtocolError)?;
     Ok(Some(ResponseHead {
         status,
         version,
