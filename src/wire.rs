@@ -30,10 +30,14 @@ impl FieldSpan {
 /// array sized for the most fields a head may have (100 or 128) filled in
 /// for every head. Both codecs record their spans through it.
 #[derive(Debug)]
-pub struct FieldSpans {
-    inline: [FieldSpan; FieldSpans::INLINE],
-    spilled: Vec<FieldSpan>,
-    len: usize,
+#[allow(
+    clippy::large_enum_variant,
+    reason = "lives on the stack for one parse; boxing the inline spans would be the allocation this avoids"
+)]
+pub enum FieldSpans {
+    /// The first `.1` spans are the fields'.
+    Inline([FieldSpan; FieldSpans::INLINE], usize),
+    Spilled(Vec<FieldSpan>),
 }
 
 impl FieldSpans {
@@ -41,29 +45,25 @@ impl FieldSpans {
 
     /// The spans of `fields`, which httparse parsed out of `buf`.
     pub fn of(buf: &[u8], fields: &[httparse::Header<'_>]) -> Self {
-        let mut spans = FieldSpans {
-            inline: [FieldSpan::default(); FieldSpans::INLINE],
-            spilled: Vec::new(),
-            len: fields.len(),
-        };
-        if fields.len() <= FieldSpans::INLINE {
-            for (span, field) in spans.inline.iter_mut().zip(fields) {
-                *span = FieldSpan::of(buf, field);
-            }
-        } else {
-            spans.spilled = fields
-                .iter()
-                .map(|field| FieldSpan::of(buf, field))
-                .collect();
+        if fields.len() > FieldSpans::INLINE {
+            return FieldSpans::Spilled(
+                fields
+                    .iter()
+                    .map(|field| FieldSpan::of(buf, field))
+                    .collect(),
+            );
         }
-        spans
+        let mut inline = [FieldSpan::default(); FieldSpans::INLINE];
+        for (span, field) in inline.iter_mut().zip(fields) {
+            *span = FieldSpan::of(buf, field);
+        }
+        FieldSpans::Inline(inline, fields.len())
     }
 
     pub fn as_slice(&self) -> &[FieldSpan] {
-        if self.len <= FieldSpans::INLINE {
-            &self.inline[..self.len]
-        } else {
-            &self.spilled
+        match self {
+            FieldSpans::Inline(spans, len) => &spans[..*len],
+            FieldSpans::Spilled(spans) => spans,
         }
     }
 }

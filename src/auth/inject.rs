@@ -77,10 +77,10 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     // One pass over the names the message has (standard names compare as
     // tags) instead of a hashed removal of each of the nine: most messages
     // carry one of them (`Connection`) or none.
-    let hop_by_hop = hop_by_hop();
+    let hop_names = hop_by_hop();
     let mut present = 0u16;
     for name in headers.keys() {
-        if let Some(at) = hop_by_hop.iter().position(|hop| *hop == name) {
+        if let Some(at) = hop_names.iter().position(|hop| *hop == name) {
             present |= 1 << at;
         }
     }
@@ -110,7 +110,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
             }
         }
     }
-    for (at, name) in hop_by_hop.into_iter().enumerate() {
+    for (at, name) in hop_names.into_iter().enumerate() {
         if present & (1 << at) != 0 {
             headers.remove(name);
         }
