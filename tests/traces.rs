@@ -86,6 +86,15 @@ async fn spans_arrive_with_the_clients_trace_as_parent_and_propagate_upstream() 
         .unwrap()
         .to_owned();
     h.stop().await;
+    // The request span ends with its last child, the cache fill, which runs
+    // in a task of its own and may finish after the client has its answer
+    // (and after the gateway stopped): wait for it rather than assume it.
+    let exported = |name: &str| spans.lock().unwrap().iter().any(|span| span.name == name);
+    eventually("the request span is exported", async || {
+        tokio::task::block_in_place(|| telemetry.flush());
+        exported("request")
+    })
+    .await;
     tokio::task::spawn_blocking(move || telemetry.shutdown())
         .await
         .unwrap();

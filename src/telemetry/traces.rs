@@ -34,6 +34,20 @@ pub struct TelemetryGuard {
 }
 
 impl TelemetryGuard {
+    /// Exports the spans that have ended so far, without stopping the
+    /// pipeline. Blocks, like [`TelemetryGuard::shutdown`].
+    ///
+    /// A span ends when its last child does: a request span whose cache fill
+    /// runs on in the background is exported only once that fill is done,
+    /// possibly after the client has its answer.
+    pub fn flush(&self) {
+        if let Some(provider) = &self.provider {
+            if let Err(error) = provider.force_flush() {
+                eprintln!("teamgate: flushing traces failed: {error}");
+            }
+        }
+    }
+
     /// Exports the spans still buffered. Blocks: call it from a blocking
     /// context (e.g. `spawn_blocking`) while the tokio runtime still runs.
     pub fn shutdown(self) {
