@@ -21,6 +21,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use http::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::io::AsyncWriteExt;
@@ -110,25 +111,30 @@ impl Service<Request<Body>> for Forward {
     }
 
     fn call(&mut self, request: Request<Body>) -> Self::Future {
-        let clients = Arc::clone(&self.clients);
-        let metrics = Arc::clone(&self.metrics);
-        let limits = self.limits;
-        Box::pin(async move {
-            let span = tracing::debug_span!(
-                "upstream",
-                upstream = tracing::field::Empty,
-                upstream_status = tracing::field::Empty
-            );
-            Ok(forward(&clients, &metrics, limits, request)
-                .instrument(span)
-                .await)
-        })
+        let span = tracing::debug_span!(
+            "upstream",
+            upstream = tracing::field::Empty,
+            upstream_status = tracing::field::Empty
+        );
+        // `forward`'s own future goes into the box, not one wrapped in an
+        // `async` block: a wrapper would hold it beside its own state, and
+        // every request would allocate and copy twice the bytes.
+        Box::pin(
+            forward(
+                Arc::clone(&self.clients),
+                Arc::clone(&self.metrics),
+                self.limits,
+                request,
+            )
+            .map(Ok)
+            .instrument(span),
+        )
     }
 }
 
 async fn forward(
-    clients: &[Client],
-    metrics: &Metrics,
+    clients: Arc<[Client]>,
+    metrics: Arc<Metrics>,
     limits: ForwardLimits,
     mut request: Request<Body>,
 ) -> Response<Body> {
@@ -164,15 +170,15 @@ async fn forward(
     let response_timeout = route.upstream.timeouts.response;
     let upstream_name = route.upstream.name.as_str();
     let timer = metrics.upstream_latency(upstream_name).start_timer();
-    let pending = clients[route.upstream.index].send(upstream_request, is_upgrade);
-    let deadline = async {
-        // An error here means the body was dropped unfinished; the request fails on its own.
-        let _ = body_sent.await;
-        tokio::time::sleep(response_timeout).await;
-    };
+    // Both futures are built inside `select!`: held in locals first, they
+    // would each take room in this future beside `select!`'s own copies.
     let result = tokio::select! {
-        result = pending => result,
-                () = deadline => {
+        result = clients[route.upstream.index].send(upstream_request, is_upgrade) => result,
+        () = async {
+            // An error here means the body was dropped unfinished; the request fails on its own.
+            let _ = body_sent.await;
+            tokio::time::sleep(response_timeout).await;
+        } => {
             timer.stop_and_discard();
             metrics.upstream_error(upstream_name, "timeout");
             tracing::warn!(upstream = %route.upstream.name, timeout = ?response_timeout, "upstream response timed out");

@@ -197,10 +197,12 @@ impl Client {
         // upstream has already closed.
         let mut conn = match self.pool.checkout(!replayable) {
             Some(conn) => conn,
-            None => self.pool.connect().await?,
+            None => self.pool.connect_boxed().await?,
         };
         let answered = loop {
             let reused = conn.reused;
+            // Awaited in place, not from a local: a local would take room in
+            // this future beside the awaited copy.
             let exchange = Exchange {
                 conn: Some(conn),
                 out: VecDeque::from([head.clone()]),
@@ -211,8 +213,9 @@ impl Client {
                 write_failed: None,
                 wrote_any: false,
                 answer_started: false,
-            };
-            match exchange.await {
+            }
+            .await;
+            match exchange {
                 Ok(answered) => break answered,
                 Err(failed) => {
                     let retry = reused
@@ -230,7 +233,7 @@ impl Client {
                     tracing::debug!(error = %failed.error, "pooled upstream connection was stale; retrying on a new one");
                     self.pool.counters.retried.inc();
                     body = failed.body;
-                    conn = self.pool.connect().await?;
+                    conn = self.pool.connect_boxed().await?;
                 }
             }
         };
@@ -376,6 +379,16 @@ fn is_idempotent(method: &Method) -> bool {
 }
 
 impl Pool {
+    /// [`Pool::connect`] on the heap. Connecting (resolver, Happy Eyeballs,
+    /// TLS handshake) is by far the largest state `send` could hold — most
+    /// of its ~2.4 KB — yet a warm pool almost never needs it; inline, every
+    /// request's future would carry, and copy, room for it.
+    fn connect_boxed(
+        &self,
+    ) -> Pin<Box<dyn Future<Output = Result<Conn, ClientError>> + Send + '_>> {
+        Box::pin(self.connect())
+    }
+
     async fn connect(&self) -> Result<Conn, ClientError> {
         let connecting = async {
             let addrs = tokio::net::lookup_host((self.host.as_str(), self.port))
