@@ -5,8 +5,9 @@
 #   bash benches/load.sh            # 3 runs of each measurement, 5 s each
 #   RUNS=5 DURATION=8 bash benches/load.sh
 #
-# Every server under test is pinned to CPU 0 and gets one core; wrk runs
-# with one thread on CPU 1. Peers come from ../shared/bench/peers (started and
+# Every server under test is pinned to CPU 0, gets one core and runs in a
+# session of its own (as the daemonized peers do); wrk runs with one thread
+# on CPU 1. Peers come from ../shared/bench/peers (started and
 # stopped here). Results: one table on stdout, one JSON line appended to
 # benches/results/history.jsonl. Exits non-zero when a measurement fails.
 set -euo pipefail
