@@ -104,12 +104,8 @@ for t in $(seq 0 9); do export "BENCH_UPSTREAM_KEY_$t=comfy-team-$t-secret"; don
 start_gateway() { # $1: log level, $2: port, $3: admin port; sets started_pid
   sed "1i [log]\nlevel = \"$1\"\nformat = \"json\"" "$work/base.toml" \
     | sed "s/127.0.0.1:$port\"/127.0.0.1:$2\"/; s/127.0.0.1:$admin\"/127.0.0.1:$3\"/" > "$work/teamgate-$1.toml"
-  # In a session of its own, like every peer (nginx and varnishd daemonize,
-  # run-peers.sh starts the limit server with setsid): with autogroup
-  # scheduling (kernel.sched_autogroup_enabled=1), sharing this shell's session
-  # would put teamgate in one CPU-share group with wrk, and the busy wrk on
-  # CPU 1 halves that group's weight on CPU 0, where the upstream nginx then
-  # preempts teamgate twice as often as it preempts the nginx proxy.
+  # A session of its own, like every peer: with autogroup scheduling, wrk's
+  # session would halve teamgate's CPU share (benches/README.md, "Scheduling groups").
   setsid taskset -c 0 "$root/target/release/teamgate" serve --config "$work/teamgate-$1.toml" 2>"$work/teamgate-$1.log" &
   started_pid=$!
   for _ in $(seq 100); do curl -fs -o /dev/null "http://127.0.0.1:$3/readyz" && return 0; sleep 0.05; done

@@ -1366,6 +1366,27 @@ fn placeholder_upstream(name: String, index: usize) -> Upstream {
     }
 }
 
+/// A minimal valid config for unit tests elsewhere in the crate: upstream
+/// `comfy` at a loopback port nobody serves, and team `design` holding
+/// `client_key`, with `upstream-key` as its upstream key. `extra` is
+/// appended as it is (a `[teams.design.limits]` table, say).
+#[cfg(test)]
+pub(crate) fn for_tests(client_key: &str, extra: &str) -> Config {
+    let text = format!(
+        r#"
+[upstreams.comfy]
+base_url = "http://127.0.0.1:9"
+[teams.design]
+upstream_keys = {{ comfy = "env:K" }}
+client_keys = ["{}"]
+{extra}
+"#,
+        crate::auth::keys::KeyDigest::of_key(client_key).to_stored()
+    );
+    let env = |name: &str| (name == "K").then(|| "upstream-key".to_owned());
+    load_str(&text, "t.toml", None, &env, Secrets::Resolve).unwrap()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -418,26 +418,16 @@ mod tests {
 mod quota_layer_tests {
     use super::*;
     use crate::auth::Authenticated;
-    use crate::config::{self, Config, Secrets};
+    use crate::config::{self, Config};
     use crate::route::Router;
 
     const KEY: &str = "tg_unit_test_key";
 
     fn config(limits: &str) -> Arc<Config> {
-        let text = format!(
-            r#"
-[upstreams.comfy]
-base_url = "http://127.0.0.1:9"
-[teams.design]
-upstream_keys = {{ comfy = "env:K" }}
-client_keys = ["{}"]
-[teams.design.limits]
-{limits}
-"#,
-            crate::auth::keys::KeyDigest::of_key(KEY).to_stored()
-        );
-        let env = |name: &str| (name == "K").then(|| "upstream-key".to_owned());
-        Arc::new(config::load_str(&text, "t.toml", None, &env, Secrets::Resolve).unwrap())
+        Arc::new(config::for_tests(
+            KEY,
+            &format!("[teams.design.limits]\n{limits}"),
+        ))
     }
 
     /// A request as it looks after classification and authentication.
@@ -566,28 +556,22 @@ client_keys = ["{}"]
 
     #[tokio::test(start_paused = true)]
     async fn a_reload_keeps_the_state_of_teams_whose_limits_did_not_change() {
-        let text = |design: &str, research: &str| {
-            format!(
-                r#"
-[upstreams.comfy]
-base_url = "http://127.0.0.1:9"
-[teams.design]
-upstream_keys = {{ comfy = "env:K" }}
-client_keys = ["{}"]
+        let load = |design: &str, research: &str| {
+            config::for_tests(
+                KEY,
+                &format!(
+                    r#"
 [teams.design.limits]
 client = {{ rate = "{design}", burst = 1 }}
 [teams.research]
 upstream_keys = {{ comfy = "env:K" }}
 [teams.research.limits]
 client = {{ rate = "{research}", burst = 1 }}
-"#,
-                crate::auth::keys::KeyDigest::of_key(KEY).to_stored()
+"#
+                ),
             )
         };
-        let env = |name: &str| (name == "K").then(|| "upstream-key".to_owned());
-        let load =
-            |text: String| config::load_str(&text, "t.toml", None, &env, Secrets::Resolve).unwrap();
-        let before = load(text("1/h", "1/h"));
+        let before = load("1/h", "1/h");
         let quotas = Quotas::new(&before);
         let drain = |quotas: &Quotas, team: &str| {
             quotas
@@ -603,7 +587,7 @@ client = {{ rate = "{research}", burst = 1 }}
         assert!(matches!(drain(&quotas, "research"), Verdict::Allowed(_)));
 
         // Only research's limit changes.
-        let reloaded = quotas.rebuild(&load(text("1/h", "2/h")));
+        let reloaded = quotas.rebuild(&load("1/h", "2/h"));
         assert!(
             matches!(drain(&reloaded, "design"), Verdict::Denied(_)),
             "design's bucket stays drained"

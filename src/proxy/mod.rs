@@ -320,7 +320,6 @@ fn error_chain(error: &dyn StdError) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{Secrets, load_str};
 
     /// The future `Forward` boxes is allocated, and partly copied, once per
     /// proxied request. While an `async` block held `forward`'s future
@@ -331,21 +330,7 @@ mod tests {
     /// does not.
     #[test]
     fn a_proxied_request_boxes_a_small_future() {
-        let config = load_str(
-            r#"
-            [upstreams.comfy]
-            base_url = "http://127.0.0.1:9"
-            preset = "comfy-cloud"
-            [teams.design]
-            upstream_keys = { comfy = "env:KEY" }
-            client_keys = ["sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"]
-            "#,
-            "test.toml",
-            None,
-            &|name| (name == "KEY").then(|| "upstream-key".into()),
-            Secrets::Resolve,
-        )
-        .unwrap();
+        let config = crate::config::for_tests("a-client-key", "");
         let mut forward = Forward::new(
             &config.upstreams,
             Arc::new(Metrics::new()),
@@ -357,7 +342,6 @@ mod tests {
         );
         let future = forward.call(Request::new(Body::Empty));
         let size = std::mem::size_of_val(&*future);
-        println!("boxed forward future: {size} bytes");
         assert!(size <= 3 * 1024, "boxed forward future is {size} bytes");
     }
 }

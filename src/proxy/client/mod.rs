@@ -197,7 +197,7 @@ impl Client {
         // upstream has already closed.
         let mut conn = match self.pool.checkout(!replayable) {
             Some(conn) => conn,
-            None => self.pool.connect_boxed().await?,
+            None => self.pool.connect().await?,
         };
         let answered = loop {
             let reused = conn.reused;
@@ -233,7 +233,7 @@ impl Client {
                     tracing::debug!(error = %failed.error, "pooled upstream connection was stale; retrying on a new one");
                     self.pool.counters.retried.inc();
                     body = failed.body;
-                    conn = self.pool.connect_boxed().await?;
+                    conn = self.pool.connect().await?;
                 }
             }
         };
@@ -379,43 +379,40 @@ fn is_idempotent(method: &Method) -> bool {
 }
 
 impl Pool {
-    /// [`Pool::connect`] on the heap. Connecting (resolver, Happy Eyeballs,
-    /// TLS handshake) is by far the largest state `send` could hold — most
-    /// of its ~2.4 KB — yet a warm pool almost never needs it; inline, every
-    /// request's future would carry, and copy, room for it.
-    fn connect_boxed(
-        &self,
-    ) -> Pin<Box<dyn Future<Output = Result<Conn, ClientError>> + Send + '_>> {
-        Box::pin(self.connect())
-    }
-
-    async fn connect(&self) -> Result<Conn, ClientError> {
-        let connecting = async {
-            let addrs = tokio::net::lookup_host((self.host.as_str(), self.port))
-                .await
-                .map_err(ClientError::Connect)?;
-            let tcp = connect_first(addrs.collect(), CONNECTION_ATTEMPT_DELAY)
-                .await
-                .map_err(ClientError::Connect)?;
-            // Heads and small bodies go out at once; writes are already batched.
-            tcp.set_nodelay(true).map_err(ClientError::Connect)?;
-            match &self.tls {
-                None => Ok(Stream::Plain(tcp)),
-                Some((config, name)) => TlsConnector::from(Arc::clone(config))
-                    .connect(name.clone(), tcp)
+    /// A new connection, TLS included when the upstream is https.
+    ///
+    /// Boxed: connecting (resolver, Happy Eyeballs, TLS handshake) was about
+    /// half of `send`'s 2.4 KB of state, yet a warm pool almost never runs
+    /// it; inline, every request's future would carry, and copy, room for it.
+    fn connect(&self) -> Pin<Box<dyn Future<Output = Result<Conn, ClientError>> + Send + '_>> {
+        Box::pin(async move {
+            let connecting = async {
+                let addrs = tokio::net::lookup_host((self.host.as_str(), self.port))
                     .await
-                    .map(|tls| Stream::Tls(Box::new(tls)))
-                    .map_err(ClientError::Tls),
-            }
-        };
-        let io = tokio::time::timeout(self.connect_timeout, connecting)
-            .await
-            .map_err(|_| ClientError::ConnectTimeout)??;
-        self.counters.opened.inc();
-        Ok(Conn {
-            io,
-            read_buf: BytesMut::new(),
-            reused: false,
+                    .map_err(ClientError::Connect)?;
+                let tcp = connect_first(addrs.collect(), CONNECTION_ATTEMPT_DELAY)
+                    .await
+                    .map_err(ClientError::Connect)?;
+                // Heads and small bodies go out at once; writes are already batched.
+                tcp.set_nodelay(true).map_err(ClientError::Connect)?;
+                match &self.tls {
+                    None => Ok(Stream::Plain(tcp)),
+                    Some((config, name)) => TlsConnector::from(Arc::clone(config))
+                        .connect(name.clone(), tcp)
+                        .await
+                        .map(|tls| Stream::Tls(Box::new(tls)))
+                        .map_err(ClientError::Tls),
+                }
+            };
+            let io = tokio::time::timeout(self.connect_timeout, connecting)
+                .await
+                .map_err(|_| ClientError::ConnectTimeout)??;
+            self.counters.opened.inc();
+            Ok(Conn {
+                io,
+                read_buf: BytesMut::new(),
+                reused: false,
+            })
         })
     }
 
