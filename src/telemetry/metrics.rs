@@ -23,11 +23,21 @@ const LATENCY_BUCKETS: &[f64] = &[
 
 /// The per-request metrics for one label set, resolved once: label lookups
 /// hash every label value, which the hot path should not do per request.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 struct RequestHandles {
     requests: IntCounter,
     duration: Histogram,
     cache: Option<IntCounter>,
+}
+
+impl RequestHandles {
+    fn record(&self, seconds: f64) {
+        self.requests.inc();
+        self.duration.observe(seconds);
+        if let Some(cache) = &self.cache {
+            cache.inc();
+        }
+    }
 }
 
 /// Identifies a label set without its strings: teams and upstreams by
@@ -249,46 +259,41 @@ impl Metrics {
             status_class: status_class.as_ptr() as usize,
             cache: cache.as_ptr() as usize,
         };
-        let cached = self
+        // Counted under the read lock: cloning the handles out cost an atomic
+        // increment and decrement for each of the three per request, on cache
+        // lines every worker thread shares.
+        if let Some(handles) = self
             .resolved
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .get(&key)
-            .cloned();
-        let handles = match cached {
-            Some(handles) => handles,
-            None => {
-                let team = team.map_or("", |team| team.name.as_str());
-                let upstream = upstream.map_or("", |upstream| upstream.name.as_str());
-                let handles = RequestHandles {
-                    requests: self.requests.with_label_values(&[
-                        team,
-                        upstream,
-                        route_class,
-                        method,
-                        status_class,
-                        cache,
-                    ]),
-                    duration: self.request_duration.with_label_values(&[
-                        upstream,
-                        route_class,
-                        cache,
-                    ]),
-                    cache: (cache != "none")
-                        .then(|| self.cache_requests.with_label_values(&[upstream, cache])),
-                };
-                self.resolved
-                    .write()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(key, handles.clone());
-                handles
-            }
-        };
-        handles.requests.inc();
-        handles.duration.observe(seconds);
-        if let Some(cache) = &handles.cache {
-            cache.inc();
+        {
+            handles.record(seconds);
+            return;
         }
+        // First request with this label set: resolve it once.
+        let team = team.map_or("", |team| team.name.as_str());
+        let upstream = upstream.map_or("", |upstream| upstream.name.as_str());
+        let handles = RequestHandles {
+            requests: self.requests.with_label_values(&[
+                team,
+                upstream,
+                route_class,
+                method,
+                status_class,
+                cache,
+            ]),
+            duration: self
+                .request_duration
+                .with_label_values(&[upstream, route_class, cache]),
+            cache: (cache != "none")
+                .then(|| self.cache_requests.with_label_values(&[upstream, cache])),
+        };
+        handles.record(seconds);
+        self.resolved
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key, handles);
     }
 
     pub fn in_flight(&self) -> &IntGauge {
