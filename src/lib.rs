@@ -86,19 +86,14 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let readiness = Readiness::default();
-    let metrics = Arc::new(telemetry::metrics::Metrics::new());
-    let cache = Arc::new(cache::Store::new(
-        config.cache.max_bytes,
-        config.cache.max_entry_bytes,
-        Arc::clone(&metrics),
-    ));
-    let quotas = Arc::new(limit::Quotas::new(&config));
-    let service = stack::build(&stack::Shared {
-        config: Arc::clone(&config),
-        cache: Arc::clone(&cache),
-        quotas: Arc::clone(&quotas),
-        metrics: Arc::clone(&metrics),
-    });
+    let shared = stack::Shared::new(Arc::clone(&config));
+    let service = stack::build(&shared);
+    let stack::Shared {
+        cache,
+        quotas,
+        metrics,
+        ..
+    } = shared;
     // Idle per-key limiter state is dropped periodically, so it stays bounded.
     let sweeper = tokio::spawn(async move {
         let mut every = tokio::time::interval(quotas.settings.sweep_interval);

@@ -34,6 +34,23 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
 }
 
+impl Shared {
+    /// Fresh state for `config`: empty cache and limiters, zeroed metrics.
+    pub fn new(config: Arc<Config>) -> Self {
+        let metrics = Arc::new(Metrics::new());
+        Shared {
+            cache: Arc::new(Store::new(
+                config.cache.max_bytes,
+                config.cache.max_entry_bytes,
+                Arc::clone(&metrics),
+            )),
+            quotas: Arc::new(Quotas::new(&config)),
+            config,
+            metrics,
+        }
+    }
+}
+
 pub fn build(shared: &Shared) -> GatewayService {
     let config = &shared.config;
     ServiceBuilder::new()

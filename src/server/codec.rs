@@ -16,7 +16,7 @@ use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap};
 use http::{Method, Request, StatusCode, Uri, Version, response};
 
-use crate::fields::EncodedFields;
+use crate::fields::{self, EncodedFields, SharedFields};
 use crate::wire::{self, FieldSpan, FieldSpans};
 
 /// The most header fields a request the loop serves may carry (hyper's default).
@@ -174,11 +174,40 @@ impl Framing {
     }
 }
 
+/// Writes the head of the answer `parts` describe (to a `HEAD` if
+/// `is_head`) into `out`, and says how its body follows, which is `exact`
+/// bytes long if known. Fields the answer shares with a cache entry are
+/// written from their encoding when its own fields name none of them and
+/// its length is known (always, for cache hits); else they are merged into
+/// its map first.
+pub fn encode_answer_head(
+    parts: &mut response::Parts,
+    exact: Option<u64>,
+    is_head: bool,
+    close: bool,
+    date: &[u8],
+    out: &mut Vec<u8>,
+) -> Framing {
+    let shared = match parts.extensions.remove::<SharedFields>() {
+        Some(SharedFields(shared)) if exact.is_some() && !shared.overlaps(&parts.headers) => {
+            Some(shared)
+        }
+        Some(SharedFields(shared)) => {
+            fields::merge_into(&mut parts.headers, &shared);
+            None
+        }
+        None => None,
+    };
+    let framing = Framing::for_answer(is_head, parts.status, &parts.headers, exact);
+    encode_response_head(parts, shared.as_deref(), framing, close, date, out);
+    framing
+}
+
 /// Writes the status line, the fields shared with a cache entry (if any;
 /// none of them named in the answer's own map), the answer's own fields, the
 /// framing header, `Date` if the answer has none, and `Connection: close`
 /// when the connection ends after it.
-pub fn encode_response_head(
+fn encode_response_head(
     parts: &response::Parts,
     shared: Option<&EncodedFields>,
     framing: Framing,

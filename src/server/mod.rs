@@ -43,7 +43,6 @@ use tower::Service;
 
 use crate::body::Body;
 use crate::connection::ConnectionService;
-use crate::fields::{self, SharedFields};
 use crate::wire;
 use codec::{Framing, Head};
 
@@ -205,29 +204,8 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
     ) -> io::Result<bool> {
         let (mut parts, mut body) = response.into_parts();
         let exact = body.size_hint().exact();
-        // Fields shared with a cache entry are written from their encoding
-        // when the answer's own fields name none of them and its length is
-        // known (always, for cache hits); else they are merged into its map.
-        let shared = match parts.extensions.remove::<SharedFields>() {
-            Some(SharedFields(shared)) if exact.is_some() && !shared.overlaps(&parts.headers) => {
-                Some(shared)
-            }
-            Some(SharedFields(shared)) => {
-                fields::merge_into(&mut parts.headers, &shared);
-                None
-            }
-            None => None,
-        };
-        let framing = Framing::for_answer(is_head, parts.status, &parts.headers, exact);
-        date::with(|date| {
-            codec::encode_response_head(
-                &parts,
-                shared.as_deref(),
-                framing,
-                close,
-                date,
-                &mut self.head_out,
-            );
+        let framing = date::with(|date| {
+            codec::encode_answer_head(&mut parts, exact, is_head, close, date, &mut self.head_out)
         });
         if !framing.has_body() {
             write_all(&mut self.io, &mut [IoSlice::new(&self.head_out)]).await?;
