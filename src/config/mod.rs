@@ -1372,10 +1372,16 @@ fn placeholder_upstream(name: String, index: usize) -> Upstream {
 /// appended as it is (a `[teams.design.limits]` table, say).
 #[cfg(test)]
 pub(crate) fn for_tests(client_key: &str, extra: &str) -> Config {
+    for_tests_at("http://127.0.0.1:9", client_key, extra)
+}
+
+/// [`for_tests`] with upstream `comfy` at `comfy_base_url`.
+#[cfg(test)]
+pub(crate) fn for_tests_at(comfy_base_url: &str, client_key: &str, extra: &str) -> Config {
     let text = format!(
         r#"
 [upstreams.comfy]
-base_url = "http://127.0.0.1:9"
+base_url = "{comfy_base_url}"
 [teams.design]
 upstream_keys = {{ comfy = "env:K" }}
 client_keys = ["{}"]

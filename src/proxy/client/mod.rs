@@ -52,11 +52,21 @@ use crate::body::{Body, BoxError};
 use crate::config::Upstream;
 use crate::telemetry::metrics::UpstreamPoolCounters;
 
-/// Each read asks for up to this much: a typical JSON answer, head and body,
-/// arrives in one read, and large downloads move in large steps.
+/// Every read has room for this much when it can be had without a new
+/// allocation: an answer up to this size (head and body) that the upstream
+/// sent at once is then read at once, and goes on to the client in one write
+/// with its head; large downloads move in large steps. Each answer read
+/// leaves the buffer that much shorter; the room comes back in place once
+/// nothing read before is still held (the last answer was written out, or
+/// copied into the cache). Topped up only below 4 KiB of room, one 12 KB
+/// answer in eight came in two reads and went out in two writes
+/// (benches/README.md, "Read space").
 const READ_BUFFER: usize = 64 * 1024;
-/// Below this much free space the read buffer is grown before reading.
-const MIN_READ_SPACE: usize = 4 * 1024;
+/// While earlier reads are still held (a slow client has not taken them
+/// yet), a new buffer is allocated only below this much room: each buffer
+/// is then mostly filled before the next, so small frames never pin a whole
+/// buffer each.
+const MIN_READ_SPACE: usize = 16 * 1024;
 /// The largest answer head accepted (status line and headers).
 const MAX_HEAD: usize = 256 * 1024;
 /// Idle connections kept per upstream; beyond it the oldest are closed.
@@ -503,7 +513,9 @@ async fn sweep(pool: Weak<Pool>) {
 impl Conn {
     /// Reads what is available into the buffer; `Ok(0)` at end of stream.
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        if self.read_buf.capacity() - self.read_buf.len() < MIN_READ_SPACE {
+        if !self.read_buf.try_reclaim(READ_BUFFER)
+            && self.read_buf.capacity() - self.read_buf.len() < MIN_READ_SPACE
+        {
             self.read_buf.reserve(READ_BUFFER);
         }
         tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.read_buf)
@@ -986,6 +998,105 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(error.kind(), io::ErrorKind::NotFound);
+    }
+
+    /// An upstream on loopback that answers `answers` requests on one
+    /// connection, each with `body` in one write (so it reaches the client's
+    /// socket in one piece), and a client for it.
+    async fn one_connection_upstream(
+        answers: usize,
+        body: Bytes,
+    ) -> (Client, tokio::task::JoinHandle<()>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut answer =
+            format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", body.len()).into_bytes();
+        answer.extend_from_slice(&body);
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base_url = format!("http://{}", listener.local_addr().unwrap());
+        let upstream = tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut received = Vec::new();
+            let mut answered = 0;
+            while answered < answers {
+                let mut chunk = [0u8; 1024];
+                let read = socket.read(&mut chunk).await.unwrap();
+                assert!(read > 0, "the client closed after {answered} answers");
+                received.extend_from_slice(&chunk[..read]);
+                while let Some(end) = received.windows(4).position(|w| w == b"\r\n\r\n") {
+                    received.drain(..end + 4);
+                    socket.write_all(&answer).await.unwrap();
+                    answered += 1;
+                }
+            }
+        });
+        let config = crate::config::for_tests_at(&base_url, "a-client-key", "");
+        let tls = Arc::new(crate::proxy::upstream_tls_config(
+            rustls::RootCertStore::empty(),
+        ));
+        let metrics = crate::telemetry::metrics::Metrics::new();
+        let client =
+            Client::new(&config.upstreams[0], &tls, metrics.upstream_pool("comfy")).unwrap();
+        (client, upstream)
+    }
+
+    /// Sends a bodiless GET and returns the answer's body, which must have
+    /// come whole with its head (`Body::Full`: the server writes the two together).
+    async fn get_whole(client: &Client, n: usize) -> Bytes {
+        let (body, _sent) = WatchedBody::new(Body::Empty, 0);
+        let request = Request::get("/api/assets").body(body).unwrap();
+        let (response, _) = client.send(request, false).await.unwrap();
+        match response.into_body() {
+            Body::Full(Some(bytes)) => bytes,
+            other => panic!(
+                "answer {n} did not come whole with its head (streamed: {})",
+                matches!(other, Body::Upstream(_))
+            ),
+        }
+    }
+
+    /// An answer that fits [`READ_BUFFER`] and arrives at once is read at
+    /// once, however many answers before it shortened the read buffer.
+    /// When the room was only topped up below 4 KiB, the sixth 12 KB answer
+    /// on a connection was read in two parts and streamed.
+    #[tokio::test]
+    async fn answers_that_fit_the_read_buffer_arrive_whole_on_a_kept_connection() {
+        const ANSWERS: usize = 12;
+        let body: Bytes = (0..12_000).map(|i| b'a' + (i % 26) as u8).collect();
+        let (client, upstream) = one_connection_upstream(ANSWERS, body.clone()).await;
+        for n in 1..=ANSWERS {
+            assert_eq!(get_whole(&client, n).await, body, "answer {n}");
+        }
+        // Every answer was read on the one connection the upstream accepted.
+        upstream.await.unwrap();
+    }
+
+    /// Answers still held (not yet written to a slow client) keep their
+    /// buffer; the next read must not take a whole new buffer each time, or
+    /// every small frame would pin 64 KiB. Forty 1 KB answers held at once
+    /// fit in one buffer, and need at most one more.
+    #[tokio::test]
+    async fn held_answers_share_read_buffers() {
+        const ANSWERS: usize = 40;
+        let body = Bytes::from(vec![b'x'; 1_000]);
+        let (client, upstream) = one_connection_upstream(ANSWERS, body.clone()).await;
+        let mut held = Vec::new();
+        for n in 1..=ANSWERS {
+            held.push(get_whole(&client, n).await);
+        }
+        upstream.await.unwrap();
+        // Answers read into one buffer lie in it one after the other.
+        let new_buffers = held
+            .windows(2)
+            .filter(|pair| {
+                let step = (pair[1].as_ptr() as usize).wrapping_sub(pair[0].as_ptr() as usize);
+                !(body.len()..2 * body.len()).contains(&step)
+            })
+            .count();
+        assert!(
+            new_buffers <= 1,
+            "{new_buffers} new read buffers for {ANSWERS} held answers"
+        );
+        assert!(held.iter().all(|answer| *answer == body));
     }
 
     #[test]
