@@ -121,7 +121,7 @@ Try (each team sees only its own assets):
        -d '{{\"hash\":\"{hash}\",\"name\":\"demo.png\",\"tags\":[\"input\"]}}' '{gateway}/api/assets/from-hash'
   # read it back: put the \"id\" from the answer above in place of ASSET_ID
   curl -s -H 'X-API-Key: {DEMO_KEY_DESIGN}' '{gateway}/api/assets/ASSET_ID'
-    # no key: 401, and nothing is sent upstream
+  # no key: 401, and nothing is sent upstream
   curl -s '{gateway}/api/assets'
   # Scenario, same key: the gateway signs the request with the team's Basic credentials
   curl -s -H 'X-API-Key: {DEMO_KEY_DESIGN}' '{gateway}/scenario/assets?pageSize=2'
