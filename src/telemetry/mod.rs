@@ -60,9 +60,15 @@ impl RequestId {
                 let mut random = [0u8; 16];
                 rand::RngCore::fill_bytes(&mut rand::rng(), &mut random);
                 let uuid = uuid::Builder::from_random_bytes(random).into_uuid();
-                let mut buffer = uuid::Uuid::encode_buffer();
-                let id = uuid.as_hyphenated().encode_lower(&mut buffer);
-                RequestId(HeaderValue::from_str(id).expect("a UUID is a valid header value"))
+                let mut id = [0u8; uuid::fmt::Hyphenated::LENGTH];
+                uuid.as_hyphenated().encode_lower(&mut id);
+                // Owned by one reference-counted box: the id is cloned into the
+                // request's `X-Request-Id` at once, and a value copied into a
+                // `Vec` would take a second allocation on that first clone.
+                let id = bytes::Bytes::from_owner(id);
+                RequestId(
+                    HeaderValue::from_maybe_shared(id).expect("a UUID is a valid header value"),
+                )
             }
         }
     }
