@@ -210,8 +210,14 @@ cached_bytes=$(curl -fs "http://127.0.0.1:$admin/admin/cache" | python3 -c 'impo
 cached_entries=$(curl -fs "http://127.0.0.1:$admin/admin/cache" | python3 -c 'import json,sys; print(json.load(sys.stdin)["entries"])')
 stop_gateway "$gateway_pid"; gateway_pid=""
 
+# The commit measured; "-dirty" when the tree differs from it (results aside),
+# so a line is never filed under code it did not run.
+commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+if [ "$commit" != unknown ] && ! git diff --quiet HEAD -- . ':(exclude)benches/results'; then
+  commit="$commit-dirty"
+fi
 python3 - "$results" "$runs" "$duration" "$connections" "$coalesce_upstream" "$rss_kib" "$cached_bytes" "$cached_entries" \
-  "$root/benches/results/history.jsonl" "$(git rev-parse --short HEAD 2>/dev/null || echo unknown)" <<'PY'
+  "$root/benches/results/history.jsonl" "$commit" <<'PY'
 import json, statistics, sys, datetime, os, platform
 path, runs, duration, conns, coalesce, rss_kib, cached, entries, history, commit = sys.argv[1:]
 rows = {}
