@@ -352,7 +352,17 @@ mod tests {
                 .body(())
                 .unwrap();
             let id = RequestId::for_request(&request);
-            assert_eq!(id.0.len(), 36, "{bad:?} should be replaced by a UUID");
+            let text = id.0.to_str().unwrap();
+            let uuid = uuid::Uuid::parse_str(text)
+                .unwrap_or_else(|_| panic!("{bad:?} should be replaced by a UUID, not {text:?}"));
+            assert_eq!(uuid.get_version_num(), 4, "a random UUID: {text}");
+            assert_eq!(
+                text,
+                uuid.as_hyphenated().to_string(),
+                "lowercase, hyphenated"
+            );
         }
+        let fresh = || RequestId::for_request(&Request::new(())).0;
+        assert_ne!(fresh(), fresh(), "each request gets its own id");
     }
 }
