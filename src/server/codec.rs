@@ -175,8 +175,9 @@ impl Framing {
 }
 
 /// Writes the head of the answer `parts` describe (to a `HEAD` if
-/// `is_head`) into `out`, and says how its body follows, which is `exact`
-/// bytes long if known. Fields the answer shares with a cache entry are
+/// `is_head`) into `out`, replacing what it held (callers keep one buffer
+/// for every answer), and says how its body follows, which is `exact` bytes
+/// long if known. Fields the answer shares with a cache entry are
 /// written from their encoding when its own fields name none of them and
 /// its length is known (always, for cache hits); else they are merged into
 /// its map first.
@@ -456,6 +457,29 @@ mod tests {
             "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ndate: Sun, 22 Nov 2026 00:00:00 GMT\r\n\
              content-length: 12\r\ncache-status: teamgate; hit\r\n\r\n",
             "a HEAD answer carries the stored length"
+        );
+    }
+
+    /// The loop and `stack/cache_hit` keep one buffer for every answer head.
+    #[test]
+    fn an_answer_head_replaces_what_the_buffer_held() {
+        let mut out = b"HTTP/1.1 200 OK\r\nleft: over from the last answer\r\n".to_vec();
+        let framing = encode_answer_head(
+            &mut parts(404, &[("content-type", "application/json")]),
+            Some(2),
+            false,
+            false,
+            b"Mon, 23 Nov 2026 12:00:00 GMT",
+            &mut out,
+        );
+        assert_eq!(framing, Framing::Length(2));
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            head_of(
+                &parts(404, &[("content-type", "application/json")]),
+                framing,
+                false
+            )
         );
     }
 
