@@ -206,6 +206,12 @@ for run in $(seq "$runs"); do
   fi
   record hit/varnish "$(measure "http://127.0.0.1:18083/api/assets?limit=20")"
   record hit/limit "$(measure "http://127.0.0.1:18084/api/assets?limit=20")"
+  # The same cross-checked side by side: teamgate against each peer, each
+  # with half the core over the same seconds (the ratio of what a request
+  # costs each, free of drift between runs; no latency figures).
+  record_pair hit/teamgate_vs_nginx "$(side_by_side "http://127.0.0.1:$port/api/assets?limit=20" "http://127.0.0.1:18082/api/assets?limit=20")"
+  record_pair hit/teamgate_vs_limit "$(side_by_side "http://127.0.0.1:$port/api/assets?limit=20" "http://127.0.0.1:18084/api/assets?limit=20")"
+  record_pair pass/teamgate_vs_nginx "$(side_by_side "http://127.0.0.1:$port/api/jobs" "http://127.0.0.1:18082/api/jobs")"
   record pass/teamgate "$(measure "http://127.0.0.1:$port/api/jobs")"
   record pass/nginx "$(measure "http://127.0.0.1:18082/api/jobs")"
   record pass/varnish "$(measure "http://127.0.0.1:18083/api/jobs")"
@@ -298,6 +304,11 @@ summary = {
     "nginx_access_log_cost": statistics.median(1 - on / off for off, on, _ in pairs["access_log/nginx"]),
     "telemetry_cost_runs": [1 - on / off for off, on, _ in pairs["telemetry/teamgate"]],
     "side_by_side_idle_max": idlest,
+    # Side-by-side cross-checks of the throughput ratios (medians of runs).
+    "side_by_side": {
+        name: statistics.median(a / b for a, b, _ in values)
+        for name, values in pairs.items() if "_vs_" in name
+    },
     # The older estimate, from the rows above measured one after the other:
     # it moves with whatever else the VM does between the two.
     "telemetry_cost_sequential": statistics.median(
@@ -315,6 +326,9 @@ summary = {
 print()
 print(f"cache hit:    teamgate/nginx {summary['hit_vs_nginx']:.2f}x (target >= 1.10), teamgate/limit {summary['hit_vs_limit']:.2f}x (target >= 0.90), p99 teamgate/nginx {summary['hit_p99_vs_nginx']:.2f} (target <= 1)")
 print(f"pass-through: teamgate/nginx {summary['pass_vs_nginx']:.2f}x (target >= 1.0), p99 teamgate/nginx {summary['pass_p99_vs_nginx']:.2f} (target <= 1)")
+side = summary["side_by_side"]
+print(f"side by side: hits teamgate/nginx {side['hit/teamgate_vs_nginx']:.2f}x, teamgate/limit {side['hit/teamgate_vs_limit']:.2f}x;"
+      f" pass-through teamgate/nginx {side['pass/teamgate_vs_nginx']:.2f}x (the same ratios, each pair sharing CPU 0 over the same seconds)")
 print(f"coalescing:   {summary['coalesce_upstream_requests']} upstream request(s) for 500 concurrent first requests (target 1)")
 print(f"memory:       RSS {summary['rss_mib']:.1f} MiB with {summary['cached_entries']} entries / {summary['cached_mib']:.1f} MiB cached (target <= {summary['rss_limit_mib']:.1f} MiB)")
 print(f"telemetry:    the access log (JSON, to a file) costs {100 * summary['telemetry_cost']:.1f}% of cache-hit throughput (target <= 5%;"
