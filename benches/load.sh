@@ -174,6 +174,13 @@ delta = [b - a for a, b in zip(before, after)]
 print(*rates, round((delta[3] + delta[4]) / max(sum(delta), 1), 4))
 PY
 }
+# The same with the two started in the other order (output in argument
+# order still): runs alternate, so neither server is always the first wrk's.
+side_by_side_swapped() { # $1 url a, $2 url b
+  local rates
+  read -r -a rates <<< "$(side_by_side "$2" "$1")"
+  echo "${rates[1]} ${rates[0]} ${rates[2]}"
+}
 pairs="$work/pairs.txt"
 : > "$pairs"
 record_pair() { echo "$1 $2" >> "$pairs"; }
@@ -194,9 +201,10 @@ for run in $(seq "$runs"); do
     record hit_telemetry_on/teamgate "$(measure "http://127.0.0.1:$logged_port/api/assets?limit=20")"
     record hit/teamgate "$(measure "http://127.0.0.1:$port/api/assets?limit=20")"
   fi
-  # The telemetry cost itself, side by side (log off first, on second):
-  record_pair telemetry/teamgate "$(side_by_side "http://127.0.0.1:$port/api/assets?limit=20" "http://127.0.0.1:$logged_port/api/assets?limit=20")"
-  record_pair access_log/nginx "$(side_by_side "http://127.0.0.1:18082/api/assets?limit=20" "http://127.0.0.1:$logged_nginx_port/api/assets?limit=20")"
+  if (( run % 2 )); then pair=side_by_side; else pair=side_by_side_swapped; fi
+  # The telemetry cost itself, side by side (log off, log on):
+  record_pair telemetry/teamgate "$($pair "http://127.0.0.1:$port/api/assets?limit=20" "http://127.0.0.1:$logged_port/api/assets?limit=20")"
+  record_pair access_log/nginx "$($pair "http://127.0.0.1:18082/api/assets?limit=20" "http://127.0.0.1:$logged_nginx_port/api/assets?limit=20")"
   if (( run % 2 )); then
     record hit/nginx "$(measure "http://127.0.0.1:18082/api/assets?limit=20")"
     record hit_access_log/nginx "$(measure "http://127.0.0.1:$logged_nginx_port/api/assets?limit=20")"
@@ -209,9 +217,9 @@ for run in $(seq "$runs"); do
   # The same cross-checked side by side: teamgate against each peer, each
   # with half the core over the same seconds (the ratio of what a request
   # costs each, free of drift between runs; no latency figures).
-  record_pair hit/teamgate_vs_nginx "$(side_by_side "http://127.0.0.1:$port/api/assets?limit=20" "http://127.0.0.1:18082/api/assets?limit=20")"
-  record_pair hit/teamgate_vs_limit "$(side_by_side "http://127.0.0.1:$port/api/assets?limit=20" "http://127.0.0.1:18084/api/assets?limit=20")"
-  record_pair pass/teamgate_vs_nginx "$(side_by_side "http://127.0.0.1:$port/api/jobs" "http://127.0.0.1:18082/api/jobs")"
+  record_pair hit/teamgate_vs_nginx "$($pair "http://127.0.0.1:$port/api/assets?limit=20" "http://127.0.0.1:18082/api/assets?limit=20")"
+  record_pair hit/teamgate_vs_limit "$($pair "http://127.0.0.1:$port/api/assets?limit=20" "http://127.0.0.1:18084/api/assets?limit=20")"
+  record_pair pass/teamgate_vs_nginx "$($pair "http://127.0.0.1:$port/api/jobs" "http://127.0.0.1:18082/api/jobs")"
   record pass/teamgate "$(measure "http://127.0.0.1:$port/api/jobs")"
   record pass/nginx "$(measure "http://127.0.0.1:18082/api/jobs")"
   record pass/varnish "$(measure "http://127.0.0.1:18083/api/jobs")"
