@@ -7,9 +7,11 @@
 #
 # Every server under test is pinned to CPU 0, gets one core and runs in a
 # session of its own (as the daemonized peers do); wrk runs with one thread
-# on CPU 1. Peers come from ../shared/bench/peers (started and
-# stopped here). Results: one table on stdout, one JSON line appended to
-# benches/results/history.jsonl. Exits non-zero when a measurement fails.
+# on CPU 1. Peers come from ../shared/bench/peers (started and stopped
+# here). The telemetry cost, and cross-checks of the hit and pass-through
+# ratios, come from two servers loaded side by side on CPU 0 (see
+# side_by_side below). Results: one table on stdout, one JSON line appended
+# to benches/results/history.jsonl. Exits non-zero when a measurement fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -282,7 +284,10 @@ for line in open(path):
     rows.setdefault(name, []).append((float(rps), float(p50), float(p99)))
 pairs = {}
 for line in open(pairs_path):
-    name, off, on, idle = line.split()
+    fields = line.split()
+    if len(fields) != 4:
+        sys.exit(f"a side-by-side measurement failed (see wrk's output above): {line.strip()!r}")
+    name, off, on, idle = fields
     pairs.setdefault(name, []).append((float(off), float(on), float(idle)))
 idle_by_pair = {name: max(idle for _, _, idle in values) for name, values in pairs.items()}
 idlest = max(idle_by_pair.values())
