@@ -1,7 +1,8 @@
 //! Micro-benchmarks of the per-request pure work on the hot path:
 //! classification, client-key hashing and lookup, cache-key building, and the
 //! upstream header rewrite, request and answer heads, one access-log line;
-//! and a cache hit through the whole stack, head bytes in, answer head out.
+//! a cache hit through the whole stack, head bytes in, answer head out; and
+//! a cache look-up by one thread and by two at once.
 //! `cargo bench --bench micro`.
 
 use std::hint::black_box;
@@ -312,5 +313,68 @@ fn stack_cache_hit(c: &mut Criterion) {
     emulator.abort();
 }
 
-criterion_group!(micro, benches, access_line, stack_cache_hit);
+/// One stored entry looked up as a hit: by one thread, then by two threads
+/// at once on two cores (the time per look-up with both running). The second
+/// is where a lock every hit takes would show: both threads read the same
+/// entry, as every core of a gateway does under a hot list.
+fn cache_get(c: &mut Criterion) {
+    use std::time::{Duration, Instant};
+    use teamgate::cache::Store;
+    use teamgate::cache::policy::Scope;
+    use teamgate::cache::store::{CachedResponse, Verified};
+    use teamgate::fields::EncodedFields;
+
+    let store = Store::new(64 << 20, 1 << 20, Arc::default());
+    let partition = Partition::Team {
+        upstream: 0,
+        credential: CredentialId::of("comfy-upstream-key"),
+    };
+    let scope = Scope {
+        family: "assets".into(),
+        member: None,
+    };
+    let key = CacheKey::new(partition, "/api/assets?limit=20", &HeaderMap::new());
+    let stored = store.insert(
+        key.clone(),
+        &scope,
+        Arc::new(CachedResponse {
+            status: http::StatusCode::OK,
+            fields: Arc::new(EncodedFields::new(HeaderMap::new())),
+            body: bytes::Bytes::from_static(&[b'x'; 12 * 1024]),
+            etag: None,
+            stored_at: tokio::time::Instant::now(),
+            ttl: Duration::from_secs(3600),
+            stale_while_revalidate: Duration::ZERO,
+            stale_if_error: Duration::ZERO,
+            stamp: store.stamp(partition, &scope),
+            verified: Verified::default(),
+        }),
+    );
+    assert!(stored, "the entry is stored");
+    c.bench_function("cache/get", |b| {
+        b.iter(|| store.get(black_box(&key), &scope).expect("a hit"))
+    });
+    c.bench_function("cache/get_on_two_threads", |b| {
+        b.iter_custom(|iters| {
+            let start = std::sync::Barrier::new(2);
+            std::thread::scope(|threads| {
+                let other = threads.spawn(|| {
+                    start.wait();
+                    for _ in 0..iters {
+                        black_box(store.get(black_box(&key), &scope).expect("a hit"));
+                    }
+                });
+                start.wait();
+                let began = Instant::now();
+                for _ in 0..iters {
+                    black_box(store.get(black_box(&key), &scope).expect("a hit"));
+                }
+                other.join().expect("the second thread");
+                began.elapsed()
+            })
+        })
+    });
+}
+
+criterion_group!(micro, benches, access_line, stack_cache_hit, cache_get);
 criterion_main!(micro);

@@ -9,6 +9,13 @@
 //!   returns 2xx bumps the generations of the scopes it touched before its
 //!   answer reaches the client. An entry (or an in-flight fill) whose stamp is
 //!   no longer current is neither stored, nor served, nor joined.
+//! - Hits do not take the generations lock. Every bump also advances one
+//!   epoch counter, and an entry remembers the epoch its stamp was last found
+//!   current at (under the lock). A hit whose entry was checked in the
+//!   current epoch is served on two atomic loads; after any bump, the next hit
+//!   on each entry checks its stamp under the lock again. So the lock is
+//!   taken by writes and by the first hit on each entry after a write, not by
+//!   every hit on every core.
 //! - The in-flight map coalesces concurrent misses for one key into one fill.
 
 use std::collections::HashMap;
@@ -41,6 +48,20 @@ pub struct CachedResponse {
     pub stale_if_error: Duration,
     /// The generations current when the fill began.
     pub stamp: Stamp,
+    /// The generation epoch in which `stamp` was last found current (see the
+    /// module docs); [`Verified::default`] until it is stored.
+    pub verified: Verified,
+}
+
+/// The epoch an entry's stamp was last checked in, or never.
+#[derive(Debug)]
+pub struct Verified(AtomicU64);
+
+impl Default for Verified {
+    /// Never: no epoch has this value.
+    fn default() -> Self {
+        Verified(AtomicU64::new(u64::MAX))
+    }
 }
 
 /// How usable an entry is at a moment.
@@ -117,6 +138,9 @@ struct Generations {
     /// Source of new generation values: each bump takes a never-used value, so
     /// a stamp can never become valid again.
     next: AtomicU64,
+    /// Advanced by every bump, under the lock: a stamp found current under the
+    /// lock stays current for as long as the epoch does not move.
+    epoch: AtomicU64,
     counters: Mutex<HashMap<u64, u64, foldhash::fast::RandomState>>,
     hasher: foldhash::fast::RandomState,
     /// How many counters are kept before the table is reset (see `bump_locked`).
@@ -140,6 +164,7 @@ impl Generations {
     fn new(limit: usize) -> Self {
         Generations {
             next: AtomicU64::new(1),
+            epoch: AtomicU64::new(0),
             counters: Mutex::new(HashMap::default()),
             hasher: foldhash::fast::RandomState::default(),
             limit,
@@ -194,6 +219,33 @@ impl Generations {
         }
         let generation = self.next.fetch_add(1, Ordering::Relaxed);
         counters.insert(level, generation);
+        // SeqCst (as the loads in `Store::get`): a hit that begins after this
+        // bump's write was answered sees the new epoch and checks the stamp.
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Whether `entry`'s stamp is current: at once if it was found so in this
+    /// epoch, else checked under the lock (and remembered if it is).
+    fn is_current(&self, partition: Partition, scope: &Scope, entry: &CachedResponse) -> bool {
+        if entry.verified.0.load(Ordering::SeqCst) == self.epoch.load(Ordering::SeqCst) {
+            return true;
+        }
+        let levels = self.levels(partition, scope);
+        let counters = self.lock();
+        if Self::stamp_locked(&counters, &levels) != entry.stamp {
+            return false;
+        }
+        // Under the lock, so the epoch cannot move between the check and this.
+        Self::verified_now(&self.epoch, entry);
+        true
+    }
+
+    /// Records that `entry`'s stamp is current in this epoch. Only under the lock.
+    fn verified_now(epoch: &AtomicU64, entry: &CachedResponse) {
+        entry
+            .verified
+            .0
+            .store(epoch.load(Ordering::SeqCst), Ordering::SeqCst);
     }
 }
 
@@ -335,7 +387,7 @@ impl Store {
     /// Invalidated entries are removed on sight.
     pub fn get(&self, key: &CacheKey, scope: &Scope) -> Option<Arc<CachedResponse>> {
         let entry = self.entries.get(key)?;
-        if entry.stamp == self.stamp(key.partition, scope) {
+        if self.generations.is_current(key.partition, scope, &entry) {
             Some(entry)
         } else {
             self.entries.invalidate(key);
@@ -352,6 +404,7 @@ impl Store {
         if Generations::stamp_locked(&counters, &levels) != response.stamp {
             return false;
         }
+        Generations::verified_now(&self.generations.epoch, &response);
         self.entries.insert(key.detached(), response);
         self.metrics.cache_stored();
         true
@@ -494,6 +547,7 @@ mod tests {
             stale_while_revalidate: Duration::from_secs(5),
             stale_if_error: Duration::from_secs(60),
             stamp,
+            verified: Verified::default(),
         })
     }
 
@@ -616,6 +670,97 @@ mod tests {
             "never join an outdated fill"
         );
         store.finish(&k, id);
+    }
+
+    /// Hits skip the generations lock only while no bump has happened since
+    /// their entry was last checked: any write, even another team's, sends
+    /// the next hit on every entry back to the lock, and a write to the
+    /// entry's own scope keeps it from ever being served again (ARCHITECTURE.md:
+    /// "a write is never followed by a stale read").
+    #[test]
+    fn a_hit_is_checked_again_under_the_lock_after_any_write() {
+        let store = Store::new(1 << 20, 1 << 16, Arc::default());
+        let lists = scope("assets", None);
+        let mine = key(team("a"), "/l");
+        let stamp = store.stamp(team("a"), &lists);
+        assert!(store.insert(mine.clone(), &lists, response(stamp, b"x", 30)));
+        let epoch = || store.generations.epoch.load(Ordering::SeqCst);
+        let checked_in = |entry: &CachedResponse| entry.verified.0.load(Ordering::SeqCst);
+        let entry = store.get(&mine, &lists).expect("stored");
+        assert_eq!(checked_in(&entry), epoch(), "checked when stored");
+
+        store.invalidate(team("b"), std::slice::from_ref(&lists));
+        assert_ne!(
+            checked_in(&entry),
+            epoch(),
+            "another team's write moves the epoch"
+        );
+        let entry = store
+            .get(&mine, &lists)
+            .expect("another team's write leaves it current");
+        assert_eq!(
+            checked_in(&entry),
+            epoch(),
+            "checked again, in the new epoch"
+        );
+
+        store.invalidate(team("a"), std::slice::from_ref(&lists));
+        assert!(store.get(&mine, &lists).is_none());
+        assert!(
+            store.get(&mine, &lists).is_none(),
+            "and not on a later look either"
+        );
+    }
+
+    /// Readers on other threads never get an entry once the write that
+    /// invalidated it has returned, however the lock-free check and the
+    /// bump interleave. Each round stores a fresh entry, lets two readers
+    /// hit it, invalidates it, and has each reader look a bounded number of
+    /// times more after it has seen the invalidation complete.
+    #[test]
+    fn no_thread_hits_an_entry_after_its_invalidation_returned() {
+        use std::sync::Barrier;
+        use std::sync::atomic::AtomicBool;
+        const ROUNDS: usize = 200;
+        const LOOKS_AFTER: usize = 200;
+        const MAX_LOOKS: usize = 1_000_000;
+        let store = Store::new(1 << 20, 1 << 16, Arc::default());
+        let lists = scope("assets", None);
+        let mine = key(team("a"), "/l");
+        for round in 0..ROUNDS {
+            let stamp = store.stamp(team("a"), &lists);
+            assert!(store.insert(mine.clone(), &lists, response(stamp, b"x", 30)));
+            let invalidated = AtomicBool::new(false);
+            let start = Barrier::new(3);
+            std::thread::scope(|threads| {
+                for _ in 0..2 {
+                    threads.spawn(|| {
+                        start.wait();
+                        let mut looks_after = 0;
+                        for _ in 0..MAX_LOOKS {
+                            let was_invalidated = invalidated.load(Ordering::SeqCst);
+                            let hit = store.get(&mine, &lists).is_some();
+                            if was_invalidated {
+                                assert!(
+                                    !hit,
+                                    "round {round}: a hit after the invalidation returned"
+                                );
+                                looks_after += 1;
+                                if looks_after == LOOKS_AFTER {
+                                    return;
+                                }
+                            }
+                        }
+                        panic!("round {round}: the invalidation never became visible");
+                    });
+                }
+                start.wait();
+                // Another team's write first, so the readers also race a re-check.
+                store.invalidate(team("b"), std::slice::from_ref(&lists));
+                store.invalidate(team("a"), std::slice::from_ref(&lists));
+                invalidated.store(true, Ordering::SeqCst);
+            });
+        }
     }
 
     #[test]
