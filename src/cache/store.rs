@@ -675,8 +675,9 @@ mod tests {
     /// Hits skip the generations lock only while no bump has happened since
     /// their entry was last checked: any write, even another team's, sends
     /// the next hit on every entry back to the lock, and a write to the
-    /// entry's own scope keeps it from ever being served again (ARCHITECTURE.md:
-    /// "a write is never followed by a stale read").
+    /// entry's own scope keeps it from ever being served again (ARCHITECTURE.md,
+    /// cache invariant 4: after a write returns 2xx, nothing fetched before it
+    /// is served again for the scopes it touched).
     #[test]
     fn a_hit_is_checked_again_under_the_lock_after_any_write() {
         let store = Store::new(1 << 20, 1 << 16, Arc::default());
