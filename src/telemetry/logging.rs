@@ -63,6 +63,10 @@ impl AccessLine<'_> {
     pub fn log(&self) {
         tracing::info!(
             target: ACCESS_TARGET,
+            // A `&str`, not format arguments: formatters take it by
+            // `record_str`, without a pass through `core::fmt`, and write the
+            // same line.
+            message = "served",
             request_id = self.request_id,
             method = self.method,
             path = self.path,
@@ -73,7 +77,6 @@ impl AccessLine<'_> {
             status = self.status,
             upstream_status = self.upstream_status,
             latency_us = self.latency_us,
-            "served"
         );
     }
 }
