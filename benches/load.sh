@@ -115,13 +115,17 @@ start_gateway() { # $1: log level, $2: port, $3: admin port; sets started_pid
 }
 stop_gateway() { kill "$1"; wait "$1" 2>/dev/null || true; }
 
-# wrk → "req_per_s p50_ms p99_ms"
-measure() { # $1 url, $2.. extra wrk args
-  local url=$1; shift
-  curl -fs -o /dev/null -H "Authorization: Bearer team-a-client-key" "$url"   # warm the cache / pool
+# Warms the cache entry or the upstream pool behind $1.
+warm() { curl -fs -o /dev/null -H "Authorization: Bearer team-a-client-key" "$1"; }
+# One wrk run from CPU 1 against $1 (extra wrk args after $2), its output into $2.
+run_wrk() { # $1 url, $2 output file, $3.. extra wrk args
+  local url=$1 out=$2; shift 2
   taskset -c 1 wrk -t1 -c"$connections" -d"${duration}s" --latency \
-    -H "Authorization: Bearer team-a-client-key" "$@" "$url" > "$work/wrk.out" 2>&1 || true
-  python3 - "$work/wrk.out" <<'PY'
+    -H "Authorization: Bearer team-a-client-key" "$@" "$url" > "$out" 2>&1 || true
+}
+# wrk's output in $1 → "req_per_s p50_ms p99_ms"; fails if wrk failed or saw errors.
+wrk_figures() {
+  python3 - "$1" <<'PY'
 import re, sys
 text = open(sys.argv[1]).read()
 def ms(v):
@@ -138,6 +142,14 @@ print(rps.group(1), ms(p50.group(1)), ms(p99.group(1)))
 PY
 }
 
+# wrk → "req_per_s p50_ms p99_ms"
+measure() { # $1 url, $2.. extra wrk args
+  local url=$1; shift
+  warm "$url"
+  run_wrk "$url" "$work/wrk.out" "$@"
+  wrk_figures "$work/wrk.out"
+}
+
 results="$work/results.txt"
 : > "$results"
 record() { echo "$1 $2" >> "$results"; }
@@ -149,32 +161,22 @@ record() { echo "$1 $2" >> "$results"; }
 # else the machine does in them weighs on both alike. → "rps_a rps_b idle",
 # idle: the share of CPU 0 left idle (a valid measurement keeps it near 0).
 side_by_side() { # $1 url a, $2 url b
-  local url
-  for url in "$1" "$2"; do curl -fs -o /dev/null -H "Authorization: Bearer team-a-client-key" "$url"; done
-  local before; before=$(grep '^cpu0 ' /proc/stat)
-  taskset -c 1 wrk -t1 -c"$connections" -d"${duration}s" \
-    -H "Authorization: Bearer team-a-client-key" "$1" > "$work/wrk-a.out" 2>&1 &
-  local a=$!
-  taskset -c 1 wrk -t1 -c"$connections" -d"${duration}s" \
-    -H "Authorization: Bearer team-a-client-key" "$2" > "$work/wrk-b.out" 2>&1 &
-  wait "$a" || true
-  wait $! || true
-  local after; after=$(grep '^cpu0 ' /proc/stat)
-  python3 - "$work/wrk-a.out" "$work/wrk-b.out" "$before" "$after" <<'PY'
-import re, sys
-rates = []
-for path in sys.argv[1:3]:
-    text = open(path).read()
-    rps = re.search(r"Requests/sec:\s+([\d.]+)", text)
-    if not rps or re.search(r"Non-2xx or 3xx responses", text):
-        sys.stderr.write("wrk failed or saw errors:\n" + text)
-        sys.exit(1)
-    rates.append(rps.group(1))
-# /proc/stat: user nice system idle iowait irq softirq steal …
-before, after = ([int(v) for v in line.split()[1:9]] for line in sys.argv[3:5])
-delta = [b - a for a, b in zip(before, after)]
-print(*rates, round((delta[3] + delta[4]) / max(sum(delta), 1), 4))
-PY
+  warm "$1"; warm "$2"
+  local before after figures_a figures_b pid_a
+  before=$(grep '^cpu0 ' /proc/stat)
+  run_wrk "$1" "$work/wrk-a.out" &
+  pid_a=$!
+  run_wrk "$2" "$work/wrk-b.out" &
+  wait "$pid_a" "$!"
+  after=$(grep '^cpu0 ' /proc/stat)
+  figures_a=$(wrk_figures "$work/wrk-a.out") || return 1
+  figures_b=$(wrk_figures "$work/wrk-b.out") || return 1
+  # /proc/stat's cpu0 line: user nice system idle iowait irq softirq steal …
+  awk -v a="${figures_a%% *}" -v b="${figures_b%% *}" -v before="$before" -v after="$after" 'BEGIN {
+    split(before, x); split(after, y)
+    for (i = 2; i <= 9; i++) total += y[i] - x[i]
+    printf "%s %s %.4f\n", a, b, (y[5] - x[5] + y[6] - x[6]) / (total > 0 ? total : 1)
+  }'
 }
 # The same with the two started in the other order (output in argument
 # order still): runs alternate, so neither server is always the first wrk's.

@@ -351,24 +351,24 @@ fn cache_get(c: &mut Criterion) {
         }),
     );
     assert!(stored, "the entry is stored");
-    c.bench_function("cache/get", |b| {
-        b.iter(|| store.get(black_box(&key), &scope).expect("a hit"))
-    });
+    let hit = || store.get(black_box(&key), &scope).expect("a hit");
+    c.bench_function("cache/get", |b| b.iter(hit));
     c.bench_function("cache/get_on_two_threads", |b| {
         b.iter_custom(|iters| {
             let start = std::sync::Barrier::new(2);
+            let hits = || {
+                for _ in 0..iters {
+                    black_box(hit());
+                }
+            };
             std::thread::scope(|threads| {
                 let other = threads.spawn(|| {
                     start.wait();
-                    for _ in 0..iters {
-                        black_box(store.get(black_box(&key), &scope).expect("a hit"));
-                    }
+                    hits();
                 });
                 start.wait();
                 let began = Instant::now();
-                for _ in 0..iters {
-                    black_box(store.get(black_box(&key), &scope).expect("a hit"));
-                }
+                hits();
                 other.join().expect("the second thread");
                 began.elapsed()
             })

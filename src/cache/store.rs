@@ -235,17 +235,22 @@ impl Generations {
         if Self::stamp_locked(&counters, &levels) != entry.stamp {
             return false;
         }
-        // Under the lock, so the epoch cannot move between the check and this.
-        Self::verified_now(&self.epoch, entry);
+        self.mark_current(&counters, entry);
         true
     }
 
-    /// Records that `entry`'s stamp is current in this epoch. Only under the lock.
-    fn verified_now(epoch: &AtomicU64, entry: &CachedResponse) {
+    /// Records that `entry`'s stamp is current in this epoch. Takes the
+    /// locked counters: under the lock the epoch cannot move between the
+    /// caller's check and this.
+    fn mark_current(
+        &self,
+        _locked: &HashMap<u64, u64, foldhash::fast::RandomState>,
+        entry: &CachedResponse,
+    ) {
         entry
             .verified
             .0
-            .store(epoch.load(Ordering::SeqCst), Ordering::SeqCst);
+            .store(self.epoch.load(Ordering::SeqCst), Ordering::SeqCst);
     }
 }
 
@@ -404,7 +409,7 @@ impl Store {
         if Generations::stamp_locked(&counters, &levels) != response.stamp {
             return false;
         }
-        Generations::verified_now(&self.generations.epoch, &response);
+        self.generations.mark_current(&counters, &response);
         self.entries.insert(key.detached(), response);
         self.metrics.cache_stored();
         true
@@ -551,6 +556,12 @@ mod tests {
         })
     }
 
+    /// Stores `body` under `key` as a fill that began now; whether it was stored.
+    fn fill_now(store: &Store, key: CacheKey, scope: &Scope, body: &'static [u8]) -> bool {
+        let stamp = store.stamp(key.partition, scope);
+        store.insert(key, scope, response(stamp, body, 30))
+    }
+
     #[test]
     fn a_fill_that_started_before_an_invalidation_is_not_stored() {
         let store = Store::new(1 << 20, 1 << 16, Arc::default());
@@ -559,8 +570,7 @@ mod tests {
         store.invalidate(team("a"), std::slice::from_ref(&lists));
         assert!(!store.insert(key(team("a"), "/l"), &lists, response(before, b"old", 30)));
         assert!(store.get(&key(team("a"), "/l"), &lists).is_none());
-        let after = store.stamp(team("a"), &lists);
-        assert!(store.insert(key(team("a"), "/l"), &lists, response(after, b"new", 30)));
+        assert!(fill_now(&store, key(team("a"), "/l"), &lists, b"new"));
         assert_eq!(
             store.get(&key(team("a"), "/l"), &lists).unwrap().body,
             "new"
@@ -579,8 +589,7 @@ mod tests {
             (team("a"), &one, "/1"),
             (team("a"), &two, "/2"),
         ] {
-            let stamp = store.stamp(partition, s);
-            assert!(store.insert(key(partition, target), s, response(stamp, b"x", 30)));
+            assert!(fill_now(&store, key(partition, target), s, b"x"));
         }
         store.invalidate(team("a"), std::slice::from_ref(&one));
         assert!(
@@ -618,8 +627,7 @@ mod tests {
             credential: CredentialId::of("a"),
         };
         let insert = |partition| {
-            let stamp = store.stamp(partition, &lists);
-            assert!(store.insert(key(partition, "/l"), &lists, response(stamp, b"x", 30)));
+            assert!(fill_now(&store, key(partition, "/l"), &lists, b"x"));
         };
         for partition in [team("a"), team("b"), shared, other_upstream] {
             insert(partition);
@@ -683,8 +691,7 @@ mod tests {
         let store = Store::new(1 << 20, 1 << 16, Arc::default());
         let lists = scope("assets", None);
         let mine = key(team("a"), "/l");
-        let stamp = store.stamp(team("a"), &lists);
-        assert!(store.insert(mine.clone(), &lists, response(stamp, b"x", 30)));
+        assert!(fill_now(&store, mine.clone(), &lists, b"x"));
         let epoch = || store.generations.epoch.load(Ordering::SeqCst);
         let checked_in = |entry: &CachedResponse| entry.verified.0.load(Ordering::SeqCst);
         let entry = store.get(&mine, &lists).expect("stored");
@@ -729,8 +736,7 @@ mod tests {
         let lists = scope("assets", None);
         let mine = key(team("a"), "/l");
         for round in 0..ROUNDS {
-            let stamp = store.stamp(team("a"), &lists);
-            assert!(store.insert(mine.clone(), &lists, response(stamp, b"x", 30)));
+            assert!(fill_now(&store, mine.clone(), &lists, b"x"));
             let invalidated = AtomicBool::new(false);
             let start = Barrier::new(3);
             std::thread::scope(|threads| {
@@ -780,8 +786,7 @@ mod tests {
         }
         assert!(store.generations.lock().len() <= 8);
         assert!(!store.insert(key(team("a"), "/l"), &lists, response(old, b"old", 30)));
-        let now = store.stamp(team("a"), &lists);
-        assert!(store.insert(key(team("a"), "/l"), &lists, response(now, b"new", 30)));
+        assert!(fill_now(&store, key(team("a"), "/l"), &lists, b"new"));
     }
 
     #[test]
