@@ -321,6 +321,12 @@ impl std::fmt::Debug for Store {
 /// moka expiry: free an entry once even its stale windows are over.
 struct UntilUseless;
 
+impl UntilUseless {
+    fn lifetime(value: &CachedResponse) -> Duration {
+        value.ttl + value.stale_while_revalidate.max(value.stale_if_error)
+    }
+}
+
 impl moka::Expiry<CacheKey, Arc<CachedResponse>> for UntilUseless {
     fn expire_after_create(
         &self,
@@ -328,7 +334,19 @@ impl moka::Expiry<CacheKey, Arc<CachedResponse>> for UntilUseless {
         value: &Arc<CachedResponse>,
         _created_at: std::time::Instant,
     ) -> Option<Duration> {
-        Some(value.ttl + value.stale_while_revalidate.max(value.stale_if_error))
+        Some(Self::lifetime(value))
+    }
+
+    /// A replacement (a refresh) gets its own lifetime: moka's default keeps
+    /// the replaced entry's remaining one.
+    fn expire_after_update(
+        &self,
+        _key: &CacheKey,
+        value: &Arc<CachedResponse>,
+        _updated_at: std::time::Instant,
+        _duration_until_expiry: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(Self::lifetime(value))
     }
 }
 
@@ -772,6 +790,35 @@ mod tests {
                 invalidated.store(true, Ordering::SeqCst);
             });
         }
+    }
+
+    /// A refreshed entry lives its own life in moka, not what was left of
+    /// the entry it replaced. moka keeps an updated entry's old expiry unless
+    /// told otherwise, which cut every background refresh short: the
+    /// replacement vanished when the old entry's stale window ended.
+    /// (moka expires by the real clock, so this test waits for real: 300 ms.)
+    #[test]
+    fn a_replacement_is_kept_for_its_own_lifetime_not_the_old_ones() {
+        let store = Store::new(1 << 20, 1 << 16, Arc::default());
+        let lists = scope("assets", None);
+        let k = key(team("a"), "/l");
+        let with_ttl = |ttl: Duration| {
+            let mut entry = Arc::try_unwrap(response(store.stamp(team("a"), &lists), b"x", 0))
+                .expect("only reference");
+            entry.ttl = ttl;
+            entry.stale_while_revalidate = Duration::ZERO;
+            entry.stale_if_error = Duration::ZERO;
+            Arc::new(entry)
+        };
+        assert!(store.insert(k.clone(), &lists, with_ttl(Duration::from_millis(200))));
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(store.insert(k.clone(), &lists, with_ttl(Duration::from_secs(60))));
+        // Past the first entry's end, well inside the replacement's.
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(
+            store.get(&k, &lists).is_some(),
+            "the replacement expired with the entry it replaced"
+        );
     }
 
     #[test]
