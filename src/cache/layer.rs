@@ -36,7 +36,7 @@ use super::policy::{
     BodyScope, CACHE_STATUS, CacheKey, CacheRoute, Partition, RequestMode, Scope, cache_status,
     if_none_match, request_mode, storable, strong_etag,
 };
-use super::store::{CachedResponse, Freshness, Join, Outcome, Store, Verified};
+use super::store::{CachedResponse, EntryState, Freshness, Join, Outcome, Store};
 use crate::auth::Authenticated;
 use crate::body::Body;
 use crate::error::GatewayError;
@@ -524,7 +524,7 @@ async fn fill<S>(
                 stale_while_revalidate: lifetimes.stale_while_revalidate,
                 stale_if_error: lifetimes.stale_if_error,
                 stamp,
-                verified: Verified::default(),
+                state: EntryState::default(),
             });
             let stored = cacheable && store.insert(key.clone(), &scope, Arc::clone(&response));
             outcome.send_replace(Some(Outcome::Shared {
@@ -559,7 +559,7 @@ async fn fill<S>(
                 stale_while_revalidate: Duration::ZERO,
                 stale_if_error: Duration::ZERO,
                 stamp,
-                verified: Verified::default(),
+                state: EntryState::default(),
             });
             outcome.send_replace(Some(Outcome::Shared {
                 response: Arc::clone(&response),

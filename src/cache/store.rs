@@ -16,11 +16,16 @@
 //!   on each entry checks its stamp under the lock again. So the lock is
 //!   taken by writes and by the first hit on each entry after a write, not by
 //!   every hit on every core.
+//! - Look-ups try this thread's front first (the `front` module): a few
+//!   entries the thread hit lately, served without moka's per-read writes.
+//!   The stamp check above applies to them the same way; moka's removal
+//!   listener flags every entry it lets go of, so the front never returns
+//!   one moka replaced, invalidated, expired or evicted.
 //! - The in-flight map coalesces concurrent misses for one key into one fill.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hash};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -29,6 +34,7 @@ use http::{HeaderMap, HeaderValue, StatusCode};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use super::front;
 use super::policy::{CacheKey, Partition, Scope};
 use crate::fields::EncodedFields;
 use crate::telemetry::metrics::Metrics;
@@ -48,19 +54,40 @@ pub struct CachedResponse {
     pub stale_if_error: Duration,
     /// The generations current when the fill began.
     pub stamp: Stamp,
-    /// The generation epoch in which `stamp` was last found current (see the
-    /// module docs); [`Verified::default`] until it is stored.
-    pub verified: Verified,
+    /// What the store has found out about the entry since; set by the
+    /// store ([`EntryState::default`] in every new response).
+    pub state: EntryState,
 }
 
-/// The epoch an entry's stamp was last checked in, or never.
+/// What the store knows about a stored entry beyond its contents.
 #[derive(Debug)]
-pub struct Verified(AtomicU64);
+pub struct EntryState {
+    /// The generation epoch in which the entry's stamp was last found
+    /// current (see the module docs), or `u64::MAX`: never.
+    verified_in: AtomicU64,
+    /// moka let go of the entry (replaced, invalidated, expired or evicted):
+    /// the per-thread front must not return it any more.
+    removed: AtomicBool,
+}
 
-impl Default for Verified {
-    /// Never: no epoch has this value.
+impl Default for EntryState {
+    /// Never checked, not removed.
     fn default() -> Self {
-        Verified(AtomicU64::new(u64::MAX))
+        EntryState {
+            verified_in: AtomicU64::new(u64::MAX),
+            removed: AtomicBool::new(false),
+        }
+    }
+}
+
+impl EntryState {
+    pub fn is_removed(&self) -> bool {
+        self.removed.load(Ordering::SeqCst)
+    }
+
+    /// Called by the store when moka lets go of the entry.
+    pub(super) fn mark_removed(&self) {
+        self.removed.store(true, Ordering::SeqCst);
     }
 }
 
@@ -128,6 +155,13 @@ impl CachedResponse {
 /// scope family, scope member. Valid while all five are unchanged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Stamp([u64; 5]);
+
+#[cfg(test)]
+impl Stamp {
+    pub fn test_value() -> Self {
+        Stamp([0; 5])
+    }
+}
 
 /// Monotonic generation counters for every level a purge or write can touch.
 ///
@@ -227,7 +261,7 @@ impl Generations {
     /// Whether `entry`'s stamp is current: at once if it was found so in this
     /// epoch, else checked under the lock (and remembered if it is).
     fn is_current(&self, partition: Partition, scope: &Scope, entry: &CachedResponse) -> bool {
-        if entry.verified.0.load(Ordering::SeqCst) == self.epoch.load(Ordering::SeqCst) {
+        if entry.state.verified_in.load(Ordering::SeqCst) == self.epoch.load(Ordering::SeqCst) {
             return true;
         }
         let levels = self.levels(partition, scope);
@@ -248,8 +282,8 @@ impl Generations {
         entry: &CachedResponse,
     ) {
         entry
-            .verified
-            .0
+            .state
+            .verified_in
             .store(self.epoch.load(Ordering::SeqCst), Ordering::SeqCst);
     }
 }
@@ -299,6 +333,8 @@ pub enum Join {
 
 /// The cache's storage: entries, generations, fills in progress.
 pub struct Store {
+    /// This store among all in the process, for the per-thread front's slots.
+    id: u64,
     entries: moka::sync::Cache<CacheKey, Arc<CachedResponse>, foldhash::fast::RandomState>,
     generations: Generations,
     inflight: Mutex<HashMap<CacheKey, Inflight, foldhash::fast::RandomState>>,
@@ -381,7 +417,8 @@ impl Store {
                 u32::try_from(key.weight() + value.weight()).unwrap_or(u32::MAX)
             })
             .expire_after(UntilUseless)
-            .eviction_listener(move |_key, _value, cause| {
+            .eviction_listener(move |_key, value: Arc<CachedResponse>, cause| {
+                value.state.mark_removed();
                 if cause == moka::notification::RemovalCause::Size {
                     evictions.cache_evicted();
                 }
@@ -389,7 +426,9 @@ impl Store {
             .support_invalidation_closures()
             // Keys hold the whole target string; SipHash over it on every hit was measurable.
             .build_with_hasher(foldhash::fast::RandomState::default());
+        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
         Store {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             entries,
             generations: Generations::new(generation_limit),
             inflight: Mutex::new(HashMap::default()),
@@ -408,13 +447,28 @@ impl Store {
 
     /// A stored entry that is still valid (not invalidated since its fill began).
     /// Invalidated entries are removed on sight.
+    ///
+    /// Looked up in this thread's front first (see the `front` module); either way the
+    /// entry's stamp is checked here.
     pub fn get(&self, key: &CacheKey, scope: &Scope) -> Option<Arc<CachedResponse>> {
-        let entry = self.entries.get(key)?;
-        if self.generations.is_current(key.partition, scope, &entry) {
-            Some(entry)
-        } else {
-            self.entries.invalidate(key);
-            None
+        let hash = front::hash(key);
+        if let Some(entry) = front::lookup(self.id, hash, key) {
+            if self.generations.is_current(key.partition, scope, &entry) {
+                return Some(entry);
+            }
+        }
+        match self.entries.get(key) {
+            Some(entry) if self.generations.is_current(key.partition, scope, &entry) => {
+                front::remember(self.id, hash, key, &entry);
+                Some(entry)
+            }
+            found => {
+                if found.is_some() {
+                    self.entries.invalidate(key);
+                }
+                front::forget(self.id, hash, key);
+                None
+            }
         }
     }
 
@@ -570,7 +624,7 @@ mod tests {
             stale_while_revalidate: Duration::from_secs(5),
             stale_if_error: Duration::from_secs(60),
             stamp,
-            verified: Verified::default(),
+            state: EntryState::default(),
         })
     }
 
@@ -711,7 +765,8 @@ mod tests {
         let mine = key(team("a"), "/l");
         assert!(fill_now(&store, mine.clone(), &lists, b"x"));
         let epoch = || store.generations.epoch.load(Ordering::SeqCst);
-        let checked_in = |entry: &CachedResponse| entry.verified.0.load(Ordering::SeqCst);
+        let checked_in = |entry: &CachedResponse| entry.state.verified_in.load(Ordering::SeqCst);
+        get_into_front(&store, &mine, &lists);
         let entry = store.get(&mine, &lists).expect("stored");
         assert_eq!(checked_in(&entry), epoch(), "checked when stored");
 
@@ -819,6 +874,106 @@ mod tests {
             store.get(&k, &lists).is_some(),
             "the replacement expired with the entry it replaced"
         );
+    }
+
+    /// Looks `key` up until it is in this thread's front (the second moka
+    /// look-up admits it); the body found.
+    fn get_into_front(store: &Store, key: &CacheKey, scope: &Scope) -> Bytes {
+        let first = store.get(key, scope).expect("stored").body.clone();
+        assert_eq!(store.get(key, scope).expect("stored").body, first);
+        assert!(
+            front::lookup(store.id, front::hash(key), key).is_some(),
+            "in the front now"
+        );
+        first
+    }
+
+    /// The front is per thread and shared by every store on it (tests run
+    /// many gateways in one process): a slot answers only for its own store
+    /// and its own whole key, team included.
+    #[test]
+    fn the_front_answers_only_for_its_own_store_and_team() {
+        let lists = scope("assets", None);
+        let stores = [
+            Store::new(1 << 20, 1 << 16, Arc::default()),
+            Store::new(1 << 20, 1 << 16, Arc::default()),
+        ];
+        let bodies: [[&'static [u8]; 2]; 2] = [
+            [b"store 0 team a", b"store 0 team b"],
+            [b"store 1 team a", b"store 1 team b"],
+        ];
+        for (store, bodies) in stores.iter().zip(bodies) {
+            for (name, body) in ["a", "b"].into_iter().zip(bodies) {
+                assert!(fill_now(store, key(team(name), "/l"), &lists, body));
+            }
+        }
+        for _ in 0..3 {
+            for (store, bodies) in stores.iter().zip(bodies) {
+                for (name, body) in ["a", "b"].into_iter().zip(bodies) {
+                    assert_eq!(get_into_front(store, &key(team(name), "/l"), &lists), body);
+                }
+            }
+        }
+    }
+
+    /// A refresh replaces an entry the front holds: the next look-up, on any
+    /// thread, returns the replacement (moka's removal listener flags the old one).
+    #[test]
+    fn a_replacement_is_returned_at_once_though_the_front_held_the_old_entry() {
+        let store = Store::new(1 << 20, 1 << 16, Arc::default());
+        let lists = scope("assets", None);
+        let mine = key(team("a"), "/l");
+        assert!(fill_now(&store, mine.clone(), &lists, b"old"));
+        assert_eq!(get_into_front(&store, &mine, &lists), "old");
+        let on_another_thread = std::thread::scope(|threads| {
+            threads
+                .spawn(|| get_into_front(&store, &mine, &lists))
+                .join()
+                .expect("reader")
+        });
+        assert_eq!(on_another_thread, "old");
+        assert!(fill_now(&store, mine.clone(), &lists, b"new"));
+        assert_eq!(store.get(&mine, &lists).expect("stored").body, "new");
+        let on_another_thread = std::thread::scope(|threads| {
+            threads
+                .spawn(|| store.get(&mine, &lists).expect("stored").body.clone())
+                .join()
+                .expect("reader")
+        });
+        assert_eq!(on_another_thread, "new");
+    }
+
+    /// An entry moka removed without a write (evicted for room, or removed
+    /// by hand) is not returned from the front either.
+    #[test]
+    fn entries_moka_let_go_of_are_not_returned_from_the_front() {
+        let store = Store::new(1 << 20, 1 << 16, Arc::default());
+        let lists = scope("assets", None);
+        let mine = key(team("a"), "/l");
+        assert!(fill_now(&store, mine.clone(), &lists, b"x"));
+        get_into_front(&store, &mine, &lists);
+        store.entries.invalidate(&mine);
+        assert!(store.get(&mine, &lists).is_none());
+        assert_eq!(front::slots_in_use(store.id), 0, "and the slot is freed");
+
+        // Evicted for room: a 64 KiB store, then 16 KiB more entries than fit.
+        let small = Store::new(64 * 1024, 16 * 1024, Arc::default());
+        static BODY: [u8; 8 * 1024] = [7; 8 * 1024];
+        let first = key(team("a"), "/0");
+        assert!(fill_now(&small, first.clone(), &lists, &BODY));
+        get_into_front(&small, &first, &lists);
+        for i in 1..40 {
+            let newer = key(team("a"), &format!("/{i}"));
+            assert!(fill_now(&small, newer.clone(), &lists, &BODY));
+            // Read more often than `first` (straight from moka, past the
+            // front), so moka's admission policy prefers them to it.
+            for _ in 0..8 {
+                small.entries.get(&newer);
+            }
+            small.entries.run_pending_tasks();
+        }
+        assert!(!small.entries.contains_key(&first), "evicted for room");
+        assert!(small.get(&first, &lists).is_none(), "evicted, yet answered");
     }
 
     #[test]
