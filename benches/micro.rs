@@ -213,11 +213,42 @@ fn access_line(c: &mut Criterion) {
         upstream_status: None,
         latency_us: 183,
     };
-    tracing::subscriber::with_default(subscriber, || {
+    let subscriber = tracing::Dispatch::new(subscriber);
+    tracing::dispatcher::with_default(&subscriber, || {
         c.bench_function("telemetry/access_line_json", |b| {
             b.iter(|| black_box(&line).log())
         });
     });
+    // Two threads logging at once into the one sink, as every worker of a
+    // gateway on many cores does: the time per line with both running.
+    c.bench_function("telemetry/access_line_json_on_two_threads", |b| {
+        b.iter_custom(|iters| {
+            on_two_threads(|| {
+                tracing::dispatcher::with_default(&subscriber, || {
+                    for _ in 0..iters {
+                        black_box(&line).log();
+                    }
+                })
+            })
+        })
+    });
+}
+
+/// Runs `work` on this thread and one more at once (started together); the
+/// time until both are done.
+fn on_two_threads(work: impl Fn() + Sync) -> std::time::Duration {
+    let start = std::sync::Barrier::new(2);
+    std::thread::scope(|threads| {
+        let other = threads.spawn(|| {
+            start.wait();
+            work();
+        });
+        start.wait();
+        let began = std::time::Instant::now();
+        work();
+        other.join().expect("the second thread");
+        began.elapsed()
+    })
 }
 
 /// A cache hit through everything the gateway's own HTTP/1 loop runs for
@@ -319,7 +350,7 @@ fn stack_cache_hit(c: &mut Criterion) {
 /// entry, as every core of a gateway does under a hot list. Both are
 /// served from the per-thread front after the first two look-ups.
 fn cache_get(c: &mut Criterion) {
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
     use teamgate::cache::Store;
     use teamgate::cache::policy::Scope;
     use teamgate::cache::store::{CachedResponse, EntryState};
@@ -356,22 +387,10 @@ fn cache_get(c: &mut Criterion) {
     c.bench_function("cache/get", |b| b.iter(hit));
     c.bench_function("cache/get_on_two_threads", |b| {
         b.iter_custom(|iters| {
-            let start = std::sync::Barrier::new(2);
-            let hits = || {
+            on_two_threads(|| {
                 for _ in 0..iters {
                     black_box(hit());
                 }
-            };
-            std::thread::scope(|threads| {
-                let other = threads.spawn(|| {
-                    start.wait();
-                    hits();
-                });
-                start.wait();
-                let began = Instant::now();
-                hits();
-                other.join().expect("the second thread");
-                began.elapsed()
             })
         })
     });
