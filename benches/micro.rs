@@ -1,8 +1,8 @@
 //! Micro-benchmarks of the per-request pure work on the hot path:
 //! classification, client-key hashing and lookup, cache-key building, and the
 //! upstream header rewrite, request and answer heads, one access-log line;
-//! a cache hit through the whole stack, head bytes in, answer head out; and
-//! a cache look-up by one thread and by two at once.
+//! a cache hit through the whole stack, head bytes in, answer head out; a
+//! cache look-up and a request's metrics, by one thread and by two at once.
 //! `cargo bench --bench micro`.
 
 use std::hint::black_box;
@@ -234,6 +234,36 @@ fn access_line(c: &mut Criterion) {
     });
 }
 
+/// One answered request counted in the metrics (request counter, latency
+/// histogram, cache counter), by one thread and by two at once: every
+/// worker of a gateway counts into the same metrics.
+fn request_metrics(c: &mut Criterion) {
+    use teamgate::telemetry::metrics::{Metrics, RequestLabels};
+    let metrics = Metrics::new();
+    let labels = RequestLabels::default();
+    labels.route_class.set("asset_list").expect("unset");
+    let method = http::Method::GET;
+    let record = || {
+        metrics.request(
+            black_box(&labels),
+            &method,
+            http::StatusCode::OK,
+            "hit",
+            black_box(0.000_183),
+        )
+    };
+    c.bench_function("metrics/request", |b| b.iter(record));
+    c.bench_function("metrics/request_on_two_threads", |b| {
+        b.iter_custom(|iters| {
+            on_two_threads(|| {
+                for _ in 0..iters {
+                    record();
+                }
+            })
+        })
+    });
+}
+
 /// Runs `work` on this thread and one more at once (started together); the
 /// time until both are done.
 fn on_two_threads(work: impl Fn() + Sync) -> std::time::Duration {
@@ -396,5 +426,12 @@ fn cache_get(c: &mut Criterion) {
     });
 }
 
-criterion_group!(micro, benches, access_line, stack_cache_hit, cache_get);
+criterion_group!(
+    micro,
+    benches,
+    access_line,
+    stack_cache_hit,
+    cache_get,
+    request_metrics
+);
 criterion_main!(micro);

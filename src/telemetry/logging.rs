@@ -43,6 +43,7 @@ use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, MakeWriter};
 use tracing_subscriber::registry::LookupSpan;
 
+use super::shards::{self, Padded, lock, thread_number};
 use crate::config::LogFormat;
 
 /// The target of the per-request access-log event.
@@ -102,7 +103,8 @@ pub struct LogSink {
 }
 
 struct Shared {
-    /// A power of two of them; each thread appends to one, picked by [`thread_number`].
+    /// A power of two of them; each thread appends to the one of its
+    /// [`thread_number`].
     shards: Box<[Padded<Mutex<Shard>>]>,
     /// Bytes a shard holds before lines are dropped: the sink's bound
     /// divided among the shards.
@@ -123,51 +125,6 @@ struct Shard {
     dropped_lines: u64,
 }
 
-/// Keeps each shard on cache lines of its own (128 bytes: two lines, as
-/// adjacent-line prefetching pairs them on x86).
-#[repr(align(128))]
-struct Padded<T>(T);
-
-/// This thread's number among the threads alive that have logged: the
-/// smallest not in use when it first logged, given back when it exits. The
-/// shard a thread appends to is this modulo the shard count, so threads
-/// that live at once (a runtime's workers) get shards of their own however
-/// many short-lived threads came and went before them.
-fn thread_number() -> usize {
-    struct Numbers {
-        /// The smallest never given out.
-        next: usize,
-        /// Given back by threads that exited.
-        returned: Vec<usize>,
-    }
-    static NUMBERS: Mutex<Numbers> = Mutex::new(Numbers {
-        next: 0,
-        returned: Vec::new(),
-    });
-    struct Number(usize);
-    impl Drop for Number {
-        fn drop(&mut self) {
-            lock(&NUMBERS).returned.push(self.0);
-        }
-    }
-    thread_local! {
-        static NUMBER: Number = {
-            let mut numbers = lock(&NUMBERS);
-            let smallest_returned = (0..numbers.returned.len()).min_by_key(|&at| numbers.returned[at]);
-            Number(match smallest_returned {
-                Some(at) => numbers.returned.swap_remove(at),
-                None => {
-                    numbers.next += 1;
-                    numbers.next - 1
-                }
-            })
-        };
-    }
-    // A thread logging from its own thread-local destructors, after its
-    // number is gone: any shard does.
-    NUMBER.try_with(|number| number.0).unwrap_or(0)
-}
-
 impl fmt::Debug for LogSink {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("LogSink").finish_non_exhaustive()
@@ -183,11 +140,9 @@ pub struct LogSinkGuard {
 
 impl LogSink {
     /// A sink draining to `out` from a thread of its own, with a shard for
-    /// each core this process may run on (rounded up to a power of two, up
-    /// to 64).
+    /// each core this process may run on ([`shards::count`]).
     pub fn spawn<W: Write + Send + 'static>(out: W) -> (LogSink, LogSinkGuard) {
-        let cores = std::thread::available_parallelism().map_or(1, usize::from);
-        Self::spawn_with(out, MAX_BUFFERED_BYTES, cores.min(64))
+        Self::spawn_with(out, MAX_BUFFERED_BYTES, shards::count())
     }
 
     fn spawn_with<W: Write + Send + 'static>(
@@ -242,15 +197,9 @@ impl LogSink {
     }
 }
 
-/// A lock whose holder panicked is still good: a shard holds whole lines.
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
 impl Shared {
     fn shard(&self, number: usize) -> MutexGuard<'_, Shard> {
-        // A mask, not `%`: the count is a power of two, and a division per line showed.
-        lock(&self.shards[number & (self.shards.len() - 1)].0)
+        lock(&self.shards[shards::index(number, self.shards.len())].0)
     }
 
     /// Whether any shard has lines (or a count of dropped ones) to write.

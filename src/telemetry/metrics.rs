@@ -1,18 +1,28 @@
 //! Prometheus metrics: one registry per gateway, served on the admin listener.
 //!
+//! Every request is counted (requests, latency, cache result, in flight).
+//! Those counts are kept per thread shard ([`super::shards`]) as plain
+//! numbers — prometheus' local metrics — and added into the registry at each
+//! scrape, so workers on different cores do not take turns on the same
+//! atomic counters; a scrape always sees every request answered before it.
+//!
 //! Labels only ever take bounded values: team and upstream names from the
 //! config, route classes, methods (unknown ones fold into `OTHER`), status
 //! classes, cache results, quota names from the config. Never a raw path, a
 //! key or an asset id.
 
-use std::sync::{Arc, OnceLock};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use http::{Method, StatusCode};
+use prometheus::local::{LocalHistogram, LocalIntCounter};
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
+use super::shards::{self, Padded, lock, thread_number};
 use crate::config::{Team, Upstream};
 
 /// Latency buckets (seconds): from a cache hit (~100 µs) to a slow upload.
@@ -21,16 +31,17 @@ const LATENCY_BUCKETS: &[f64] = &[
     5.0, 10.0, 30.0, 60.0,
 ];
 
-/// The per-request metrics for one label set, resolved once: label lookups
-/// hash every label value, which the hot path should not do per request.
+/// The per-request metrics for one label set, as counted by the threads of
+/// one shard: plain counts (prometheus' local metrics), added to the shared
+/// ones at each scrape (see [`Metrics::request`]).
 #[derive(Debug)]
-struct RequestHandles {
-    requests: IntCounter,
-    duration: Histogram,
-    cache: Option<IntCounter>,
+struct LocalHandles {
+    requests: LocalIntCounter,
+    duration: LocalHistogram,
+    cache: Option<LocalIntCounter>,
 }
 
-impl RequestHandles {
+impl LocalHandles {
     fn record(&self, seconds: f64) {
         self.requests.inc();
         self.duration.observe(seconds);
@@ -38,6 +49,25 @@ impl RequestHandles {
             cache.inc();
         }
     }
+
+    fn flush(&self) {
+        self.requests.flush();
+        self.duration.flush();
+        if let Some(cache) = &self.cache {
+            cache.flush();
+        }
+    }
+}
+
+/// What the threads of one shard counted since the last scrape.
+#[derive(Debug, Default)]
+struct RequestShard {
+    /// By label set, resolved once per shard: label lookups hash every
+    /// label value, which the hot path should not do per request.
+    counts: Mutex<HashMap<LabelKey, LocalHandles, foldhash::fast::RandomState>>,
+    /// Requests that entered here minus those that left here (a request may
+    /// leave on another thread, so one shard's figure can be negative).
+    in_flight: AtomicI64,
 }
 
 /// Identifies a label set without its strings: teams and upstreams by
@@ -63,9 +93,10 @@ pub struct UpstreamPoolCounters {
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
-    resolved: std::sync::RwLock<
-        std::collections::HashMap<LabelKey, RequestHandles, foldhash::fast::RandomState>,
-    >,
+    /// Per-request counts and the in-flight figure, by thread shard: every
+    /// request writes them, so every core writes its own (see
+    /// [`super::shards`]). Added into the registry's metrics at each scrape.
+    by_thread: Box<[Padded<RequestShard>]>,
     requests: IntCounterVec,
     request_duration: HistogramVec,
     upstream_duration: HistogramVec,
@@ -152,7 +183,7 @@ impl Metrics {
             config_reloads.with_label_values(&[result]);
         }
         Metrics {
-            resolved: std::sync::RwLock::new(std::collections::HashMap::default()),
+            by_thread: (0..shards::count()).map(|_| Padded::default()).collect(),
             requests: counter(
                 &registry,
                 "teamgate_requests_total",
@@ -259,45 +290,47 @@ impl Metrics {
             status_class: status_class.as_ptr() as usize,
             cache: cache.as_ptr() as usize,
         };
-        // Counted under the read lock: cloning the handles out cost an atomic
-        // increment and decrement for each of the three per request, on cache
-        // lines every worker thread shares.
-        if let Some(handles) = self
-            .resolved
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&key)
-        {
+        let shard = &self.by_thread[shards::index(thread_number(), self.by_thread.len())].0;
+        let mut counts = lock(&shard.counts);
+        if let Some(handles) = counts.get(&key) {
             handles.record(seconds);
             return;
         }
-        // First request with this label set: resolve it once.
+        // First request with this label set in this shard: resolve it once.
         let team = team.map_or("", |team| team.name.as_str());
         let upstream = upstream.map_or("", |upstream| upstream.name.as_str());
-        let handles = RequestHandles {
-            requests: self.requests.with_label_values(&[
-                team,
-                upstream,
-                route_class,
-                method,
-                status_class,
-                cache,
-            ]),
+        let handles = LocalHandles {
+            requests: self
+                .requests
+                .with_label_values(&[team, upstream, route_class, method, status_class, cache])
+                .local(),
             duration: self
                 .request_duration
-                .with_label_values(&[upstream, route_class, cache]),
-            cache: (cache != "none")
-                .then(|| self.cache_requests.with_label_values(&[upstream, cache])),
+                .with_label_values(&[upstream, route_class, cache])
+                .local(),
+            cache: (cache != "none").then(|| {
+                self.cache_requests
+                    .with_label_values(&[upstream, cache])
+                    .local()
+            }),
         };
         handles.record(seconds);
-        self.resolved
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(key, handles);
+        counts.insert(key, handles);
     }
 
-    pub fn in_flight(&self) -> &IntGauge {
-        &self.in_flight
+    /// A request came in; [`Metrics::request_left`] when it is over.
+    pub fn request_entered(&self) {
+        self.in_flight_shard().fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn request_left(&self) {
+        self.in_flight_shard().fetch_sub(1, Ordering::Relaxed);
+    }
+
+    fn in_flight_shard(&self) -> &AtomicI64 {
+        &self.by_thread[shards::index(thread_number(), self.by_thread.len())]
+            .0
+            .in_flight
     }
 
     pub fn upstream_latency(&self, upstream: &str) -> Histogram {
@@ -342,6 +375,14 @@ impl Metrics {
     pub fn render(&self, cache_entries: u64, cache_bytes: u64) -> String {
         self.cache_entries.set(cache_entries as i64);
         self.cache_bytes.set(cache_bytes as i64);
+        let mut in_flight = 0;
+        for shard in &self.by_thread {
+            for handles in lock(&shard.0.counts).values() {
+                handles.flush();
+            }
+            in_flight += shard.0.in_flight.load(Ordering::Relaxed);
+        }
+        self.in_flight.set(in_flight);
         let mut buffer = Vec::new();
         TextEncoder::new()
             .encode(&self.registry.gather(), &mut buffer)
@@ -431,6 +472,76 @@ mod tests {
         );
         assert_eq!(status_class(StatusCode::IM_A_TEAPOT), "4xx");
         assert_eq!(status_class(StatusCode::BAD_GATEWAY), "5xx");
+    }
+
+    /// The line of `name{labels…}` in the exposition, as a number.
+    fn value_of(text: &str, series: &str) -> f64 {
+        text.lines()
+            .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {series} in:\n{text}"))
+    }
+
+    /// Counts are kept per thread shard and added up at each scrape: what
+    /// many threads counted at once is all there, every scrape shows it, and
+    /// none is counted twice. A request may leave on another thread than it
+    /// entered on; the in-flight figure is the sum over shards.
+    #[test]
+    fn counts_from_many_threads_all_reach_the_scrape_once() {
+        let metrics = Metrics::new();
+        let labels = RequestLabels::default();
+        labels.route_class.set("asset_list").unwrap();
+        // More threads than shards, all counting at once.
+        let threads = 2 * metrics.by_thread.len() + 1;
+        let start = std::sync::Barrier::new(threads);
+        std::thread::scope(|scope| {
+            for _ in 0..threads {
+                scope.spawn(|| {
+                    start.wait();
+                    for _ in 0..1000 {
+                        metrics.request(&labels, &Method::GET, StatusCode::OK, "hit", 0.0002);
+                    }
+                    // One request each still in flight at the scrape.
+                    metrics.request_entered();
+                });
+            }
+        });
+        let total = (threads * 1000) as f64;
+        let requests = "teamgate_requests_total{cache=\"hit\",method=\"GET\",route_class=\"asset_list\",status_class=\"2xx\",team=\"\",upstream=\"\"}";
+        let text = metrics.render(0, 0);
+        assert_eq!(value_of(&text, requests), total);
+        assert_eq!(
+            value_of(
+                &text,
+                "teamgate_request_duration_seconds_count{cache=\"hit\",route_class=\"asset_list\",upstream=\"\"}"
+            ),
+            total
+        );
+        assert_eq!(
+            value_of(
+                &text,
+                "teamgate_cache_requests_total{result=\"hit\",upstream=\"\"}"
+            ),
+            total
+        );
+        assert_eq!(
+            value_of(&text, "teamgate_requests_in_flight"),
+            threads as f64
+        );
+        assert_eq!(
+            value_of(&metrics.render(0, 0), requests),
+            total,
+            "a second scrape counts nothing twice"
+        );
+        // Each request leaves on another thread than it entered on.
+        for _ in 0..threads {
+            std::thread::scope(|scope| {
+                scope.spawn(|| metrics.request_left());
+            });
+        }
+        assert_eq!(
+            value_of(&metrics.render(0, 0), "teamgate_requests_in_flight"),
+            0.0
+        );
     }
 
     #[test]

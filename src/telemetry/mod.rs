@@ -22,6 +22,7 @@ use crate::body::Body;
 
 pub mod logging;
 pub mod metrics;
+pub mod shards;
 pub mod traces;
 
 use std::sync::{Arc, OnceLock};
@@ -144,14 +145,14 @@ struct InFlightGuard(Arc<Metrics>);
 
 impl InFlightGuard {
     fn enter(metrics: &Arc<Metrics>) -> Self {
-        metrics.in_flight().inc();
+        metrics.request_entered();
         InFlightGuard(Arc::clone(metrics))
     }
 }
 
 impl Drop for InFlightGuard {
     fn drop(&mut self) {
-        self.0.in_flight().dec();
+        self.0.request_left();
     }
 }
 
