@@ -169,7 +169,7 @@ async fn forward(
 
     let response_timeout = route.upstream.timeouts.response;
     let upstream_name = route.upstream.name.as_str();
-    let timer = metrics.upstream_latency(upstream_name).start_timer();
+    let sent_at = std::time::Instant::now();
     // Both futures are built inside `select!`: held in locals first, they
     // would each take room in this future beside `select!`'s own copies.
     let result = tokio::select! {
@@ -179,7 +179,6 @@ async fn forward(
             let _ = body_sent.await;
             tokio::time::sleep(response_timeout).await;
         } => {
-            timer.stop_and_discard();
             metrics.upstream_error(upstream_name, "timeout");
             tracing::warn!(upstream = %route.upstream.name, timeout = ?response_timeout, "upstream response timed out");
             return GatewayError::UpstreamTimeout.into_response(shape, request_id);
@@ -188,7 +187,6 @@ async fn forward(
     let (mut response, upgraded_upstream) = match result {
         Ok(answer) => answer,
         Err(error) => {
-            timer.stop_and_discard();
             let gateway_error = classify_client_error(&error);
             if matches!(
                 gateway_error,
@@ -210,7 +208,7 @@ async fn forward(
         }
     };
 
-    timer.observe_duration();
+    metrics.upstream_latency(upstream_name, sent_at.elapsed().as_secs_f64());
     span.record("upstream_status", response.status().as_u16());
     if let Some(record) = &record {
         let _ = record

@@ -1,6 +1,7 @@
 //! Prometheus metrics: one registry per gateway, served on the admin listener.
 //!
-//! Every request is counted (requests, latency, cache result, in flight).
+//! Every request is counted (requests, latency, cache result, in flight,
+//! and the upstream's latency when it went upstream).
 //! Those counts are kept per thread shard ([`super::shards`]) as plain
 //! numbers — prometheus' local metrics — and added into the registry at each
 //! scrape, so workers on different cores do not take turns on the same
@@ -18,8 +19,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 use http::{Method, StatusCode};
 use prometheus::local::{LocalHistogram, LocalIntCounter};
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 use super::shards::{self, Padded, lock, thread_number};
@@ -39,6 +40,26 @@ struct LocalHandles {
     requests: LocalIntCounter,
     duration: LocalHistogram,
     cache: Option<LocalIntCounter>,
+}
+
+#[derive(Debug, Default)]
+struct ShardCounts {
+    /// By label set, resolved once per shard: label lookups hash every
+    /// label value, which the hot path should not do per request.
+    requests: HashMap<LabelKey, LocalHandles, foldhash::fast::RandomState>,
+    /// By upstream name.
+    upstream_latency: HashMap<Box<str>, LocalHistogram, foldhash::fast::RandomState>,
+}
+
+impl ShardCounts {
+    fn flush(&self) {
+        for handles in self.requests.values() {
+            handles.flush();
+        }
+        for latency in self.upstream_latency.values() {
+            latency.flush();
+        }
+    }
 }
 
 impl LocalHandles {
@@ -62,9 +83,7 @@ impl LocalHandles {
 /// What the threads of one shard counted since the last scrape.
 #[derive(Debug, Default)]
 struct RequestShard {
-    /// By label set, resolved once per shard: label lookups hash every
-    /// label value, which the hot path should not do per request.
-    counts: Mutex<HashMap<LabelKey, LocalHandles, foldhash::fast::RandomState>>,
+    counts: Mutex<ShardCounts>,
     /// Requests that entered here minus those that left here (a request may
     /// leave on another thread, so one shard's figure can be negative).
     in_flight: AtomicI64,
@@ -290,9 +309,8 @@ impl Metrics {
             status_class: status_class.as_ptr() as usize,
             cache: cache.as_ptr() as usize,
         };
-        let shard = &self.by_thread[shards::index(thread_number(), self.by_thread.len())].0;
-        let mut counts = lock(&shard.counts);
-        if let Some(handles) = counts.get(&key) {
+        let mut counts = lock(&self.shard().counts);
+        if let Some(handles) = counts.requests.get(&key) {
             handles.record(seconds);
             return;
         }
@@ -315,7 +333,12 @@ impl Metrics {
             }),
         };
         handles.record(seconds);
-        counts.insert(key, handles);
+        counts.requests.insert(key, handles);
+    }
+
+    /// This thread's shard.
+    fn shard(&self) -> &RequestShard {
+        &self.by_thread[shards::index(thread_number(), self.by_thread.len())].0
     }
 
     /// A request came in; [`Metrics::request_left`] when it is over.
@@ -328,13 +351,22 @@ impl Metrics {
     }
 
     fn in_flight_shard(&self) -> &AtomicI64 {
-        &self.by_thread[shards::index(thread_number(), self.by_thread.len())]
-            .0
-            .in_flight
+        &self.shard().in_flight
     }
 
-    pub fn upstream_latency(&self, upstream: &str) -> Histogram {
-        self.upstream_duration.with_label_values(&[upstream])
+    /// An answer head from `upstream` came `seconds` after the request was sent.
+    pub fn upstream_latency(&self, upstream: &str, seconds: f64) {
+        let mut counts = lock(&self.shard().counts);
+        if let Some(latency) = counts.upstream_latency.get(upstream) {
+            latency.observe(seconds);
+            return;
+        }
+        let latency = self
+            .upstream_duration
+            .with_label_values(&[upstream])
+            .local();
+        latency.observe(seconds);
+        counts.upstream_latency.insert(upstream.into(), latency);
     }
 
     /// The counters an upstream's connection pool bumps, resolved once.
@@ -377,9 +409,7 @@ impl Metrics {
         self.cache_bytes.set(cache_bytes as i64);
         let mut in_flight = 0;
         for shard in &self.by_thread {
-            for handles in lock(&shard.0.counts).values() {
-                handles.flush();
-            }
+            lock(&shard.0.counts).flush();
             in_flight += shard.0.in_flight.load(Ordering::Relaxed);
         }
         self.in_flight.set(in_flight);
@@ -481,9 +511,9 @@ mod tests {
             .unwrap_or_else(|| panic!("no {series} in:\n{text}"))
     }
 
-    /// Counts are kept per thread shard and added up at each scrape: what
-    /// many threads counted at once is all there, every scrape shows it, and
-    /// none is counted twice. A request may leave on another thread than it
+    /// Counts (and upstream latencies) are kept per thread shard and added
+    /// up at each scrape: what many threads counted at once is all there,
+    /// every scrape shows it, and none is counted twice. A request may leave on another thread than it
     /// entered on; the in-flight figure is the sum over shards.
     #[test]
     fn counts_from_many_threads_all_reach_the_scrape_once() {
@@ -499,6 +529,7 @@ mod tests {
                     start.wait();
                     for _ in 0..1000 {
                         metrics.request(&labels, &Method::GET, StatusCode::OK, "hit", 0.0002);
+                        metrics.upstream_latency("comfy", 0.001);
                     }
                     // One request each still in flight at the scrape.
                     metrics.request_entered();
@@ -520,6 +551,13 @@ mod tests {
             value_of(
                 &text,
                 "teamgate_cache_requests_total{result=\"hit\",upstream=\"\"}"
+            ),
+            total
+        );
+        assert_eq!(
+            value_of(
+                &text,
+                "teamgate_upstream_duration_seconds_count{upstream=\"comfy\"}"
             ),
             total
         );
