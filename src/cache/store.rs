@@ -628,6 +628,15 @@ mod tests {
         })
     }
 
+    /// A store holding one list page of team a (`body`), its scope and key.
+    fn one_stored_list(body: &'static [u8]) -> (Store, Scope, CacheKey) {
+        let store = Store::new(1 << 20, 1 << 16, Arc::default());
+        let lists = scope("assets", None);
+        let mine = key(team("a"), "/l");
+        assert!(fill_now(&store, mine.clone(), &lists, body));
+        (store, lists, mine)
+    }
+
     /// Stores `body` under `key` as a fill that began now; whether it was stored.
     fn fill_now(store: &Store, key: CacheKey, scope: &Scope, body: &'static [u8]) -> bool {
         let stamp = store.stamp(key.partition, scope);
@@ -760,10 +769,7 @@ mod tests {
     /// is served again for the scopes it touched).
     #[test]
     fn a_hit_is_checked_again_under_the_lock_after_any_write() {
-        let store = Store::new(1 << 20, 1 << 16, Arc::default());
-        let lists = scope("assets", None);
-        let mine = key(team("a"), "/l");
-        assert!(fill_now(&store, mine.clone(), &lists, b"x"));
+        let (store, lists, mine) = one_stored_list(b"x");
         let epoch = || store.generations.epoch.load(Ordering::SeqCst);
         let checked_in = |entry: &CachedResponse| entry.state.verified_in.load(Ordering::SeqCst);
         get_into_front(&store, &mine, &lists);
@@ -920,10 +926,7 @@ mod tests {
     /// thread, returns the replacement (moka's removal listener flags the old one).
     #[test]
     fn a_replacement_is_returned_at_once_though_the_front_held_the_old_entry() {
-        let store = Store::new(1 << 20, 1 << 16, Arc::default());
-        let lists = scope("assets", None);
-        let mine = key(team("a"), "/l");
-        assert!(fill_now(&store, mine.clone(), &lists, b"old"));
+        let (store, lists, mine) = one_stored_list(b"old");
         assert_eq!(get_into_front(&store, &mine, &lists), "old");
         let on_another_thread = std::thread::scope(|threads| {
             threads
@@ -947,10 +950,7 @@ mod tests {
     /// by hand) is not returned from the front either.
     #[test]
     fn entries_moka_let_go_of_are_not_returned_from_the_front() {
-        let store = Store::new(1 << 20, 1 << 16, Arc::default());
-        let lists = scope("assets", None);
-        let mine = key(team("a"), "/l");
-        assert!(fill_now(&store, mine.clone(), &lists, b"x"));
+        let (store, lists, mine) = one_stored_list(b"x");
         get_into_front(&store, &mine, &lists);
         store.entries.invalidate(&mine);
         assert!(store.get(&mine, &lists).is_none());

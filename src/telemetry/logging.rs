@@ -32,7 +32,7 @@ use std::cell::RefCell;
 use std::fmt::{self, Write as _};
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -43,7 +43,7 @@ use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, MakeWriter};
 use tracing_subscriber::registry::LookupSpan;
 
-use super::shards::{self, Padded, lock, thread_number};
+use super::shards::{self, Sharded, lock};
 use crate::config::LogFormat;
 
 /// The target of the per-request access-log event.
@@ -103,9 +103,8 @@ pub struct LogSink {
 }
 
 struct Shared {
-    /// A power of two of them; each thread appends to the one of its
-    /// [`thread_number`].
-    shards: Box<[Padded<Mutex<Shard>>]>,
+    /// Each thread appends to its own.
+    shards: Sharded<Mutex<Shard>>,
     /// Bytes a shard holds before lines are dropped: the sink's bound
     /// divided among the shards.
     max_per_shard: usize,
@@ -150,13 +149,11 @@ impl LogSink {
         max_buffered: usize,
         shards: usize,
     ) -> (LogSink, LogSinkGuard) {
-        let shards = shards.max(1).next_power_of_two();
+        let shards = Sharded::new(shards, Mutex::<Shard>::default);
         let sink = LogSink {
             shared: Arc::new(Shared {
-                shards: (0..shards)
-                    .map(|_| Padded(Mutex::new(Shard::default())))
-                    .collect(),
-                max_per_shard: max_buffered / shards,
+                max_per_shard: max_buffered / shards.len(),
+                shards,
                 writer_idle: AtomicBool::new(false),
                 closed: AtomicBool::new(false),
                 wake_lock: Mutex::new(()),
@@ -179,7 +176,7 @@ impl LogSink {
     pub fn append(&self, lines: &[u8]) {
         let shared = &*self.shared;
         {
-            let mut shard = shared.shard(thread_number());
+            let mut shard = lock(shared.shards.mine());
             if shard.buffer.len() + lines.len() > shared.max_per_shard {
                 shard.dropped_lines += 1;
             } else {
@@ -198,14 +195,10 @@ impl LogSink {
 }
 
 impl Shared {
-    fn shard(&self, number: usize) -> MutexGuard<'_, Shard> {
-        lock(&self.shards[shards::index(number, self.shards.len())].0)
-    }
-
     /// Whether any shard has lines (or a count of dropped ones) to write.
     fn has_pending(&self) -> bool {
         self.shards.iter().any(|shard| {
-            let shard = lock(&shard.0);
+            let shard = lock(shard);
             !shard.buffer.is_empty() || shard.dropped_lines > 0
         })
     }
@@ -221,9 +214,9 @@ fn drain<W: Write>(shared: &Shared, mut out: W) {
         // dropped is in a shard by now, and this pass writes it.
         let closed = shared.closed.load(Ordering::SeqCst);
         let mut wrote = false;
-        for shard in &shared.shards {
+        for shard in shared.shards.iter() {
             let dropped = {
-                let mut shard = lock(&shard.0);
+                let mut shard = lock(shard);
                 std::mem::swap(&mut batch, &mut shard.buffer);
                 std::mem::take(&mut shard.dropped_lines)
             };

@@ -23,7 +23,7 @@ use prometheus::{
     Registry, TextEncoder,
 };
 
-use super::shards::{self, Padded, lock, thread_number};
+use super::shards::{self, Sharded, lock};
 use crate::config::{Team, Upstream};
 
 /// Latency buckets (seconds): from a cache hit (~100 µs) to a slow upload.
@@ -115,7 +115,7 @@ pub struct Metrics {
     /// Per-request counts and the in-flight figure, by thread shard: every
     /// request writes them, so every core writes its own (see
     /// [`super::shards`]). Added into the registry's metrics at each scrape.
-    by_thread: Box<[Padded<RequestShard>]>,
+    by_thread: Sharded<RequestShard>,
     requests: IntCounterVec,
     request_duration: HistogramVec,
     upstream_duration: HistogramVec,
@@ -202,7 +202,7 @@ impl Metrics {
             config_reloads.with_label_values(&[result]);
         }
         Metrics {
-            by_thread: (0..shards::count()).map(|_| Padded::default()).collect(),
+            by_thread: Sharded::new(shards::count(), RequestShard::default),
             requests: counter(
                 &registry,
                 "teamgate_requests_total",
@@ -309,7 +309,7 @@ impl Metrics {
             status_class: status_class.as_ptr() as usize,
             cache: cache.as_ptr() as usize,
         };
-        let mut counts = lock(&self.shard().counts);
+        let mut counts = lock(&self.by_thread.mine().counts);
         if let Some(handles) = counts.requests.get(&key) {
             handles.record(seconds);
             return;
@@ -336,27 +336,24 @@ impl Metrics {
         counts.requests.insert(key, handles);
     }
 
-    /// This thread's shard.
-    fn shard(&self) -> &RequestShard {
-        &self.by_thread[shards::index(thread_number(), self.by_thread.len())].0
-    }
-
     /// A request came in; [`Metrics::request_left`] when it is over.
     pub fn request_entered(&self) {
-        self.in_flight_shard().fetch_add(1, Ordering::Relaxed);
+        self.by_thread
+            .mine()
+            .in_flight
+            .fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn request_left(&self) {
-        self.in_flight_shard().fetch_sub(1, Ordering::Relaxed);
-    }
-
-    fn in_flight_shard(&self) -> &AtomicI64 {
-        &self.shard().in_flight
+        self.by_thread
+            .mine()
+            .in_flight
+            .fetch_sub(1, Ordering::Relaxed);
     }
 
     /// An answer head from `upstream` came `seconds` after the request was sent.
     pub fn upstream_latency(&self, upstream: &str, seconds: f64) {
-        let mut counts = lock(&self.shard().counts);
+        let mut counts = lock(&self.by_thread.mine().counts);
         if let Some(latency) = counts.upstream_latency.get(upstream) {
             latency.observe(seconds);
             return;
@@ -408,9 +405,9 @@ impl Metrics {
         self.cache_entries.set(cache_entries as i64);
         self.cache_bytes.set(cache_bytes as i64);
         let mut in_flight = 0;
-        for shard in &self.by_thread {
-            lock(&shard.0.counts).flush();
-            in_flight += shard.0.in_flight.load(Ordering::Relaxed);
+        for shard in self.by_thread.iter() {
+            lock(&shard.counts).flush();
+            in_flight += shard.in_flight.load(Ordering::Relaxed);
         }
         self.in_flight.set(in_flight);
         let mut buffer = Vec::new();

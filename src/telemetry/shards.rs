@@ -5,31 +5,57 @@
 //! behind a lock, an atomic counter) makes the cores take turns on its cache
 //! line: `telemetry/access_line_json_on_two_threads` and
 //! `metrics/request_on_two_threads` in `benches/micro.rs` show what that
-//! costs on two cores. Instead such state is split in [`count`] shards, each
-//! on cache lines of its own ([`Padded`]), and a thread always writes the
+//! costs on two cores. Instead such state is [`Sharded`]: split in [`count`]
+//! shards, each on cache lines of its own, and a thread always writes the
 //! shard of its [`thread_number`]; readers (the log writer, a metrics
 //! scrape) visit every shard.
 
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
+/// One `T` per shard, each on cache lines of its own; a thread uses the
+/// shard of its [`thread_number`].
+#[derive(Debug)]
+pub struct Sharded<T>(Box<[Padded<T>]>);
+
 /// Keeps a shard on cache lines of its own (128 bytes: two lines, as
 /// adjacent-line prefetching pairs them on x86).
 #[repr(align(128))]
-#[derive(Debug, Default)]
-pub struct Padded<T>(pub T);
+#[derive(Debug)]
+struct Padded<T>(T);
 
-/// How many shards: one per core this process may run on, rounded up to a
-/// power of two (so [`index`] is a mask), at most 64.
-pub fn count() -> usize {
-    let cores = std::thread::available_parallelism().map_or(1, usize::from);
-    cores.min(64).next_power_of_two()
+impl<T> Sharded<T> {
+    /// `count` shards rounded up to a power of two (so picking one is a
+    /// mask, not a division: a division per request showed in the log
+    /// line's micro-benchmark), each made by `make`.
+    pub fn new(count: usize, mut make: impl FnMut() -> T) -> Self {
+        let count = count.max(1).next_power_of_two();
+        Sharded((0..count).map(|_| Padded(make())).collect())
+    }
+
+    /// This thread's shard.
+    pub fn mine(&self) -> &T {
+        &self.0[thread_number() & (self.0.len() - 1)].0
+    }
+
+    /// Every shard, for the one reader that visits them all.
+    pub fn iter(&self) -> impl Iterator<Item = &T> {
+        self.0.iter().map(|shard| &shard.0)
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
 }
 
-/// The shard of thread `number` among `shards` (a power of two). A mask, not
-/// `%`: a division per request showed in the log line's micro-benchmark.
-pub fn index(number: usize, shards: usize) -> usize {
-    debug_assert!(shards.is_power_of_two());
-    number & (shards - 1)
+/// How many shards: one per core this process may run on, at most 64.
+pub fn count() -> usize {
+    std::thread::available_parallelism()
+        .map_or(1, usize::from)
+        .min(64)
 }
 
 /// A lock whose holder panicked is still good here: shards hold counts and
