@@ -9,7 +9,7 @@
 # session of its own (as the daemonized peers do); wrk runs with one thread
 # on CPU 1. Peers come from ../shared/bench/peers (started and stopped
 # here). The telemetry cost, and cross-checks of the hit and pass-through
-# ratios, come from two servers loaded side by side on CPU 0 (see
+# ratios and their p99s, come from two servers loaded side by side on CPU 0 (see
 # side_by_side below). Results: one table on stdout, one JSON line appended
 # to benches/results/history.jsonl. Exits non-zero when a measurement fails.
 set -euo pipefail
@@ -158,8 +158,10 @@ record() { echo "$1 $2" >> "$results"; }
 # are pinned to CPU 0 in sessions of their own, so the scheduler gives each
 # half of the core, and the ratio of their req/s is the inverse ratio of
 # what a request costs each — measured over the same seconds, so whatever
-# else the machine does in them weighs on both alike. → "rps_a rps_b idle",
-# idle: the share of CPU 0 left idle (a valid measurement keeps it near 0).
+# else the machine does in them weighs on both alike. → "rps_a rps_b idle
+# p99_a p99_b", idle: the share of CPU 0 left idle (a valid measurement keeps
+# it near 0); p99 in ms, each server's with half the core, so only their
+# ratio means anything.
 side_by_side() { # $1 url a, $2 url b
   warm "$1"; warm "$2"
   local before after figures_a figures_b pid_a
@@ -172,10 +174,11 @@ side_by_side() { # $1 url a, $2 url b
   figures_a=$(wrk_figures "$work/wrk-a.out") || return 1
   figures_b=$(wrk_figures "$work/wrk-b.out") || return 1
   # /proc/stat's cpu0 line: user nice system idle iowait irq softirq steal …
-  awk -v a="${figures_a%% *}" -v b="${figures_b%% *}" -v before="$before" -v after="$after" 'BEGIN {
+  awk -v a="${figures_a%% *}" -v b="${figures_b%% *}" -v before="$before" -v after="$after" \
+    -v p99_a="${figures_a##* }" -v p99_b="${figures_b##* }" 'BEGIN {
     split(before, x); split(after, y)
     for (i = 2; i <= 9; i++) total += y[i] - x[i]
-    printf "%s %s %.4f\n", a, b, (y[5] - x[5] + y[6] - x[6]) / (total > 0 ? total : 1)
+    printf "%s %s %.4f %s %s\n", a, b, (y[5] - x[5] + y[6] - x[6]) / (total > 0 ? total : 1), p99_a, p99_b
   }'
 }
 # The same with the two started in the other order (output in argument
@@ -183,7 +186,7 @@ side_by_side() { # $1 url a, $2 url b
 side_by_side_swapped() { # $1 url a, $2 url b
   local rates
   read -r -a rates <<< "$(side_by_side "$2" "$1")"
-  echo "${rates[1]} ${rates[0]} ${rates[2]}"
+  echo "${rates[1]} ${rates[0]} ${rates[2]} ${rates[4]} ${rates[3]}"
 }
 pairs="$work/pairs.txt"
 : > "$pairs"
@@ -287,11 +290,11 @@ for line in open(path):
 pairs = {}
 for line in open(pairs_path):
     fields = line.split()
-    if len(fields) != 4:
+    if len(fields) != 6:
         sys.exit(f"a side-by-side measurement failed (see wrk's output above): {line.strip()!r}")
-    name, off, on, idle = fields
-    pairs.setdefault(name, []).append((float(off), float(on), float(idle)))
-idle_by_pair = {name: max(idle for _, _, idle in values) for name, values in pairs.items()}
+    name, off, on, idle, p99_off, p99_on = fields
+    pairs.setdefault(name, []).append((float(off), float(on), float(idle), float(p99_off), float(p99_on)))
+idle_by_pair = {name: max(v[2] for v in values) for name, values in pairs.items()}
 idlest = max(idle_by_pair.values())
 # The telemetry cost is a target: measured with CPU 0 left idle (the wrks,
 # not the servers, setting the pace) it would read low, so it must not pass.
@@ -318,17 +321,23 @@ summary = {
     "pass_p99_vs_nginx": med["pass/teamgate"][2] / med["pass/nginx"][2],
     # Median of the per-run costs, each from the two gateways measured side
     # by side (log off and on, over the same seconds on one core).
-    "telemetry_cost": statistics.median(1 - on / off for off, on, _ in pairs["telemetry/teamgate"]),
+    "telemetry_cost": statistics.median(1 - on / off for off, on, *_ in pairs["telemetry/teamgate"]),
     # The same for nginx with its own JSON access log (buffered), for scale.
-    "nginx_access_log_cost": statistics.median(1 - on / off for off, on, _ in pairs["access_log/nginx"]),
-    "telemetry_cost_runs": [1 - on / off for off, on, _ in pairs["telemetry/teamgate"]],
+    "nginx_access_log_cost": statistics.median(1 - on / off for off, on, *_ in pairs["access_log/nginx"]),
+    "telemetry_cost_runs": [1 - on / off for off, on, *_ in pairs["telemetry/teamgate"]],
     "side_by_side_idle_max": idlest,
     # By pair: a CPU 0 left idle means the wrks, not the servers, set the pace,
     # which pulls the ratio toward 1.
     "side_by_side_idle": idle_by_pair,
     # Side-by-side cross-checks of the throughput ratios (medians of runs).
     "side_by_side": {
-        name: statistics.median(a / b for a, b, _ in values)
+        name: statistics.median(a / b for a, b, *_ in values)
+        for name, values in pairs.items() if "_vs_" in name
+    },
+    # The p99 ratios of the same pairs: both servers' tails over the same
+    # seconds, each with half the core (medians of runs).
+    "side_by_side_p99": {
+        name: statistics.median(p99_a / p99_b for _, _, _, p99_a, p99_b in values)
         for name, values in pairs.items() if "_vs_" in name
     },
     # The older estimate, from the rows above measured one after the other:
@@ -352,6 +361,9 @@ side = summary["side_by_side"]
 print(f"side by side: hits teamgate/nginx {side['hit/teamgate_vs_nginx']:.2f}x, teamgate/limit {side['hit/teamgate_vs_limit']:.2f}x;"
       f" pass-through teamgate/nginx {side['pass/teamgate_vs_nginx']:.2f}x (the same ratios, each pair sharing CPU 0 over the same seconds;"
       f" CPU 0 idle at most {100 * max(v for k, v in idle_by_pair.items() if '_vs_' in k):.1f}%)")
+side_p99 = summary["side_by_side_p99"]
+print(f"              p99 side by side: hits teamgate/nginx {side_p99['hit/teamgate_vs_nginx']:.2f}, teamgate/limit {side_p99['hit/teamgate_vs_limit']:.2f};"
+      f" pass-through teamgate/nginx {side_p99['pass/teamgate_vs_nginx']:.2f}")
 print(f"coalescing:   {summary['coalesce_upstream_requests']} upstream request(s) for 500 concurrent first requests (target 1)")
 print(f"memory:       RSS {summary['rss_mib']:.1f} MiB with {summary['cached_entries']} entries / {summary['cached_mib']:.1f} MiB cached (target <= {summary['rss_limit_mib']:.1f} MiB)")
 print(f"telemetry:    the access log (JSON, to a file) costs {100 * summary['telemetry_cost']:.1f}% of cache-hit throughput (target <= 5%;"
