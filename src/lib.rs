@@ -109,7 +109,12 @@ pub async fn run(
         config: Arc::clone(&config),
         metrics,
     };
-    let admin = tokio::spawn(serve_admin(listeners.admin, admin_state, admin_stopped));
+    let admin = tokio::spawn(serve_admin(
+        listeners.admin,
+        admin_state,
+        config.server.header_read_timeout,
+        admin_stopped,
+    ));
     let builder = Arc::new(client_connection_builder(&config.server));
     let graceful = GracefulShutdown::new();
     let tls = match &config.server.tls {
@@ -170,11 +175,7 @@ pub async fn run(
                         drop(slot);
                     });
                 }
-                Err(error) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    tracing::warn!(%error, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
+                Err(error) => back_off_after_accept_error("gateway", &error).await,
             },
             () = &mut shutdown => break,
         }
@@ -272,16 +273,43 @@ async fn refuse_connection(mut stream: tokio::net::TcpStream) {
     tracing::warn!("connection refused: at server.max_connections");
 }
 
+/// How long a listener waits after a failed `accept` before the next.
+const ACCEPT_RETRY_AFTER: Duration = Duration::from_millis(50);
+
+/// After a failed `accept` (out of file descriptors, most often): says so and
+/// waits before the next. The connection that could not be taken stays in
+/// the kernel's queue, so the listener stays readable and an immediate retry
+/// would fail the same way, in a loop that takes a whole core.
+async fn back_off_after_accept_error(listener: &'static str, error: &std::io::Error) {
+    tracing::warn!(listener, %error, retry_after = ?ACCEPT_RETRY_AFTER, "accept failed");
+    tokio::time::sleep(ACCEPT_RETRY_AFTER).await;
+}
+
+/// The admin port: health, readiness, metrics and cache administration, for
+/// operators and scrapers. The same header-read timeout as the gateway port,
+/// so a client that never finishes a head cannot hold a connection open here
+/// either.
 async fn serve_admin(
     listener: TcpListener,
     state: admin::AdminState,
+    header_read_timeout: Duration,
     mut stopped: tokio::sync::watch::Receiver<bool>,
 ) {
-    let builder = auto::Builder::new(TokioExecutor::new());
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(header_read_timeout);
     loop {
         tokio::select! {
             accepted = listener.accept() => {
-                let Ok((stream, _)) = accepted else { continue };
+                let stream = match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(error) => {
+                        back_off_after_accept_error("admin", &error).await;
+                        continue;
+                    }
+                };
                 let state = state.clone();
                 let service = hyper::service::service_fn(move |request| admin::handle(state.clone(), request));
                 let connection = builder.serve_connection(TokioIo::new(stream), service).into_owned();

@@ -4,38 +4,15 @@
 
 mod common;
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
-
+use common::log_capture::LogCapture;
 use common::*;
 use futures_util::StreamExt;
 use http::{Method, StatusCode};
 use teamgate::emulator::{Fault, FaultAction};
-use tracing_subscriber::fmt::MakeWriter;
-
-#[derive(Clone, Default)]
-struct Capture(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Capture {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(bytes);
-        Ok(bytes.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl<'a> MakeWriter<'a> for Capture {
-    type Writer = Capture;
-    fn make_writer(&'a self) -> Capture {
-        self.clone()
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_key_appears_in_any_log_line() {
-    let capture = Capture::default();
+    let capture = LogCapture::default();
     // Everything the gateway process logs, at trace. The emulator is the
     // upstream (a different party that legitimately sees the upstream keys),
     // and the websocket client is the test's, so those two are left out.
@@ -90,7 +67,7 @@ async fn no_key_appears_in_any_log_line() {
     assert!(tokio_tungstenite::connect_async(bad_ws).await.is_err());
     h.stop().await;
 
-    let logs = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
+    let logs = capture.text();
     assert!(
         logs.contains("served"),
         "the access log was captured: {logs}"

@@ -80,7 +80,8 @@ pub struct ServerSettings {
     pub max_header_bytes: usize,
     /// Request body, in bytes; above it: 413.
     pub max_request_body: u64,
-    /// A client must send its whole header section within this (slowloris).
+    /// A client must send its whole header section within this (slowloris),
+    /// on the gateway port and the admin port alike.
     pub header_read_timeout: Duration,
     /// Concurrent client connections; beyond: a 503 and the connection is closed.
     pub max_connections: usize,

@@ -2,6 +2,8 @@
 //! 127.0.0.1:0, talking real HTTP. Each test gets its own pair.
 #![allow(dead_code)]
 
+pub mod log_capture;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 
