@@ -280,7 +280,7 @@ const ACCEPT_RETRY_AFTER: Duration = Duration::from_millis(50);
 /// waits before the next. The connection that could not be taken stays in
 /// the kernel's queue, so the listener stays readable and an immediate retry
 /// would fail the same way, in a loop that takes a whole core.
-async fn back_off_after_accept_error(listener: &'static str, error: &std::io::Error) {
+pub(crate) async fn back_off_after_accept_error(listener: &'static str, error: &std::io::Error) {
     tracing::warn!(listener, %error, retry_after = ?ACCEPT_RETRY_AFTER, "accept failed");
     tokio::time::sleep(ACCEPT_RETRY_AFTER).await;
 }

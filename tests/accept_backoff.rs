@@ -1,7 +1,7 @@
-//! Out of file descriptors, both listeners (the gateway's and the admin
-//! port's) say so and retry no sooner than 50 ms later instead of spinning
-//! on `accept`, and take the waiting connections once descriptors are free
-//! again. Its own binary: it lowers the process's descriptor limit and
+//! Out of file descriptors, every listener (the gateway's, the admin
+//! port's, the built-in emulator's) says so and retries no sooner than 50 ms
+//! later instead of spinning on `accept`, and takes the waiting connections
+//! once descriptors are free again. Its own binary: it lowers the process's descriptor limit and
 //! captures every log line.
 
 mod common;
@@ -55,6 +55,7 @@ async fn out_of_descriptors_listeners_back_off_and_recover() {
     // `connect` takes no new descriptor, `accept` on the other side does.
     let to_gateway = TcpSocket::new_v4().unwrap();
     let to_admin = TcpSocket::new_v4().unwrap();
+    let to_emulator = TcpSocket::new_v4().unwrap();
     let limit = getrlimit(Resource::Nofile);
     // The lowest free descriptor number: every one below it is taken, so
     // with the soft limit there no new descriptor can be opened.
@@ -74,7 +75,8 @@ async fn out_of_descriptors_listeners_back_off_and_recover() {
     let connected = async {
         let to_gateway = to_gateway.connect(h.gateway).await;
         let to_admin = to_admin.connect(h.admin).await;
-        (to_gateway, to_admin)
+        let to_emulator = to_emulator.connect(h.emulator_addr).await;
+        (to_gateway, to_admin, to_emulator)
     }
     .await;
 
@@ -82,7 +84,7 @@ async fn out_of_descriptors_listeners_back_off_and_recover() {
     // listener take ~100 ms when it backs off.
     eventually("three failed accepts on each listener", async || {
         let failures = accept_failures(&capture);
-        ["gateway", "admin"]
+        ["gateway", "admin", "emulator"]
             .iter()
             .all(|listener| failures.get(*listener).is_some_and(|at| at.len() >= 3))
     })
@@ -102,7 +104,7 @@ async fn out_of_descriptors_listeners_back_off_and_recover() {
     }
 
     // Nothing was lost: each waiting connection is taken and answered.
-    let (to_gateway, to_admin) = connected;
+    let (to_gateway, to_admin, to_emulator) = connected;
     let admin: SocketAddr = h.admin;
     assert_eq!(
         status_line(
@@ -118,6 +120,17 @@ async fn out_of_descriptors_listeners_back_off_and_recover() {
             &format!(
                 "GET /api/assets HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {DESIGN_KEY}\r\nConnection: close\r\n\r\n",
                 h.gateway
+            )
+        )
+        .await,
+        "HTTP/1.1 200 OK"
+    );
+    assert_eq!(
+        status_line(
+            to_emulator.unwrap(),
+            &format!(
+                "GET /api/assets HTTP/1.1\r\nHost: {}\r\nX-API-Key: {DESIGN_UPSTREAM_KEY}\r\nConnection: close\r\n\r\n",
+                h.emulator_addr
             )
         )
         .await,

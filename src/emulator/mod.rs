@@ -196,8 +196,12 @@ impl Emulator {
         };
         let builder = auto::Builder::new(TokioExecutor::new());
         loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
+            let stream = match listener.accept().await {
+                Ok((stream, _)) => stream,
+                Err(error) => {
+                    crate::back_off_after_accept_error("emulator", &error).await;
+                    continue;
+                }
             };
             let emulator = self.clone();
             let router = router.clone();
