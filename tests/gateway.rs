@@ -280,6 +280,34 @@ async fn hop_by_hop_headers_are_stripped_and_forwarding_headers_added() {
     h.stop().await;
 }
 
+/// The upstream sees the id the client's answer carries: a fresh one when
+/// the client sent none, and in place of one that is not sane (too long, or
+/// with characters an id has no use for).
+#[tokio::test]
+async fn the_upstream_sees_the_answers_request_id() {
+    let h = Harness::start().await;
+    let too_long = "a".repeat(129);
+    for sent in [
+        None,
+        Some(too_long.as_str()),
+        Some("has space"),
+        Some("quote\"d"),
+    ] {
+        let mut request = Request::get(h.url("/api/jobs")).header("x-api-key", DESIGN_KEY);
+        if let Some(sent) = sent {
+            request = request.header("x-request-id", sent);
+        }
+        let answer = h.send(request.body(Full::new(Bytes::new())).unwrap()).await;
+        assert_eq!(answer.status, StatusCode::OK, "{sent:?}");
+        let id = answer.headers["x-request-id"].to_str().unwrap();
+        assert_eq!(id.len(), 36, "a fresh UUID for {sent:?}, not {id}");
+        let seen = h.emulator.recorded().pop().unwrap().headers;
+        assert_eq!(seen.get_all("x-request-id").iter().count(), 1, "{sent:?}");
+        assert_eq!(seen["x-request-id"], id, "{sent:?}");
+    }
+    h.stop().await;
+}
+
 #[tokio::test]
 async fn websocket_token_is_rewritten_to_the_team_key_and_frames_flow_both_ways() {
     let h = Harness::start().await;

@@ -28,7 +28,7 @@ use crate::config::secret::HeaderForm;
 use crate::config::{CredentialPlacement, ServerSettings};
 use crate::error::GatewayError;
 use crate::route::{RouteClass, RouteMatch};
-use crate::telemetry::RequestRecord;
+use crate::telemetry::{RequestRecord, X_REQUEST_ID};
 use crate::wire;
 
 /// The client's address, with its `X-Forwarded-For` item made once per
@@ -167,6 +167,9 @@ pub fn prepare_upstream_request(
         .and_then(|record| record.client.as_ref())
         .map(|client| client.forwarded_for.clone());
     let client_tls = record.is_some_and(|record| record.tls);
+    let request_id = record
+        .and_then(|record| record.id.get())
+        .map(|id| id.0.clone());
     let upstream = &route.upstream;
     // A public read carries no team credential: the client's own
     // `Authorization: public-auth-token` is what the upstream expects.
@@ -232,6 +235,11 @@ pub fn prepare_upstream_request(
         headers.remove(header::AUTHORIZATION);
     }
     headers.insert(header::HOST, host);
+    // The id the client's answer carries (a sane one the client sent, or
+    // the gateway's), in place of whatever the client sent.
+    if let Some(id) = request_id {
+        headers.insert(X_REQUEST_ID.clone(), id);
+    }
     if settings.forwarded_headers {
         if let Some(ip) = client_addr {
             append_list(headers, &X_FORWARDED_FOR, ip);

@@ -189,10 +189,9 @@ where
                 record
             }
         };
-        let request_id = record
-            .id
-            .get_or_init(|| RequestId::for_request(&request))
-            .clone();
+        // Goes upstream in `X-Request-Id` (set with the upstream request's
+        // other fields, `auth::inject`) and back on the answer (below).
+        let request_id = record.id.get_or_init(|| RequestId::for_request(&request));
         let span = tracing::debug_span!(
             "request",
             request_id = %request_id.0.to_str().unwrap_or_default(),
@@ -212,9 +211,6 @@ where
         let logged_uri = tracing::enabled!(target: logging::ACCESS_TARGET, tracing::Level::INFO)
             .then(|| request.uri().clone());
         let method = request.method().clone();
-        request
-            .headers_mut()
-            .insert(X_REQUEST_ID.clone(), request_id.0);
         // Inner layers' synchronous work (routing, auth) runs inside the span too.
         let inner = span.in_scope(|| self.inner.call(request));
         ObserveFuture {

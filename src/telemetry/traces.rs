@@ -170,7 +170,9 @@ static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 
 /// Makes `span` a child of the client's `traceparent`, if it sent one.
 pub fn continue_trace(span: &Span, headers: &HeaderMap) {
-    if headers.contains_key(&TRACEPARENT) {
+    // A disabled span (DEBUG, with no exporter asking for it) has no parent
+    // to set: the header is not even looked up.
+    if !span.is_disabled() && headers.contains_key(&TRACEPARENT) {
         let parent = TraceContextPropagator::new().extract(&HeaderExtractor(headers));
         let _ = span.set_parent(parent);
     }
