@@ -9,6 +9,8 @@
 //!   a header, `Authorization: Bearer`, or a query parameter (Comfy's `/ws`).
 //! - `Host` is the upstream's; `X-Forwarded-For`, `X-Forwarded-Proto` and
 //!   `Via` are added unless the config turns them off.
+//! - `X-Request-Id` is the request's id (see [`crate::telemetry`]), in place
+//!   of whatever the client sent.
 
 use std::borrow::Cow;
 use std::convert::Infallible;

@@ -1,8 +1,9 @@
 //! Request ids, the per-request span, the access log, and logging set-up.
 //!
 //! [`ObserveLayer`] is the outermost layer: it keeps a client's `X-Request-Id`
-//! (or makes one), opens the request span every inner layer records into
-//! (`team`, `upstream`, …), sets the id on the answer, and writes one access-log
+//! (or makes one) in the request's record, from where the upstream rewrite
+//! (`auth::inject`) sends it on; it opens the request span every inner layer
+//! records into (`team`, `upstream`, …), sets the id on the answer, and writes one access-log
 //! line per request, rejections included. The span records the path but never
 //! the query: Comfy's `/ws` carries a key in `token=`.
 
@@ -64,8 +65,8 @@ impl RequestId {
                 let mut id = [0u8; uuid::fmt::Hyphenated::LENGTH];
                 uuid.as_hyphenated().encode_lower(&mut id);
                 // Owned by one reference-counted box: the id is cloned into the
-                // request's `X-Request-Id` at once, and a value copied into a
-                // `Vec` would take a second allocation on that first clone.
+                // answer's (and a forwarded request's) `X-Request-Id`, and a value
+                // copied into a `Vec` would take a second allocation on the first clone.
                 let id = bytes::Bytes::from_owner(id);
                 RequestId(
                     HeaderValue::from_maybe_shared(id).expect("a UUID is a valid header value"),
