@@ -51,7 +51,7 @@ use std::time::Duration;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 
 use crate::admin::Readiness;
 use crate::auth::inject::ClientAddr;
@@ -136,47 +136,44 @@ pub async fn run(
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
-            accepted = listeners.gateway.accept() => match accepted {
-                Ok((stream, peer)) => {
-                    let Ok(slot) = Arc::clone(&connection_slots).try_acquire_owned() else {
-                        tokio::spawn(refuse_connection(stream));
-                        continue;
-                    };
-                    let _ = stream.set_nodelay(true);
-                    let service = connection::ConnectionService::new(service.clone(), ClientAddr::new(peer), tls.is_some());
-                    let builder = Arc::clone(&builder);
-                    let watcher = graceful.watcher();
-                    let acceptor = tls.as_ref().map(|tls| tls.acceptor.clone());
-                    let stop = stop.clone();
-                    tokio::spawn(async move {
-                        let served = match acceptor {
-                            None => serve_client(stream, false, service, &builder, watcher, handshake_timeout, stop).await,
-                            Some(acceptor) => {
-                                // The handshake counts against the header-read timeout (slowloris over TLS).
-                                match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
-                                    Ok(Ok(stream)) => {
-                                        let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
-                                        serve_client(stream, h2, service, &builder, watcher, handshake_timeout, stop).await
-                                    }
-                                    Ok(Err(error)) => {
-                                        tracing::debug!(%error, %peer, "TLS handshake failed");
-                                        Ok(())
-                                    }
-                                    Err(_) => {
-                                        tracing::debug!(%peer, "TLS handshake timed out");
-                                        Ok(())
-                                    }
+            (stream, peer) = accept(&listeners.gateway, "gateway") => {
+                let Ok(slot) = Arc::clone(&connection_slots).try_acquire_owned() else {
+                    tokio::spawn(refuse_connection(stream));
+                    continue;
+                };
+                let _ = stream.set_nodelay(true);
+                let service = connection::ConnectionService::new(service.clone(), ClientAddr::new(peer), tls.is_some());
+                let builder = Arc::clone(&builder);
+                let watcher = graceful.watcher();
+                let acceptor = tls.as_ref().map(|tls| tls.acceptor.clone());
+                let stop = stop.clone();
+                tokio::spawn(async move {
+                    let served = match acceptor {
+                        None => serve_client(stream, false, service, &builder, watcher, handshake_timeout, stop).await,
+                        Some(acceptor) => {
+                            // The handshake counts against the header-read timeout (slowloris over TLS).
+                            match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                                Ok(Ok(stream)) => {
+                                    let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+                                    serve_client(stream, h2, service, &builder, watcher, handshake_timeout, stop).await
+                                }
+                                Ok(Err(error)) => {
+                                    tracing::debug!(%error, %peer, "TLS handshake failed");
+                                    Ok(())
+                                }
+                                Err(_) => {
+                                    tracing::debug!(%peer, "TLS handshake timed out");
+                                    Ok(())
                                 }
                             }
-                        };
-                        if let Err(error) = served {
-                            tracing::debug!(%error, %peer, "client connection ended with an error");
                         }
-                        drop(slot);
-                    });
-                }
-                Err(error) => back_off_after_accept_error("gateway", &error).await,
-            },
+                    };
+                    if let Err(error) = served {
+                        tracing::debug!(%error, %peer, "client connection ended with an error");
+                    }
+                    drop(slot);
+                });
+            }
             () = &mut shutdown => break,
         }
     }
@@ -259,7 +256,7 @@ fn client_connection_builder(settings: &config::ServerSettings) -> auto::Builder
 }
 
 /// Over `max_connections`: a short 503 in the primary upstream's JSON shape, then close.
-async fn refuse_connection(mut stream: tokio::net::TcpStream) {
+async fn refuse_connection(mut stream: TcpStream) {
     use tokio::io::AsyncWriteExt;
     let body =
         error::GatewayError::TooManyConnections.json_body(error::ErrorShape::ComfyFlat, None);
@@ -276,13 +273,25 @@ async fn refuse_connection(mut stream: tokio::net::TcpStream) {
 /// How long a listener waits after a failed `accept` before the next.
 const ACCEPT_RETRY_AFTER: Duration = Duration::from_millis(50);
 
-/// After a failed `accept` (out of file descriptors, most often): says so and
-/// waits before the next. The connection that could not be taken stays in
-/// the kernel's queue, so the listener stays readable and an immediate retry
-/// would fail the same way, in a loop that takes a whole core.
-pub(crate) async fn back_off_after_accept_error(listener: &'static str, error: &std::io::Error) {
-    tracing::warn!(listener, %error, retry_after = ?ACCEPT_RETRY_AFTER, "accept failed");
-    tokio::time::sleep(ACCEPT_RETRY_AFTER).await;
+/// The next connection on `listener` (`name`d in the log). A failed
+/// `accept` (out of file descriptors, most often) is logged and tried again
+/// after [`ACCEPT_RETRY_AFTER`]: the connection that could not be taken stays
+/// in the kernel's queue, so the listener stays readable and an immediate
+/// retry would fail the same way, in a loop that takes a whole core.
+/// Cancel-safe, as `TcpListener::accept` is: for `select!` loops.
+pub(crate) async fn accept(
+    listener: &TcpListener,
+    name: &'static str,
+) -> (TcpStream, std::net::SocketAddr) {
+    loop {
+        match listener.accept().await {
+            Ok(accepted) => return accepted,
+            Err(error) => {
+                tracing::warn!(listener = name, %error, retry_after = ?ACCEPT_RETRY_AFTER, "accept failed");
+                tokio::time::sleep(ACCEPT_RETRY_AFTER).await;
+            }
+        }
+    }
 }
 
 /// The admin port: health, readiness, metrics and cache administration, for
@@ -302,14 +311,7 @@ async fn serve_admin(
         .header_read_timeout(header_read_timeout);
     loop {
         tokio::select! {
-            accepted = listener.accept() => {
-                let stream = match accepted {
-                    Ok((stream, _)) => stream,
-                    Err(error) => {
-                        back_off_after_accept_error("admin", &error).await;
-                        continue;
-                    }
-                };
+            (stream, _) = accept(&listener, "admin") => {
                 let state = state.clone();
                 let service = hyper::service::service_fn(move |request| admin::handle(state.clone(), request));
                 let connection = builder.serve_connection(TokioIo::new(stream), service).into_owned();

@@ -196,13 +196,7 @@ impl Emulator {
         };
         let builder = auto::Builder::new(TokioExecutor::new());
         loop {
-            let stream = match listener.accept().await {
-                Ok((stream, _)) => stream,
-                Err(error) => {
-                    crate::back_off_after_accept_error("emulator", &error).await;
-                    continue;
-                }
-            };
+            let (stream, _) = crate::accept(&listener, "emulator").await;
             let emulator = self.clone();
             let router = router.clone();
             let service = hyper::service::service_fn(move |request: Request<Incoming>| {

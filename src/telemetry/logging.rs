@@ -213,14 +213,22 @@ fn drain<W: Write>(shared: &Shared, mut out: W) {
         // Read before the pass: every line appended before the guard was
         // dropped is in a shard by now, and this pass writes it.
         let closed = shared.closed.load(Ordering::SeqCst);
-        let mut wrote = false;
+        // Every shard's lines into one batch, written with one `write`: a
+        // write per shard would be a syscall per core per pass.
+        let mut dropped = 0;
         for shard in shared.shards.iter() {
-            let dropped = {
-                let mut shard = lock(shard);
+            let mut shard = lock(shard);
+            if batch.is_empty() {
+                // The first shard with lines hands over its buffer whole.
                 std::mem::swap(&mut batch, &mut shard.buffer);
-                std::mem::take(&mut shard.dropped_lines)
-            };
-            wrote |= !batch.is_empty() || dropped > 0;
+            } else {
+                batch.extend_from_slice(&shard.buffer);
+                shard.buffer.clear();
+            }
+            dropped += std::mem::take(&mut shard.dropped_lines);
+        }
+        let wrote = !batch.is_empty() || dropped > 0;
+        if wrote {
             // Write errors (a closed stderr) have nowhere to be reported; the
             // lines are gone either way, and the gateway keeps serving.
             let _ = out.write_all(&batch);
@@ -230,10 +238,8 @@ fn drain<W: Write>(shared: &Shared, mut out: W) {
                     "teamgate: {dropped} log line(s) dropped: the log output did not keep up"
                 );
             }
-            batch.clear();
-        }
-        if wrote {
             let _ = out.flush();
+            batch.clear();
         }
         if closed {
             return;
