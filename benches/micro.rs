@@ -2,6 +2,7 @@
 //! classification, client-key hashing and lookup, cache-key building, and the
 //! upstream header rewrite, request and answer heads, one access-log line;
 //! a cache hit through the whole stack, head bytes in, answer head out; a
+//! pass-through read through the whole stack to the built-in emulator; a
 //! cache look-up and a request's metrics, by one thread and by two at once.
 //! `cargo bench --bench micro`.
 
@@ -281,22 +282,25 @@ fn on_two_threads(work: impl Fn() + Sync) -> std::time::Duration {
     })
 }
 
-/// A cache hit through everything the gateway's own HTTP/1 loop runs for
-/// one, with no socket: the request head parsed from bytes, the whole layer
-/// stack (request id, classification, key lookup, quotas, cache lookup,
-/// metrics), the answer head encoded. In the load benchmark a hit costs
-/// ~3 µs of user time on the server's core; what this measures is the same
-/// work with hot caches, so the difference is what running cold costs
-/// (benches/README.md, "Where a hit's time goes").
-///
-/// The entry is filled first from the built-in emulator on loopback. A hit
-/// must complete at its first poll and say it is a hit, or the benchmark
-/// fails.
-fn stack_cache_hit(c: &mut Criterion) {
-    use std::task::{Context, Poll, Waker};
-    use teamgate::connection::ConnectionService;
+/// A client's `GET` head for `target`, as a CLI sends it, with `CLIENT_KEY`.
+fn client_get_head(target: &str) -> Vec<u8> {
+    format!(
+        "GET {target} HTTP/1.1\r\nHost: gateway.internal:8080\r\n\
+         Authorization: Bearer {CLIENT_KEY}\r\n\
+         Accept: application/json\r\nUser-Agent: comfy-cli/1.0\r\n\r\n"
+    )
+    .into_bytes()
+}
+
+/// A current-thread runtime, and on it one client connection's stack (the
+/// benchmarks' config) in front of the built-in emulator, which serves team
+/// `design`'s upstream key on a loopback port of its own.
+fn stack_before_emulator() -> (
+    tokio::runtime::Runtime,
+    teamgate::connection::ConnectionService<teamgate::stack::GatewayService>,
+    tokio::task::JoinHandle<()>,
+) {
     use teamgate::emulator::{Account, Emulator};
-    use teamgate::server::codec::{self, Head};
 
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -312,16 +316,35 @@ fn stack_cache_hit(c: &mut Criterion) {
         api_key: "comfy-upstream-key".into(),
     }])
     .spawn(listener);
-    let connection = ConnectionService::new(
+    let connection = teamgate::connection::ConnectionService::new(
         teamgate::stack::build(&teamgate::stack::Shared::new(config(&format!(
             "http://{upstream}"
         )))),
         ClientAddr::new("127.0.0.1:5000".parse().unwrap()),
         false,
     );
-    let head: &[u8] = b"GET /api/assets?limit=20 HTTP/1.1\r\nHost: gateway.internal:8080\r\n\
-        Authorization: Bearer tg_bench_key_0123456789abcdefghijkl\r\n\
-        Accept: application/json\r\nUser-Agent: comfy-cli/1.0\r\n\r\n";
+    drop(_context);
+    (runtime, connection, emulator)
+}
+
+/// A cache hit through everything the gateway's own HTTP/1 loop runs for
+/// one, with no socket: the request head parsed from bytes, the whole layer
+/// stack (request id, classification, key lookup, quotas, cache lookup,
+/// metrics), the answer head encoded. In the load benchmark a hit costs
+/// ~3 µs of user time on the server's core; what this measures is the same
+/// work with hot caches, so the difference is what running cold costs
+/// (benches/README.md, "Where a hit's time goes").
+///
+/// The entry is filled first from the built-in emulator on loopback. A hit
+/// must complete at its first poll and say it is a hit, or the benchmark
+/// fails.
+fn stack_cache_hit(c: &mut Criterion) {
+    use std::task::{Context, Poll, Waker};
+    use teamgate::server::codec::{self, Head};
+
+    let (runtime, connection, emulator) = stack_before_emulator();
+    let _context = runtime.enter();
+    let head = &client_get_head("/api/assets?limit=20")[..];
     let parse = |bytes: &[u8]| match codec::parse_request(&mut bytes::BytesMut::from(bytes)) {
         Head::Simple { request, .. } => request.map(|()| Body::Empty),
         other => panic!("a simple GET head, not {other:?}"),
@@ -370,6 +393,38 @@ fn stack_cache_hit(c: &mut Criterion) {
     );
     c.bench_function("stack/cache_hit", |b| {
         b.iter(|| hit(black_box(head), &mut out))
+    });
+    emulator.abort();
+}
+
+/// A pass-through read (`GET /api/jobs`, not cached) through the same stack
+/// as [`stack_cache_hit`], forwarded over a kept-alive loopback connection to
+/// the built-in emulator and its answer body read to the end. The time
+/// includes the emulator's own work (same thread), so it is for comparing
+/// builds, not servers; under `callgrind` the gateway's share is the
+/// inclusive cost of `call_stack` and the body it returns.
+fn stack_pass_through(c: &mut Criterion) {
+    use http_body_util::BodyExt;
+    use teamgate::server::codec::{self, Head};
+
+    let (runtime, connection, emulator) = stack_before_emulator();
+    let _context = runtime.enter();
+    let head = &client_get_head("/api/jobs")[..];
+    let pass = || async {
+        let request = match codec::parse_request(&mut bytes::BytesMut::from(head)) {
+            Head::Simple { request, .. } => request.map(|()| Body::Empty),
+            other => panic!("a simple GET head, not {other:?}"),
+        };
+        let response = connection.call_stack(request).await.unwrap();
+        let status = response.status();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        (status, body)
+    };
+    let (status, body) = runtime.block_on(pass());
+    assert_eq!(status, 200, "the emulator's job list");
+    assert!(!body.is_empty(), "a job list body");
+    c.bench_function("stack/pass_through", |b| {
+        b.iter(|| runtime.block_on(pass()))
     });
     emulator.abort();
 }
@@ -431,6 +486,7 @@ criterion_group!(
     benches,
     access_line,
     stack_cache_hit,
+    stack_pass_through,
     cache_get,
     request_metrics
 );
