@@ -39,11 +39,16 @@ cleanup() {
   [ -n "$gateway_pid" ] && kill "$gateway_pid" 2>/dev/null || true
   [ -n "$logged_pid" ] && kill "$logged_pid" 2>/dev/null || true
   [ -n "$logged_nginx_conf" ] && nginx -c "$logged_nginx_conf" -s stop 2>/dev/null || true
-  "$peers/stop-peers.sh" || true
+  if [ -f "$peers/stop-peers.sh" ]; then "$peers/stop-peers.sh" || true; fi
   rm -rf "$work" "$logged_nginx_cache"
 }
 trap cleanup EXIT
 
+if [ ! -f "$peers/run-peers.sh" ]; then
+  echo "no peers at $peers (run-peers.sh): load.sh expects the repository beside" >&2
+  echo "shared/ (../shared/bench/peers), or TEAMGATE_BENCH_PEERS=<dir holding run-peers.sh>" >&2
+  exit 2
+fi
 need=()
 command -v wrk >/dev/null || need+=(wrk)
 command -v curl >/dev/null || need+=(curl)
