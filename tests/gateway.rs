@@ -280,30 +280,50 @@ async fn hop_by_hop_headers_are_stripped_and_forwarding_headers_added() {
     h.stop().await;
 }
 
-/// The upstream sees the id the client's answer carries: a fresh one when
+/// The upstream sees the id the client's answer carries — a fresh one when
 /// the client sent none, and in place of one that is not sane (too long, or
-/// with characters an id has no use for).
+/// with characters an id has no use for) — on a forwarded read and on the
+/// fill a cache miss sends (the fill is a request of its own, built by the
+/// cache, and carries the leader's id).
 #[tokio::test]
 async fn the_upstream_sees_the_answers_request_id() {
     let h = Harness::start().await;
     let too_long = "a".repeat(129);
-    for sent in [
+    let cases = [
         None,
         Some(too_long.as_str()),
         Some("has space"),
         Some("quote\"d"),
-    ] {
-        let mut request = Request::get(h.url("/api/jobs")).header("x-api-key", DESIGN_KEY);
-        if let Some(sent) = sent {
-            request = request.header("x-request-id", sent);
+    ];
+    for (n, sent) in cases.into_iter().enumerate() {
+        // A pass-through read, then a list page nobody asked for before (a miss).
+        for path in [
+            "/api/jobs".to_owned(),
+            format!("/api/assets?limit={}", n + 1),
+        ] {
+            let mut request = Request::get(h.url(&path)).header("x-api-key", DESIGN_KEY);
+            if let Some(sent) = sent {
+                request = request.header("x-request-id", sent);
+            }
+            let answer = h.send(request.body(Full::new(Bytes::new())).unwrap()).await;
+            assert_eq!(answer.status, StatusCode::OK, "{path} {sent:?}");
+            let id = answer.headers["x-request-id"].to_str().unwrap();
+            assert_eq!(id.len(), 36, "a fresh UUID for {path} {sent:?}, not {id}");
+            let upstream = h.emulator.recorded().pop().unwrap();
+            let path_only = path.split('?').next().unwrap();
+            assert!(
+                upstream.target.starts_with(path_only),
+                "{path} went upstream as {}",
+                upstream.target
+            );
+            let seen = upstream.headers;
+            assert_eq!(
+                seen.get_all("x-request-id").iter().count(),
+                1,
+                "{path} {sent:?}"
+            );
+            assert_eq!(seen["x-request-id"], id, "{path} {sent:?}");
         }
-        let answer = h.send(request.body(Full::new(Bytes::new())).unwrap()).await;
-        assert_eq!(answer.status, StatusCode::OK, "{sent:?}");
-        let id = answer.headers["x-request-id"].to_str().unwrap();
-        assert_eq!(id.len(), 36, "a fresh UUID for {sent:?}, not {id}");
-        let seen = h.emulator.recorded().pop().unwrap().headers;
-        assert_eq!(seen.get_all("x-request-id").iter().count(), 1, "{sent:?}");
-        assert_eq!(seen["x-request-id"], id, "{sent:?}");
     }
     h.stop().await;
 }
