@@ -177,6 +177,12 @@ side_by_side() { # $1 url a, $2 url b
   warm "$1"; warm "$2"
   local before after figures_a figures_b pid_a pids_a pids_b ticks_a ticks_b
   pids_a=$(listener_pids "$1"); pids_b=$(listener_pids "$2")
+  if [ -z "$pids_a" ] || [ -z "$pids_b" ]; then
+    # Nothing listening, or (`ss -p` names another user's processes only
+    # to root) not run as root.
+    echo "no process found listening for $1 or $2 (ss -ltnp)" >&2
+    return 1
+  fi
   ticks_a=$(cpu_ticks $pids_a); ticks_b=$(cpu_ticks $pids_b)
   before=$(grep '^cpu0 ' /proc/stat)
   run_wrk "$1" "$work/wrk-a.out" &
@@ -328,7 +334,10 @@ for line in open(pairs_path):
     fields = line.split()
     if len(fields) != 1 + len(Pair._fields):
         sys.exit(f"a side-by-side measurement failed (see wrk's output above): {line.strip()!r}")
-    pairs.setdefault(fields[0], []).append(Pair(*map(float, fields[1:])))
+    pair = Pair(*map(float, fields[1:]))
+    if pair.cpu_a <= 0 or pair.cpu_b <= 0:
+        sys.exit(f"a side-by-side measurement read no CPU time for a server: {line.strip()!r}")
+    pairs.setdefault(fields[0], []).append(pair)
 idle_by_pair = {name: max(pair.idle for pair in values) for name, values in pairs.items()}
 idlest = max(idle_by_pair.values())
 # The telemetry cost is a target: with CPU 0 left idle the servers were not
