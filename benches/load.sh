@@ -129,7 +129,7 @@ run_wrk() { # $1 url, $2 output file, $3.. extra wrk args
   taskset -c 1 wrk -t1 -c"$connections" -d"${duration}s" --latency \
     -H "Authorization: Bearer team-a-client-key" "$@" "$url" > "$out" 2>&1 || true
 }
-# wrk's output in $1 → "req_per_s p50_ms p99_ms"; fails if wrk failed or saw errors.
+# wrk's output in $1 → "req_per_s p50_ms p99_ms requests"; fails if wrk failed or saw errors.
 wrk_figures() {
   python3 - "$1" <<'PY'
 import re, sys
@@ -138,17 +138,18 @@ def ms(v):
     n, unit = re.match(r"([\d.]+)(us|ms|s)", v).groups()
     return float(n) * {"us": 0.001, "ms": 1, "s": 1000}[unit]
 rps = re.search(r"Requests/sec:\s+([\d.]+)", text)
+requests = re.search(r"^\s*(\d+) requests in ", text, re.M)
 p50 = re.search(r"^\s+50%\s+(\S+)", text, re.M)
 p99 = re.search(r"^\s+99%\s+(\S+)", text, re.M)
 errors = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
-if not (rps and p50 and p99) or errors:
+if not (rps and p50 and p99 and requests) or errors:
     sys.stderr.write("wrk failed or saw errors:\n" + text)
     sys.exit(1)
-print(rps.group(1), ms(p50.group(1)), ms(p99.group(1)))
+print(rps.group(1), ms(p50.group(1)), ms(p99.group(1)), requests.group(1))
 PY
 }
 
-# wrk → "req_per_s p50_ms p99_ms"
+# wrk → "req_per_s p50_ms p99_ms requests"
 measure() { # $1 url, $2.. extra wrk args
   local url=$1; shift
   warm "$url"
@@ -175,7 +176,8 @@ record() { echo "$1 $2" >> "$results"; }
 # listening on its port, so nginx's and Varnish's workers count).
 side_by_side() { # $1 url a, $2 url b
   warm "$1"; warm "$2"
-  local before after figures_a figures_b pid_a pids_a pids_b ticks_a ticks_b
+  local before after pid_a pids_a pids_b ticks_a ticks_b figures
+  local rps_a p99_a n_a rps_b p99_b n_b
   pids_a=$(listener_pids "$1"); pids_b=$(listener_pids "$2")
   if [ -z "$pids_a" ] || [ -z "$pids_b" ]; then
     # Nothing listening, or (`ss -p` names another user's processes only
@@ -191,12 +193,13 @@ side_by_side() { # $1 url a, $2 url b
   wait "$pid_a" "$!"
   after=$(grep '^cpu0 ' /proc/stat)
   ticks_a=$(( $(cpu_ticks $pids_a) - ticks_a )); ticks_b=$(( $(cpu_ticks $pids_b) - ticks_b ))
-  figures_a=$(wrk_figures "$work/wrk-a.out") || return 1
-  figures_b=$(wrk_figures "$work/wrk-b.out") || return 1
+  figures=$(wrk_figures "$work/wrk-a.out") || return 1
+  read -r rps_a _ p99_a n_a <<< "$figures"
+  figures=$(wrk_figures "$work/wrk-b.out") || return 1
+  read -r rps_b _ p99_b n_b <<< "$figures"
   # /proc/stat's cpu0 line: user nice system idle iowait irq softirq steal …
-  awk -v a="${figures_a%% *}" -v b="${figures_b%% *}" -v before="$before" -v after="$after" \
-    -v p99_a="${figures_a##* }" -v p99_b="${figures_b##* }" \
-    -v n_a="$(wrk_requests "$work/wrk-a.out")" -v n_b="$(wrk_requests "$work/wrk-b.out")" \
+  awk -v a="$rps_a" -v b="$rps_b" -v before="$before" -v after="$after" \
+    -v p99_a="$p99_a" -v p99_b="$p99_b" -v n_a="$n_a" -v n_b="$n_b" \
     -v ticks_a="$ticks_a" -v ticks_b="$ticks_b" -v hz="$(getconf CLK_TCK)" 'BEGIN {
     split(before, x); split(after, y)
     for (i = 2; i <= 9; i++) total += y[i] - x[i]
@@ -218,8 +221,6 @@ cpu_ticks() {
   done
   echo "$total"
 }
-# The requests wrk completed, from its output in $1.
-wrk_requests() { awk '/ requests in / {print $1}' "$1"; }
 # The same with the two started in the other order (output in argument
 # order still): runs alternate, so neither server is always the first wrk's.
 side_by_side_swapped() { # $1 url a, $2 url b
@@ -324,7 +325,7 @@ import collections, json, statistics, sys, datetime, os, platform
 path, pairs_path, runs, duration, conns, coalesce, rss_kib, cached, entries, history, commit = sys.argv[1:]
 rows = {}
 for line in open(path):
-    name, rps, p50, p99 = line.split()
+    name, rps, p50, p99, _requests = line.split()
     rows.setdefault(name, []).append((float(rps), float(p50), float(p99)))
 # One side-by-side measurement (see side_by_side): a and b in the order the
 # pair is named (telemetry: off, then on; cross-checks: teamgate, then the peer).

@@ -292,6 +292,16 @@ fn client_get_head(target: &str) -> Vec<u8> {
     .into_bytes()
 }
 
+/// A simple request head parsed as the gateway's own HTTP/1 loop parses it
+/// (`server::codec`), bodiless.
+fn parse_simple(head: &[u8]) -> Request<Body> {
+    use teamgate::server::codec::{self, Head};
+    match codec::parse_request(&mut bytes::BytesMut::from(head)) {
+        Head::Simple { request, .. } => request.map(|()| Body::Empty),
+        other => panic!("a simple GET head, not {other:?}"),
+    }
+}
+
 /// A current-thread runtime, and on it one client connection's stack (the
 /// benchmarks' config) in front of the built-in emulator, which serves team
 /// `design`'s upstream key on a loopback port of its own.
@@ -343,17 +353,13 @@ fn stack_before_emulator() -> (
 /// fails.
 fn stack_cache_hit(c: &mut Criterion) {
     use std::task::{Context, Poll, Waker};
-    use teamgate::server::codec::{self, Head};
+    use teamgate::server::codec;
 
     let (runtime, connection, emulator) = stack_before_emulator();
     let _context = runtime.enter();
     let head = &client_get_head("/api/assets?limit=20")[..];
-    let parse = |bytes: &[u8]| match codec::parse_request(&mut bytes::BytesMut::from(bytes)) {
-        Head::Simple { request, .. } => request.map(|()| Body::Empty),
-        other => panic!("a simple GET head, not {other:?}"),
-    };
     let filled = runtime
-        .block_on(connection.call_stack(parse(head)))
+        .block_on(connection.call_stack(parse_simple(head)))
         .unwrap();
     assert_eq!(filled.status(), 200, "the fill through the emulator");
     assert_eq!(
@@ -363,7 +369,7 @@ fn stack_cache_hit(c: &mut Criterion) {
 
     // Returns the body; the head is written into `out`.
     let hit = |bytes: &[u8], out: &mut Vec<u8>| {
-        let mut answer = std::pin::pin!(connection.call_stack(parse(bytes)));
+        let mut answer = std::pin::pin!(connection.call_stack(parse_simple(bytes)));
         let Poll::Ready(Ok(response)) = answer
             .as_mut()
             .poll(&mut Context::from_waker(Waker::noop()))
@@ -409,17 +415,12 @@ fn stack_cache_hit(c: &mut Criterion) {
 /// exchange upstream, the body), as the emulator runs as a task of its own.
 fn stack_pass_through(c: &mut Criterion) {
     use http_body_util::BodyExt;
-    use teamgate::server::codec::{self, Head};
 
     let (runtime, connection, emulator) = stack_before_emulator();
     let _context = runtime.enter();
     let head = &client_get_head("/api/jobs")[..];
     let pass = || async {
-        let request = match codec::parse_request(&mut bytes::BytesMut::from(head)) {
-            Head::Simple { request, .. } => request.map(|()| Body::Empty),
-            other => panic!("a simple GET head, not {other:?}"),
-        };
-        let response = connection.call_stack(request).await.unwrap();
+        let response = connection.call_stack(parse_simple(head)).await.unwrap();
         let status = response.status();
         let body = response.into_body().collect().await.unwrap().to_bytes();
         (status, body)

@@ -4,8 +4,9 @@
 //! (or makes one) in the request's record, from where the upstream rewrite
 //! (`auth::inject`) sends it on; it opens the request span every inner layer
 //! records into (`team`, `upstream`, …), sets the id on the answer, and
-//! writes one access-log line per request, rejections included. The span records the path but never
-//! the query: Comfy's `/ws` carries a key in `token=`.
+//! writes one access-log line per request, rejections included. The span
+//! records the path but never the query: Comfy's `/ws` carries a key in
+//! `token=`.
 
 use std::convert::Infallible;
 use std::future::Future;
