@@ -21,10 +21,12 @@ duration=${DURATION:-5}
 connections=${CONNECTIONS:-64}
 port=18085
 admin=18095
-# The telemetry-on gateway (same config, access log on) runs beside the other
-# on these ports, idle except while it is measured.
+# The telemetry cost's two gateways, log on and log off (same config
+# otherwise), started afresh for each run: see the run loop.
 logged_port=18086
 logged_admin=18096
+quiet_port=18088
+quiet_admin=18098
 # nginx proxy_cache with a JSON access log of the same fields, for the
 # telemetry cost's peer figure.
 logged_nginx_port=18087
@@ -33,11 +35,13 @@ logged_nginx_cache=/tmp/bench-nginx-logged-cache
 work=$(mktemp -d /tmp/teamgate-bench.XXXXXX)
 gateway_pid=""
 logged_pid=""
+quiet_pid=""
 logged_nginx_conf=""
 
 cleanup() {
   [ -n "$gateway_pid" ] && kill "$gateway_pid" 2>/dev/null || true
   [ -n "$logged_pid" ] && kill "$logged_pid" 2>/dev/null || true
+  [ -n "$quiet_pid" ] && kill "$quiet_pid" 2>/dev/null || true
   [ -n "$logged_nginx_conf" ] && nginx -c "$logged_nginx_conf" -s stop 2>/dev/null || true
   if [ -f "$peers/stop-peers.sh" ]; then "$peers/stop-peers.sh" || true; fi
   rm -rf "$work" "$logged_nginx_cache"
@@ -109,15 +113,15 @@ hash() { printf '%s' "$1" | sha256sum | cut -d' ' -f1; }
 export BENCH_UPSTREAM_KEY=comfy-team-a-secret
 for t in $(seq 0 9); do export "BENCH_UPSTREAM_KEY_$t=comfy-team-$t-secret"; done
 
-start_gateway() { # $1: log level, $2: port, $3: admin port; sets started_pid
+start_gateway() { # $1: log level, $2: port, $3: admin port, $4: name (its files' stem); sets started_pid
   sed "1i [log]\nlevel = \"$1\"\nformat = \"json\"" "$work/base.toml" \
-    | sed "s/127.0.0.1:$port\"/127.0.0.1:$2\"/; s/127.0.0.1:$admin\"/127.0.0.1:$3\"/" > "$work/teamgate-$1.toml"
+    | sed "s/127.0.0.1:$port\"/127.0.0.1:$2\"/; s/127.0.0.1:$admin\"/127.0.0.1:$3\"/" > "$work/$4.toml"
   # A session of its own, like every peer: with autogroup scheduling, wrk's
   # session would halve teamgate's CPU share (benches/README.md, "Scheduling groups").
-  setsid taskset -c 0 "$root/target/release/teamgate" serve --config "$work/teamgate-$1.toml" 2>"$work/teamgate-$1.log" &
+  setsid taskset -c 0 "$root/target/release/teamgate" serve --config "$work/$4.toml" 2>"$work/$4.log" &
   started_pid=$!
   for _ in $(seq 100); do curl -fs -o /dev/null "http://127.0.0.1:$3/readyz" && return 0; sleep 0.05; done
-  echo "teamgate did not start" >&2; cat "$work/teamgate-$1.log" >&2; exit 1
+  echo "teamgate did not start" >&2; cat "$work/$4.log" >&2; exit 1
 }
 stop_gateway() { kill "$1"; wait "$1" 2>/dev/null || true; }
 
@@ -232,13 +236,18 @@ pairs="$work/pairs.txt"
 : > "$pairs"
 record_pair() { echo "$1 $2" >> "$pairs"; }
 
-start_gateway warn "$port" "$admin"; gateway_pid=$started_pid
-# Telemetry: cache hits with the access log on (info, JSON to a file) against
-# off (warn). Each is measured alone for the table, one after the other; the
-# cost is taken from the two side by side (see side_by_side).
-start_gateway info "$logged_port" "$logged_admin"; logged_pid=$started_pid
+start_gateway warn "$port" "$admin" teamgate; gateway_pid=$started_pid
 for run in $(seq "$runs"); do
   echo "== run $run/$runs" >&2
+  # Telemetry: cache hits with the access log on (info, JSON to a file)
+  # against off (warn). Each is measured alone for the table, one after the
+  # other; the cost is taken from a log-on and a log-off gateway side by side
+  # (see side_by_side), both started for this run alone: two copies of one
+  # build side by side differ by up to ~1% from one pair of processes to the
+  # next (benches/README.md, "Fresh gateways for every run"), and one pair
+  # for every run would carry its difference into the median.
+  start_gateway info "$logged_port" "$logged_admin" "teamgate-logged-$run"; logged_pid=$started_pid
+  start_gateway warn "$quiet_port" "$quiet_admin" "teamgate-quiet-$run"; quiet_pid=$started_pid
   # Off and on back to back, in alternating order from run to run, so neither
   # always goes first; the cost is taken per run from the adjacent pair.
   if (( run % 2 )); then
@@ -250,7 +259,14 @@ for run in $(seq "$runs"); do
   fi
   if (( run % 2 )); then pair=side_by_side; else pair=side_by_side_swapped; fi
   # The telemetry cost itself, side by side (log off, log on):
-  record_pair telemetry/teamgate "$($pair "http://127.0.0.1:$port/api/assets?limit=20" "http://127.0.0.1:$logged_port/api/assets?limit=20")"
+  record_pair telemetry/teamgate "$($pair "http://127.0.0.1:$quiet_port/api/assets?limit=20" "http://127.0.0.1:$logged_port/api/assets?limit=20")"
+  stop_gateway "$quiet_pid"; quiet_pid=""
+  stop_gateway "$logged_pid"; logged_pid=""
+  if ! grep -q '"target":"teamgate::access"' "$work/teamgate-logged-$run.log" \
+      || ! grep -q '"cache":"hit"' "$work/teamgate-logged-$run.log"; then
+    echo "the logged teamgate wrote no access lines for cache hits" >&2; exit 1
+  fi
+  rm -f "$work/teamgate-logged-$run.log"   # ~0.5 GB a run
   record_pair access_log/nginx "$($pair "http://127.0.0.1:18082/api/assets?limit=20" "http://127.0.0.1:$logged_nginx_port/api/assets?limit=20")"
   if (( run % 2 )); then
     record hit/nginx "$(measure "http://127.0.0.1:18082/api/assets?limit=20")"
@@ -283,7 +299,6 @@ LUA
   record mixed/teamgate "$(measure "http://127.0.0.1:$port/api/assets?limit=20" -s "$work/mixed.lua")"
 done
 
-stop_gateway "$logged_pid"; logged_pid=""   # not beside the memory measurement
 nginx -c "$logged_nginx_conf" -s stop; logged_nginx_conf=""
 if ! grep -q '"cache":"HIT"' "$work/nginx-access.log"; then
   echo "the logged nginx wrote no access lines for cache hits" >&2; exit 1
