@@ -33,6 +33,10 @@ logged_nginx_port=18087
 # nginx's workers run as nobody: the cache lives outside the private $work.
 logged_nginx_cache=/tmp/bench-nginx-logged-cache
 work=$(mktemp -d /tmp/teamgate-bench.XXXXXX)
+# The gateways' log levels come from their configs: a RUST_LOG from the
+# caller's shell would win over both and make the telemetry pair compare
+# one level with itself.
+unset RUST_LOG
 gateway_pid=""
 logged_pid=""
 quiet_pid=""
@@ -265,6 +269,9 @@ for run in $(seq "$runs"); do
   if ! grep -q '"target":"teamgate::access"' "$work/teamgate-logged-$run.log" \
       || ! grep -q '"cache":"hit"' "$work/teamgate-logged-$run.log"; then
     echo "the logged teamgate wrote no access lines for cache hits" >&2; exit 1
+  fi
+  if grep -q 'teamgate::access' "$work/teamgate-quiet-$run.log"; then
+    echo "the log-off teamgate wrote access lines: the telemetry pair would compare logging with itself" >&2; exit 1
   fi
   rm -f "$work/teamgate-logged-$run.log"   # ~0.5 GB a run
   record_pair access_log/nginx "$($pair "http://127.0.0.1:18082/api/assets?limit=20" "http://127.0.0.1:$logged_nginx_port/api/assets?limit=20")"
