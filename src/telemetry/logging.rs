@@ -102,10 +102,10 @@ pub const BATCH_WINDOW: Duration = Duration::from_millis(20);
 /// line that does not fit in its shard is dropped (and counted). A shard
 /// must hold what its core logs in more than one [`BATCH_WINDOW`] even
 /// while the output keeps up: one core logs at most ~27 MB/s of access
-/// lines (~90k cache hits a second), ~540 KB a window, and at the most
-/// shards ([`shards::count`], 64) each holds 1 MiB. (With the 5 ms window
-/// the bound was 16 MiB: the same margin.)
-pub const MAX_BUFFERED_BYTES: usize = 64 * 1024 * 1024;
+/// lines (~90k cache hits a second), ~540 KB a window, so even with the
+/// most shards ([`shards::MAX_COUNT`]) each holds 1 MiB. (With the 5 ms
+/// window the bound was 16 MiB: the same margin.)
+pub const MAX_BUFFERED_BYTES: usize = shards::MAX_COUNT * 1024 * 1024;
 
 /// The shared log buffer; cheap to clone.
 #[derive(Clone)]

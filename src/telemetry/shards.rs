@@ -51,11 +51,14 @@ impl<T> Sharded<T> {
     }
 }
 
-/// How many shards: one per core this process may run on, at most 64.
+/// The most shards [`count`] gives.
+pub const MAX_COUNT: usize = 64;
+
+/// How many shards: one per core this process may run on, at most [`MAX_COUNT`].
 pub fn count() -> usize {
     std::thread::available_parallelism()
         .map_or(1, usize::from)
-        .min(64)
+        .min(MAX_COUNT)
 }
 
 /// A lock whose holder panicked is still good here: shards hold counts and
