@@ -199,7 +199,7 @@ fn access_line(c: &mut Criterion) {
     use tracing_subscriber::layer::SubscriberExt as _;
     let (sink, _writer) = LogSink::spawn(std::io::sink());
     let subscriber = tracing_subscriber::registry().with(
-        logging::layer(LogFormat::Json, false, sink)
+        logging::layer(LogFormat::Json, false, sink, true)
             .with_filter(tracing_subscriber::EnvFilter::new("info")),
     );
     let line = AccessLine {

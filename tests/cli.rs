@@ -181,19 +181,33 @@ typo = 1
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-/// `teamgate demo` as a user runs it: read the banner, use the curl lines'
-/// requests, then Ctrl-C (SIGINT) and a clean exit.
-#[tokio::test]
-async fn demo_runs_without_an_account_and_stops_cleanly_on_sigint() {
-    let mut child = tokio::process::Command::new(BIN)
-        .args([
-            "demo",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-        ])
-        .env_remove("RUST_LOG")
+/// A running `teamgate demo` (JSON logs), as its banner describes it.
+struct Demo {
+    child: tokio::process::Child,
+    gateway: String,
+    key: String,
+    /// The hash in the banner's from-hash curl line.
+    hash: String,
+    /// Everything the process writes to stderr, once it exited.
+    logs: tokio::task::JoinHandle<String>,
+}
+
+/// Starts `teamgate demo` with `RUST_LOG` as given (unset for `None`) and
+/// waits for its banner.
+async fn start_demo(rust_log: Option<&str>) -> Demo {
+    let mut command = tokio::process::Command::new(BIN);
+    command.args([
+        "demo",
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+    ]);
+    match rust_log {
+        Some(filter) => command.env("RUST_LOG", filter),
+        None => command.env_remove("RUST_LOG"),
+    };
+    let mut child = command
         .env("TEAMGATE_LOG_FORMAT", "json")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -229,13 +243,46 @@ async fn demo_runs_without_an_account_and_stops_cleanly_on_sigint() {
             .map(|rest| rest.split_whitespace().next().unwrap().to_owned())
             .unwrap_or_else(|| panic!("no `{name}` in {banner:?}"))
     };
-    let gateway = field("gateway URL:");
-    let key = field("client key:");
     let hash = banner
         .iter()
         .find_map(|line| line.split("\"hash\":\"").nth(1))
         .map(|rest| rest.split('"').next().unwrap().to_owned())
         .expect("the from-hash curl line");
+    Demo {
+        gateway: field("gateway URL:"),
+        key: field("client key:"),
+        hash,
+        child,
+        logs,
+    }
+}
+
+impl Demo {
+    /// Ctrl-C (SIGINT), a clean exit → what it logged.
+    async fn stop(mut self) -> String {
+        let pid = self.child.id().unwrap().to_string();
+        assert!(
+            Command::new("kill")
+                .args(["-INT", &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+        let status = tokio::time::timeout(Duration::from_secs(30), self.child.wait())
+            .await
+            .expect("the demo stops")
+            .unwrap();
+        assert!(status.success(), "exit status {status:?}");
+        self.logs.await.unwrap()
+    }
+}
+
+/// `teamgate demo` as a user runs it: read the banner, use the curl lines'
+/// requests, then Ctrl-C (SIGINT) and a clean exit.
+#[tokio::test]
+async fn demo_runs_without_an_account_and_stops_cleanly_on_sigint() {
+    let demo = start_demo(None).await;
+    let (gateway, key, hash) = (demo.gateway.clone(), demo.key.clone(), demo.hash.clone());
 
     let client = reqwest_like::Client::new();
     let (status, _) = client
@@ -268,23 +315,10 @@ async fn demo_runs_without_an_account_and_stops_cleanly_on_sigint() {
     assert_eq!(status, 200, "{body}");
     assert!(body.contains("nextPaginationToken"), "{body}");
 
-    let pid = child.id().unwrap().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-INT", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
-        .await
-        .expect("the demo stops")
-        .unwrap();
-    assert!(status.success(), "exit status {status:?}");
+    let logs = demo.stop().await;
 
     // Every log line the process wrote is JSON, written out before it
     // exited; one access line per request, and no key anywhere.
-    let logs = logs.await.unwrap();
     let lines: Vec<serde_json::Value> = logs
         .lines()
         .map(|line| serde_json::from_str(line).unwrap_or_else(|_| panic!("not JSON: {line}")))
@@ -313,6 +347,41 @@ async fn demo_runs_without_an_account_and_stops_cleanly_on_sigint() {
     );
     assert!(access.len() >= 5, "{logs}");
     assert!(!logs.contains(&key), "the client key leaked into the logs");
+}
+
+/// `RUST_LOG=…,teamgate::access=off` turns the access lines off and
+/// nothing else, in the gateway's own subscriber (where access lines skip
+/// the `tracing` event and are written on `tracing::enabled!`'s answer).
+#[tokio::test]
+async fn rust_log_turns_access_lines_off_and_keeps_the_rest() {
+    let demo = start_demo(Some("info,teamgate::access=off")).await;
+    let client = reqwest_like::Client::new();
+    for _ in 0..3 {
+        let (status, _) = client
+            .get(
+                &format!("{}/api/assets?limit=5", demo.gateway),
+                Some(&demo.key),
+            )
+            .await;
+        assert_eq!(status, 200);
+    }
+    let logs = demo.stop().await;
+    let lines: Vec<serde_json::Value> = logs
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|_| panic!("not JSON: {line}")))
+        .collect();
+    assert!(
+        lines
+            .iter()
+            .all(|line| line["target"] != "teamgate::access"),
+        "no access line: {logs}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|line| line["level"] == "INFO" && line["target"] == "teamgate"),
+        "the other INFO lines stay: {logs}"
+    );
 }
 
 /// A tiny HTTP client over hyper, enough for the demo test.

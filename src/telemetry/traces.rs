@@ -71,12 +71,14 @@ pub fn init(log: &LogSettings, traces: &TraceSettings) -> anyhow::Result<Telemet
     // a request never waits on a write. The per-request access line has a
     // formatter of its own; every other line is the stock text or JSON.
     let (sink, sink_guard) = LogSink::spawn(std::io::stderr());
-    let log_layer = logging::layer(log.format, ansi, sink);
     let provider = traces
         .endpoint
         .as_deref()
         .map(|endpoint| provider(endpoint, traces))
         .transpose()?;
+    // With traces on, the OTLP layer takes access lines too (as events of
+    // the request span); without, the log layer may write them itself.
+    let log_layer = logging::layer(log.format, ansi, sink, provider.is_none());
     // Spans are DEBUG: the OTLP layer takes them (and everything the log
     // takes), the log layer only what its own level allows.
     let otel = provider.as_ref().map(|provider| {
@@ -90,11 +92,15 @@ pub fn init(log: &LogSettings, traces: &TraceSettings) -> anyhow::Result<Telemet
     if provider.is_some() {
         opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
     }
-    // `try_init`: in tests and `demo` a subscriber may already be installed; keep it.
-    let _ = tracing_subscriber::registry()
-        .with(log_layer.with_filter(filter))
-        .with(otel)
-        .try_init();
+    // `try_init`: in tests and `demo` a subscriber may already be installed;
+    // keep it. Without traces, no `.with(None)`: an absent layer beside the
+    // filtered log layer makes `tracing::enabled!` say yes to what the
+    // filter refuses, and access lines are written on its answer.
+    let logs = tracing_subscriber::registry().with(log_layer.with_filter(filter));
+    let _ = match otel {
+        Some(otel) => logs.with(otel).try_init(),
+        None => logs.try_init(),
+    };
     Ok(TelemetryGuard {
         provider,
         _log_sink: Some(sink_guard),
