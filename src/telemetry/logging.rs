@@ -66,22 +66,6 @@ pub struct AccessLine<'a> {
     pub latency_us: u64,
 }
 
-impl<'a> AccessLine<'a> {
-    /// The string fields in the order every format writes them: name, JSON
-    /// key (with its comma and colon, as one piece), value.
-    fn string_fields(&self) -> [(&'static str, &'static str, &'a str); 7] {
-        [
-            ("request_id", ",\"request_id\":", self.request_id),
-            ("method", ",\"method\":", self.method),
-            ("path", ",\"path\":", self.path),
-            ("team", ",\"team\":", self.team),
-            ("upstream", ",\"upstream\":", self.upstream),
-            ("route_class", ",\"route_class\":", self.route_class),
-            ("cache", ",\"cache\":", self.cache),
-        ]
-    }
-}
-
 /// The message of every access line.
 const ACCESS_MESSAGE: &str = "served";
 
@@ -90,7 +74,7 @@ scoped_tls_hkt::scoped_thread_local!(
     static BEING_LOGGED: for<'a> &'a AccessLine<'a>
 );
 
-impl AccessLine<'_> {
+impl<'a> AccessLine<'a> {
     /// Writes the line, when the log filter lets it through.
     ///
     /// Under the gateway's own subscriber with no trace exporter, the log
@@ -141,6 +125,20 @@ impl AccessLine<'_> {
                 latency_us = self.latency_us,
             )
         });
+    }
+
+    /// The string fields in the order every format writes them: name, JSON
+    /// key (with its comma and colon, as one piece), value.
+    fn string_fields(&self) -> [(&'static str, &'static str, &'a str); 7] {
+        [
+            ("request_id", ",\"request_id\":", self.request_id),
+            ("method", ",\"method\":", self.method),
+            ("path", ",\"path\":", self.path),
+            ("team", ",\"team\":", self.team),
+            ("upstream", ",\"upstream\":", self.upstream),
+            ("route_class", ",\"route_class\":", self.route_class),
+            ("cache", ",\"cache\":", self.cache),
+        ]
     }
 }
 
@@ -388,21 +386,22 @@ pub fn layer<S>(
 where
     S: Subscriber + for<'a> LookupSpan<'a>,
 {
+    let how = AccessFormat { format, ansi };
     let writer = LayerWriter {
         sink: sink.clone(),
-        direct: sole_access_reader.then_some(AccessFormat { format, ansi }),
+        direct: sole_access_reader.then_some(how),
     };
     match format {
         LogFormat::Text => tracing_subscriber::fmt::layer()
             .with_writer(writer)
             .with_ansi(ansi)
-            .map_event_format(|general| FastAccessLines::new(general, format, sink))
+            .map_event_format(|general| FastAccessLines { general, how, sink })
             .boxed(),
         LogFormat::Json => tracing_subscriber::fmt::layer()
             .json()
             .flatten_event(true)
             .with_writer(writer)
-            .map_event_format(|general| FastAccessLines::new(general, format, sink))
+            .map_event_format(|general| FastAccessLines { general, how, sink })
             .boxed(),
     }
 }
@@ -442,18 +441,8 @@ impl<'a> MakeWriter<'a> for LayerWriter {
 #[derive(Debug)]
 struct FastAccessLines<F> {
     general: F,
-    format: LogFormat,
+    how: AccessFormat,
     sink: LogSink,
-}
-
-impl<F> FastAccessLines<F> {
-    fn new(general: F, format: LogFormat, sink: LogSink) -> Self {
-        FastAccessLines {
-            general,
-            format,
-            sink,
-        }
-    }
 }
 
 /// What an access line is formatted with, one per thread.
@@ -510,11 +499,7 @@ where
         if event.metadata().target() != ACCESS_TARGET || !BEING_LOGGED.is_set() {
             return self.general.format_event(context, writer, event);
         }
-        let how = AccessFormat {
-            format: self.format,
-            ansi: writer.has_ansi_escapes(),
-        };
-        BEING_LOGGED.with(|access| append_access_line(&self.sink, access, how));
+        BEING_LOGGED.with(|access| append_access_line(&self.sink, access, self.how));
         Ok(())
     }
 }
