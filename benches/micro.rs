@@ -11,15 +11,15 @@ use std::sync::Arc;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use http::{HeaderMap, Request};
-use teamgate::auth::Authenticated;
 use teamgate::auth::inject::{ClientAddr, prepare_upstream_request, strip_hop_by_hop};
 use teamgate::auth::keys::KeyDigest;
+use teamgate::auth::{Authenticated, Caller};
 use teamgate::body::Body;
 use teamgate::cache::policy::{CacheKey, CredentialId, Partition};
 use teamgate::config::LogFormat;
 use teamgate::config::{self, Config, Secrets};
 use teamgate::proxy::http1;
-use teamgate::route::{RequestLimits, Router, check_request};
+use teamgate::route::{RequestLimits, RouteMatch, Router, check_request};
 use teamgate::telemetry::RequestRecord;
 use teamgate::telemetry::logging::{self, AccessLine, LogSink};
 
@@ -84,6 +84,15 @@ fn client_record() -> Arc<RequestRecord> {
     ))
 }
 
+/// The record of a request `Classify` routed and `Authenticate` let through.
+fn routed_record(route: &RouteMatch, authenticated: &Authenticated) -> Arc<RequestRecord> {
+    let record = client_record();
+    record.route.set(route.clone()).expect("a fresh record");
+    let caller = Caller::Team(authenticated.clone());
+    record.caller.set(caller).expect("a fresh record");
+    record
+}
+
 fn benches(c: &mut Criterion) {
     let config = config("https://cloud.comfy.org");
     let router = Router::new(&config.upstreams);
@@ -136,9 +145,8 @@ fn benches(c: &mut Criterion) {
         b.iter_batched(
             || {
                 let mut request = request("/api/assets?limit=20&include_tags=input,output");
-                request.extensions_mut().insert(route.clone());
-                request.extensions_mut().insert(authenticated.clone());
-                request.extensions_mut().insert(client_record());
+                let record = routed_record(&route, &authenticated);
+                request.extensions_mut().insert(record);
                 request
             },
             |mut request| prepare_upstream_request(&mut request, &config.server).unwrap(),
@@ -149,11 +157,9 @@ fn benches(c: &mut Criterion) {
     // The upstream client's own per-request work: the head it writes for a
     // rewritten list request, and the head of a typical JSON answer it parses.
     let mut upstream_request = request("/api/assets?limit=20&include_tags=input,output");
-    upstream_request.extensions_mut().insert(route.clone());
     upstream_request
         .extensions_mut()
-        .insert(authenticated.clone());
-    upstream_request.extensions_mut().insert(client_record());
+        .insert(routed_record(&route, &authenticated));
     prepare_upstream_request(&mut upstream_request, &config.server).unwrap();
     let (parts, _) = upstream_request.into_parts();
     c.bench_function("upstream/encode_head", |b| {
@@ -241,8 +247,10 @@ fn access_line(c: &mut Criterion) {
 fn request_metrics(c: &mut Criterion) {
     use teamgate::telemetry::metrics::{Metrics, RequestLabels};
     let metrics = Metrics::new();
-    let labels = RequestLabels::default();
-    labels.route_class.set("asset_list").expect("unset");
+    let labels = RequestLabels {
+        route_class: "asset_list",
+        ..RequestLabels::default()
+    };
     let method = http::Method::GET;
     let record = || {
         metrics.request(

@@ -170,9 +170,8 @@ impl GatewayError {
 /// The shape a request's errors are answered in: its upstream route's, or
 /// the primary upstream's (Comfy v1) before routing.
 pub fn shape_of<B>(request: &http::Request<B>) -> ErrorShape {
-    request
-        .extensions()
-        .get::<crate::route::RouteMatch>()
+    crate::telemetry::RequestRecord::of(request)
+        .and_then(crate::telemetry::RequestRecord::route)
         .map_or(ErrorShape::ComfyFlat, crate::route::RouteMatch::error_shape)
 }
 

@@ -4,7 +4,7 @@
 //! answers which upstream it is for (by mount prefix), which rule of that
 //! upstream's preset applies (where the credential goes, which error shape the
 //! gateway answers in) and its [`RouteClass`]. The result travels with the
-//! request as an extension, so no later layer parses the path again.
+//! request in its `RequestRecord`, so no later layer parses the path again.
 //!
 //! Paths are matched with [`PathPattern`], the small pattern language presets
 //! and config rules are written in: literal segments, `{name}` for any one
@@ -27,7 +27,7 @@ pub enum RouteClass {
     Upgrade,
 }
 
-/// The routing decision for one request, attached to it as an extension.
+/// The routing decision for one request, kept in its `RequestRecord`.
 #[derive(Debug, Clone)]
 pub struct RouteMatch {
     pub upstream: Arc<Upstream>,
@@ -667,11 +667,10 @@ where
                 let span = tracing::Span::current();
                 span.record("upstream", route.upstream.name.as_str());
                 span.record("route_class", route.class_label());
-                if let Some(record) = crate::telemetry::RequestRecord::of(&request) {
-                    let _ = record.labels.upstream.set(Arc::clone(&route.upstream));
-                    let _ = record.labels.route_class.set(route.class_label());
-                }
-                request.extensions_mut().insert(route);
+                // Classified once: nothing above this layer sets a route.
+                let _ = crate::telemetry::RequestRecord::attached(&mut request)
+                    .route
+                    .set(route);
                 Either::Right(self.inner.call(request))
             }
             Err(error) => {

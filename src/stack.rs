@@ -1,8 +1,8 @@
 //! Assembles the request path, outermost layer first, in one place.
 //!
-//! Each layer reads what the layers above attached to the request (the
-//! `RequestRecord` with the client address and request id, `RouteMatch`,
-//! `Authenticated`) and either answers itself or passes the request on.
+//! Each layer reads what the connection and the layers above put in the
+//! request's `RequestRecord` (client address, request id, `RouteMatch`,
+//! `Caller`) and either answers itself or passes the request on.
 
 use std::sync::Arc;
 
@@ -57,8 +57,8 @@ pub fn build(shared: &Shared) -> GatewayService {
         // Outermost, so every answer — the rejections below included — carries a
         // request id and gets exactly one access-log line.
         .layer(ObserveLayer::new(Arc::clone(&shared.metrics)))
-        // Classify once: upstream, rule and class travel as an extension, so no
-        // layer below parses the path again. Unroutable targets stop here.
+        // Classify once: upstream, rule and class travel in the request's record,
+        // so no layer below parses the path again. Unroutable targets stop here.
         .layer(ClassifyLayer::new(
             Router::new(&config.upstreams),
             RequestLimits {

@@ -24,12 +24,12 @@ use http::{Request, Response, Uri, Version};
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, percent_decode_str, utf8_percent_encode};
 use tower::{Layer, Service};
 
-use super::{Authenticated, X_API_KEY};
+use super::X_API_KEY;
 use crate::body::Body;
 use crate::config::secret::HeaderForm;
 use crate::config::{CredentialPlacement, ServerSettings};
 use crate::error::GatewayError;
-use crate::route::{RouteClass, RouteMatch};
+use crate::route::RouteClass;
 use crate::telemetry::{RequestRecord, X_REQUEST_ID};
 use crate::wire;
 
@@ -155,23 +155,19 @@ pub fn prepare_upstream_request(
     request: &mut Request<Body>,
     settings: &ServerSettings,
 ) -> Result<(), GatewayError> {
-    // First everything the request's extensions and URI say, as owned values
+    // First everything the request's record and URI say, as owned values
     // (reference counts, no copies of the route or the team); then the
-    // request is rewritten.
-    let extensions = request.extensions();
-    let route = extensions
-        .get::<RouteMatch>()
-        .ok_or(GatewayError::Internal)?;
-    let auth = extensions.get::<Authenticated>();
-    let public_read = extensions.get::<super::PublicRead>().is_some();
-    let record = RequestRecord::of(request);
+    // request is rewritten. Every request here was routed (`Classify`).
+    let record = RequestRecord::of(request).ok_or(GatewayError::Internal)?;
+    let route = record.route().ok_or(GatewayError::Internal)?;
+    let auth = record.authenticated();
+    let public_read = record.is_public_read();
     let client_addr = record
-        .and_then(|record| record.client.as_ref())
+        .client
+        .as_ref()
         .map(|client| client.forwarded_for.clone());
-    let client_tls = record.is_some_and(|record| record.tls);
-    let request_id = record
-        .and_then(|record| record.id.get())
-        .map(|id| id.0.clone());
+    let client_tls = record.tls;
+    let request_id = record.id.get().map(|id| id.0.clone());
     let upstream = &route.upstream;
     // A public read carries no team credential: the client's own
     // `Authorization: public-auth-token` is what the upstream expects.

@@ -25,12 +25,8 @@ use crate::body::Body;
 use crate::config::{Config, CredentialPlacement, Team};
 use crate::error::GatewayError;
 use crate::route::RouteMatch;
+use crate::telemetry::RequestRecord;
 use keys::KeyDigest;
-
-/// A keyless public read the upstream allows (Scenario's `public-auth-token`);
-/// an extension set by [`Authenticate`] instead of [`Authenticated`].
-#[derive(Debug, Clone, Copy)]
-pub struct PublicRead;
 
 /// Whether `request` is a public read its upstream lets through without a team.
 fn is_public_read<B>(request: &Request<B>, route: &RouteMatch) -> bool {
@@ -50,12 +46,24 @@ fn is_public_read<B>(request: &Request<B>, route: &RouteMatch) -> bool {
             .any(|pattern| pattern.matches(route.upstream_path(request.uri().path())))
 }
 
-/// The team a request was authenticated as; an extension set by [`Authenticate`].
+/// The team a request was authenticated as.
 #[derive(Debug, Clone)]
 pub struct Authenticated {
     pub team: Arc<Team>,
     /// The hash of the client key that was used (never the key itself).
     pub key: KeyDigest,
+}
+
+/// Who a request was let through as; set by [`Authenticate`] in the
+/// request's record.
+#[derive(Debug, Clone)]
+pub enum Caller {
+    /// A team, by one of its client keys.
+    Team(Authenticated),
+    /// Nobody: a keyless public read the upstream allows (Scenario's
+    /// `public-auth-token`), which goes upstream with the client's own
+    /// `Authorization`.
+    PublicRead,
 }
 
 pub(crate) static X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
@@ -93,11 +101,11 @@ pub(crate) fn query_param<'q>(query: &'q str, name: &str) -> Option<std::borrow:
 }
 
 /// Resolves the gateway key to its team; the single decision this layer makes.
-fn authenticate<B>(config: &Config, request: &Request<B>) -> Result<Authenticated, GatewayError> {
-    let route = request
-        .extensions()
-        .get::<RouteMatch>()
-        .ok_or(GatewayError::Internal)?;
+fn authenticate<B>(
+    config: &Config,
+    request: &Request<B>,
+    route: &RouteMatch,
+) -> Result<Authenticated, GatewayError> {
     let key = client_key(request, route)
         .filter(|key| !key.is_empty())
         .ok_or(GatewayError::MissingKey)?;
@@ -134,7 +142,7 @@ impl<S> Layer<S> for AuthenticateLayer {
     }
 }
 
-/// Answers 401/403 itself, or passes the request on with [`Authenticated`] attached.
+/// Answers 401/403 itself, or passes the request on with its [`Caller`] in its record.
 #[derive(Debug, Clone)]
 pub struct Authenticate<S> {
     config: Arc<Config>,
@@ -153,34 +161,33 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut request: Request<Body>) -> Self::Future {
-        match authenticate(&self.config, &request) {
+    fn call(&mut self, request: Request<Body>) -> Self::Future {
+        // `Classify`, above, routed it: a request without a route is a bug.
+        let routed = RequestRecord::of(&request).and_then(|record| Some((record, record.route()?)));
+        let Some((record, route)) = routed else {
+            let error = GatewayError::Internal;
+            return Either::Left(ready(Ok(crate::error::reject(&request, error))));
+        };
+        let caller = match authenticate(&self.config, &request, route) {
             Ok(authenticated) => {
                 let span = tracing::Span::current();
                 if !span.is_disabled() {
                     span.record("team", authenticated.team.name.as_str());
                     span.record("key", authenticated.key.fingerprint().as_str());
                 }
-                if let Some(record) = crate::telemetry::RequestRecord::of(&request) {
-                    let _ = record.labels.team.set(Arc::clone(&authenticated.team));
-                }
-                request.extensions_mut().insert(authenticated);
-                Either::Right(self.inner.call(request))
+                Caller::Team(authenticated)
             }
-            Err(GatewayError::MissingKey)
-                if request
-                    .extensions()
-                    .get::<RouteMatch>()
-                    .is_some_and(|route| is_public_read(&request, route)) =>
-            {
-                request.extensions_mut().insert(PublicRead);
+            Err(GatewayError::MissingKey) if is_public_read(&request, route) => {
                 tracing::Span::current().record("team", "(public)");
-                Either::Right(self.inner.call(request))
+                Caller::PublicRead
             }
             Err(error) => {
                 tracing::debug!(%error, "request refused by authentication");
-                Either::Left(ready(Ok(crate::error::reject(&request, error))))
+                return Either::Left(ready(Ok(crate::error::reject(&request, error))));
             }
-        }
+        };
+        // Authenticated once: nothing above this layer sets a caller.
+        let _ = record.caller.set(caller);
+        Either::Right(self.inner.call(request))
     }
 }

@@ -37,11 +37,9 @@ use super::policy::{
     if_none_match, request_mode, storable, strong_etag,
 };
 use super::store::{CachedResponse, EntryState, Freshness, Join, Outcome, Store};
-use crate::auth::Authenticated;
 use crate::body::Body;
 use crate::error::GatewayError;
 use crate::fields::{EncodedFields, SharedFields};
-use crate::route::RouteMatch;
 use crate::telemetry::metrics::Metrics;
 use crate::telemetry::{RequestId, RequestRecord};
 
@@ -106,17 +104,20 @@ where
     }
 
     fn call(&mut self, request: Request<Body>) -> Self::Future {
-        let Some(route) = request.extensions().get::<RouteMatch>() else {
+        let Some(record) = RequestRecord::of(&request) else {
+            return Either::Left(self.inner.call(request));
+        };
+        let Some(route) = record.route() else {
             return Either::Left(self.inner.call(request));
         };
         let Some(cache_route) = route.cache.clone() else {
             return Either::Left(self.inner.call(request));
         };
         let upstream = route.upstream.index;
-        let credential = request
-            .extensions()
-            .get::<Authenticated>()
+        let credential = record
+            .authenticated()
             .and_then(|auth| auth.team.credential_id_for(&route.upstream));
+        let public_read = record.is_public_read();
         match cache_route {
             CacheRoute::Write {
                 mut scopes,
@@ -160,10 +161,6 @@ where
                     stale_while_revalidate: rule.stale_while_revalidate,
                     stale_if_error: rule.stale_if_error,
                 };
-                let public_read = request
-                    .extensions()
-                    .get::<crate::auth::PublicRead>()
-                    .is_some();
                 let partition = match (rule.shared || public_read, credential) {
                     // Shared rules, and public reads (identical for everyone by definition).
                     (true, _) => Partition::Shared { upstream },
@@ -659,21 +656,11 @@ fn fill_request(request: &Request<Body>) -> Request<Body> {
         headers.remove(name);
     }
     *fill.headers_mut() = headers;
-    let from = request.extensions();
-    let to = fill.extensions_mut();
-    if let Some(route) = from.get::<RouteMatch>() {
-        to.insert(route.clone());
-    }
-    if let Some(auth) = from.get::<Authenticated>() {
-        to.insert(auth.clone());
-    }
-    if let Some(public) = from.get::<crate::auth::PublicRead>() {
-        to.insert(*public);
-    }
-    // The leader's record: the client address and request id go upstream
-    // with the fill, and the leader's access line reports its upstream status.
-    if let Some(record) = from.get::<Arc<RequestRecord>>() {
-        to.insert(Arc::clone(record));
+    // The leader's record: the fill goes upstream on the leader's route, as
+    // its team, with its client address and request id, and the leader's
+    // access line reports the fill's upstream status.
+    if let Some(record) = request.extensions().get::<Arc<RequestRecord>>() {
+        fill.extensions_mut().insert(Arc::clone(record));
     }
     fill
 }

@@ -27,12 +27,10 @@ use tower::{Layer, Service, ServiceExt};
 
 use super::Quotas;
 use super::quota::{Denial, Snapshot, Verdict, policy_header, state_header};
-use crate::auth::Authenticated;
 use crate::body::Body;
 use crate::error::{ErrorShape, GatewayError};
-use crate::route::RouteMatch;
-use crate::telemetry::RequestId;
 use crate::telemetry::metrics::Metrics;
+use crate::telemetry::{RequestId, RequestRecord};
 
 pub static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
 pub static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
@@ -117,9 +115,10 @@ where
     }
 
     fn call(&mut self, request: Request<Body>) -> Self::Future {
+        let record = RequestRecord::of(&request);
         let (Some(auth), Some(route)) = (
-            request.extensions().get::<Authenticated>(),
-            request.extensions().get::<RouteMatch>(),
+            record.and_then(RequestRecord::authenticated),
+            record.and_then(RequestRecord::route),
         ) else {
             return Either::Right(ClientQuotaFuture {
                 inner: self.inner.call(request),
@@ -264,9 +263,10 @@ where
     }
 
     fn call(&mut self, request: Request<Body>) -> Self::Future {
+        let record = RequestRecord::of(&request);
         let budget = match (
-            request.extensions().get::<Authenticated>(),
-            request.extensions().get::<RouteMatch>(),
+            record.and_then(RequestRecord::authenticated),
+            record.and_then(RequestRecord::route),
         ) {
             (Some(auth), Some(route)) => self
                 .quotas
@@ -417,7 +417,7 @@ mod tests {
 #[cfg(test)]
 mod quota_layer_tests {
     use super::*;
-    use crate::auth::Authenticated;
+    use crate::auth::{Authenticated, Caller};
     use crate::config::{self, Config};
     use crate::route::Router;
 
@@ -439,11 +439,13 @@ mod quota_layer_tests {
             .unwrap();
         let route = Router::new(&config.upstreams).classify(&request).unwrap();
         let entry = config.keys.lookup(KEY).unwrap();
-        request.extensions_mut().insert(route);
-        request.extensions_mut().insert(Authenticated {
+        let record = RequestRecord::attached(&mut request);
+        record.route.set(route).unwrap();
+        let caller = Caller::Team(Authenticated {
             team: Arc::clone(&entry.owner),
             key: entry.digest,
         });
+        record.caller.set(caller).unwrap();
         request
     }
 

@@ -32,7 +32,8 @@ use crate::auth::inject::strip_hop_by_hop;
 use crate::body::Body;
 use crate::config::Upstream;
 use crate::error::GatewayError;
-use crate::route::{RouteClass, RouteMatch};
+use crate::route::RouteClass;
+use crate::telemetry::RequestRecord;
 use crate::telemetry::metrics::Metrics;
 use client::{Client, ClientError, UpgradedUpstream};
 pub use client::{ResponseBody, codec as http1};
@@ -138,16 +139,14 @@ async fn forward(
     limits: ForwardLimits,
     mut request: Request<Body>,
 ) -> Response<Body> {
-    let Some(route) = request.extensions_mut().remove::<RouteMatch>() else {
+    // Every request here was routed (`Classify`), and its record says where.
+    let record = request.extensions().get::<Arc<RequestRecord>>().cloned();
+    let Some(route) = record.as_deref().and_then(RequestRecord::route) else {
         return GatewayError::Internal.into_response(crate::error::ErrorShape::ComfyFlat, None);
     };
     let shape = route.error_shape();
-    let record = request
-        .extensions()
-        .get::<Arc<crate::telemetry::RequestRecord>>()
-        .cloned();
     let request_id = record
-        .as_ref()
+        .as_deref()
         .and_then(|record| record.id.get())
         .and_then(|id| id.0.to_str().ok());
 
@@ -211,10 +210,7 @@ async fn forward(
     metrics.upstream_latency(upstream_name, sent_at.elapsed().as_secs_f64());
     span.record("upstream_status", response.status().as_u16());
     if let Some(record) = &record {
-        let _ = record
-            .labels
-            .upstream_status
-            .set(response.status().as_u16());
+        let _ = record.upstream_status.set(response.status().as_u16());
     }
     if response.status().is_server_error() {
         metrics.upstream_error(upstream_name, "5xx");

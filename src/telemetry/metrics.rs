@@ -14,7 +14,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 
 use http::{Method, StatusCode};
 use prometheus::local::{LocalHistogram, LocalIntCounter};
@@ -290,15 +290,17 @@ impl Metrics {
     /// Records one answered request.
     pub fn request(
         &self,
-        labels: &RequestLabels,
+        labels: &RequestLabels<'_>,
         method: &Method,
         status: StatusCode,
         cache: &'static str,
         seconds: f64,
     ) {
-        let team = labels.team.get();
-        let upstream = labels.upstream.get();
-        let route_class = labels.route_class.get().copied().unwrap_or("none");
+        let RequestLabels {
+            team,
+            upstream,
+            route_class,
+        } = *labels;
         let method = method_label(method);
         let status_class = status_class(status);
         let key = LabelKey {
@@ -461,15 +463,24 @@ pub fn cache_label(cache_status: Option<&http::HeaderValue>) -> &'static str {
     }
 }
 
-/// What the inner layers learn about a request, for the outermost one to
-/// label its metrics with. Set once each; shared through the request's extensions.
-#[derive(Debug, Default)]
-pub struct RequestLabels {
-    pub upstream: OnceLock<Arc<Upstream>>,
-    pub route_class: OnceLock<&'static str>,
-    pub team: OnceLock<Arc<Team>>,
-    /// The status the upstream answered with, when the request went upstream.
-    pub upstream_status: OnceLock<u16>,
+/// What a request is counted under, as its record says at the end
+/// (`RequestRecord::labels`): no team or upstream, and route class `none`,
+/// for a request refused before the layer that learns them.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestLabels<'a> {
+    pub team: Option<&'a Arc<Team>>,
+    pub upstream: Option<&'a Arc<Upstream>>,
+    pub route_class: &'static str,
+}
+
+impl Default for RequestLabels<'_> {
+    fn default() -> Self {
+        RequestLabels {
+            team: None,
+            upstream: None,
+            route_class: "none",
+        }
+    }
 }
 
 #[cfg(test)]
@@ -515,8 +526,10 @@ mod tests {
     #[test]
     fn counts_from_many_threads_all_reach_the_scrape_once() {
         let metrics = Metrics::new();
-        let labels = RequestLabels::default();
-        labels.route_class.set("asset_list").unwrap();
+        let labels = RequestLabels {
+            route_class: "asset_list",
+            ..RequestLabels::default()
+        };
         // More threads than shards, all counting at once.
         let threads = 2 * metrics.by_thread.len() + 1;
         let start = std::sync::Barrier::new(threads);

@@ -30,6 +30,8 @@ pub mod traces;
 use std::sync::{Arc, OnceLock};
 
 use crate::auth::inject::ClientAddr;
+use crate::auth::{Authenticated, Caller};
+use crate::route::RouteMatch;
 use metrics::{Metrics, RequestLabels};
 
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -78,11 +80,14 @@ impl RequestId {
 }
 
 /// What is known about one request as it goes through the stack: where it
-/// came from (set by the connection), its id (set by [`Observe`]), and what
-/// inner layers learn for the metrics and the access line. One extension,
-/// `Arc<RequestRecord>`, shared by every layer and by a cache fill started
-/// for the request: an extension per fact cost a box each, and the fourth
-/// made the extension table grow, on every request.
+/// came from (set by the connection), its id (set by [`Observe`]), where it
+/// is routed (`route::Classify`), who it was let through as
+/// (`auth::Authenticate`) and what the upstream answered (`proxy`). One
+/// extension, `Arc<RequestRecord>`, shared by every layer and by a cache fill
+/// started for the request, and each fact is in it once: an extension per
+/// fact cost a box each (and the fourth made the extension table grow), and
+/// the metric labels and the access line read the same route and team the
+/// layers acted on.
 #[derive(Debug, Default)]
 pub struct RequestRecord {
     /// The peer, with its `X-Forwarded-For` item; `None` outside a connection.
@@ -90,7 +95,12 @@ pub struct RequestRecord {
     /// Whether the client connected over TLS (`X-Forwarded-Proto`).
     pub tls: bool,
     pub id: OnceLock<RequestId>,
-    pub labels: RequestLabels,
+    /// The upstream and rule the request is routed to.
+    pub route: OnceLock<RouteMatch>,
+    /// The team (or public read) the request was let through as.
+    pub caller: OnceLock<Caller>,
+    /// The status the upstream answered with, when the request went upstream.
+    pub upstream_status: OnceLock<u16>,
 }
 
 impl RequestRecord {
@@ -108,6 +118,46 @@ impl RequestRecord {
             .extensions()
             .get::<Arc<RequestRecord>>()
             .map(Arc::as_ref)
+    }
+
+    /// The request's record; an empty one is attached to a request that has
+    /// none (a layer called outside a connection and [`Observe`]: tests,
+    /// benchmarks).
+    pub fn attached<B>(request: &mut Request<B>) -> &Arc<RequestRecord> {
+        request
+            .extensions_mut()
+            .get_or_insert_default::<Arc<RequestRecord>>()
+    }
+
+    /// The route of a routed request.
+    pub fn route(&self) -> Option<&RouteMatch> {
+        self.route.get()
+    }
+
+    /// The team of a request authenticated by a client key.
+    pub fn authenticated(&self) -> Option<&Authenticated> {
+        match self.caller.get() {
+            Some(Caller::Team(authenticated)) => Some(authenticated),
+            Some(Caller::PublicRead) | None => None,
+        }
+    }
+
+    /// Whether the request was let through as a keyless public read.
+    pub fn is_public_read(&self) -> bool {
+        matches!(self.caller.get(), Some(Caller::PublicRead))
+    }
+
+    /// The labels the request is counted under (`none`, and no team or
+    /// upstream, for what the layers did not get to).
+    pub fn labels(&self) -> RequestLabels<'_> {
+        let route = self.route();
+        RequestLabels {
+            team: self
+                .authenticated()
+                .map(|authenticated| &authenticated.team),
+            upstream: route.map(|route| &route.upstream),
+            route_class: route.map_or("none", RouteMatch::class_label),
+        }
     }
 }
 
@@ -183,14 +233,7 @@ where
         let started = Instant::now();
         // The connection attaches the record; a stack called without one
         // (the micro-benchmarks, layer tests) gets an empty one here.
-        let record = match request.extensions().get::<Arc<RequestRecord>>() {
-            Some(record) => Arc::clone(record),
-            None => {
-                let record = Arc::new(RequestRecord::default());
-                request.extensions_mut().insert(Arc::clone(&record));
-                record
-            }
-        };
+        let record = Arc::clone(RequestRecord::attached(&mut request));
         // Goes upstream in `X-Request-Id` (set with the upstream request's
         // other fields, `auth::inject`) and back on the answer (below).
         let request_id = record.id.get_or_init(|| RequestId::for_request(&request));
@@ -257,8 +300,9 @@ where
         let request_id = this.record.id.get();
         let elapsed = this.started.elapsed();
         let cache = metrics::cache_label(response.headers().get("cache-status"));
+        let labels = this.record.labels();
         this.metrics.request(
-            &this.record.labels,
+            &labels,
             this.method,
             response.status(),
             cache,
@@ -266,13 +310,12 @@ where
         );
         this.span.record("status", response.status().as_u16());
         this.span.record("cache", cache);
-        let upstream_status = this.record.labels.upstream_status.get().copied();
+        let upstream_status = this.record.upstream_status.get().copied();
         if let Some(upstream_status) = upstream_status {
             this.span.record("upstream_status", upstream_status);
         }
         // The access log carries every field itself: at the default level the
         // request span (DEBUG) is not even built, so this line costs one event.
-        let labels = &this.record.labels;
         if let Some(uri) = this.logged_uri.take() {
             logging::AccessLine {
                 request_id: request_id
@@ -280,12 +323,11 @@ where
                     .unwrap_or_default(),
                 method: this.method.as_str(),
                 path: uri.path(),
-                team: labels.team.get().map_or("", |team| team.name.as_str()),
+                team: labels.team.map_or("", |team| team.name.as_str()),
                 upstream: labels
                     .upstream
-                    .get()
                     .map_or("", |upstream| upstream.name.as_str()),
-                route_class: labels.route_class.get().copied().unwrap_or("none"),
+                route_class: labels.route_class,
                 cache,
                 status: response.status().as_u16(),
                 upstream_status,
