@@ -110,7 +110,8 @@ where
         let Some(route) = record.route() else {
             return Either::Left(self.inner.call(request));
         };
-        let Some(cache_route) = route.cache.clone() else {
+        // Borrowed from the record: a fresh hit copies nothing of the route.
+        let Some(cache_route) = &route.cache else {
             return Either::Left(self.inner.call(request));
         };
         let upstream = route.upstream.index;
@@ -119,13 +120,11 @@ where
             .and_then(|auth| auth.team.credential_id_for(&route.upstream));
         let public_read = record.is_public_read();
         match cache_route {
-            CacheRoute::Write {
-                mut scopes,
-                from_body,
-            } => {
+            CacheRoute::Write { scopes, from_body } => {
                 let Some(credential) = credential else {
                     return Either::Left(self.inner.call(request));
                 };
+                let (mut scopes, from_body) = (scopes.clone(), from_body.clone());
                 let store = Arc::clone(&self.store);
                 let inner = self.take_ready_inner();
                 let partition = Partition::Team {
@@ -155,7 +154,7 @@ where
                 })))
             }
             CacheRoute::Read { rule, scope } => {
-                let rule = &route.upstream.cache.reads[rule];
+                let rule = &route.upstream.cache.reads[*rule];
                 let lifetimes = Lifetimes {
                     ttl: rule.ttl,
                     stale_while_revalidate: rule.stale_while_revalidate,
@@ -181,9 +180,10 @@ where
                     target.push_str(query);
                 }
                 let key = CacheKey::new(partition, target, request.headers());
-                if let Some(response) = fresh_hit(&self.store, &request, &key, &scope) {
+                if let Some(response) = fresh_hit(&self.store, &request, &key, scope) {
                     return Either::Right(Either::Left(ready(Ok(response))));
                 }
+                let scope = scope.clone();
                 let store = Arc::clone(&self.store);
                 let inner = self.take_ready_inner();
                 let span = tracing::debug_span!("cache.lookup", scope = %scope.family);
