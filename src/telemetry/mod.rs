@@ -192,13 +192,18 @@ pub struct Observe<S> {
 }
 
 /// Counts a request in `teamgate_requests_in_flight` until dropped, so a
-/// client that goes away mid-request is counted out too.
+/// client that goes away mid-request is counted out too. It also holds the
+/// metrics the request is counted in when it is answered.
 struct InFlightGuard(Arc<Metrics>);
 
 impl InFlightGuard {
     fn enter(metrics: &Arc<Metrics>) -> Self {
         metrics.request_entered();
         InFlightGuard(Arc::clone(metrics))
+    }
+
+    fn metrics(&self) -> &Metrics {
+        &self.0
     }
 }
 
@@ -262,11 +267,10 @@ where
             inner,
             span,
             started,
-            metrics: Arc::clone(&self.metrics),
             record,
             method,
             logged_uri,
-            _in_flight: InFlightGuard::enter(&self.metrics),
+            in_flight: InFlightGuard::enter(&self.metrics),
         }
     }
 }
@@ -278,12 +282,12 @@ pin_project! {
         inner: F,
         span: Span,
         started: Instant,
-        metrics: Arc<Metrics>,
         record: Arc<RequestRecord>,
         method: http::Method,
         // Logged by its path only, never the query (Comfy's `/ws` carries a key in `token=`).
         logged_uri: Option<http::Uri>,
-        _in_flight: InFlightGuard,
+        // The metrics the answer is counted in; counts the request out when dropped.
+        in_flight: InFlightGuard,
     }
 }
 
@@ -301,7 +305,7 @@ where
         let elapsed = this.started.elapsed();
         let cache = metrics::cache_label(response.headers().get("cache-status"));
         let labels = this.record.labels();
-        this.metrics.request(
+        this.in_flight.metrics().request(
             &labels,
             this.method,
             response.status(),
