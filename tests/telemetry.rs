@@ -141,6 +141,17 @@ async fn metrics_count_what_happened_with_bounded_labels() {
         sample(&text, "teamgate_cache_requests_total", &[("result", "hit")]),
         Some(2.0)
     );
+    // The list's first read and the new asset's detail, at least.
+    assert!(
+        sample(
+            &text,
+            "teamgate_cache_requests_total",
+            &[("result", "miss")]
+        )
+        .unwrap()
+            >= 2.0,
+        "{text}"
+    );
     assert!(sample(&text, "teamgate_cache_stores_total", &[]).unwrap() >= 2.0);
     assert_eq!(
         sample(
@@ -252,5 +263,77 @@ async fn every_metric_the_dashboard_queries_is_exported() {
     ] {
         assert!(titles.contains(&wanted), "panel `{wanted}`");
     }
+    h.stop().await;
+}
+
+/// The `cache` label (metrics and the access line) is what the gateway's
+/// cache did, never what an upstream says of caches of its own: on a route
+/// the gateway does not cache, the upstream's `Cache-Status` is forwarded
+/// unchanged and the request is counted as `cache="none"`.
+#[tokio::test]
+async fn an_upstreams_own_cache_status_is_forwarded_not_counted_as_the_gateways() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // An upstream behind a cache of its own: every answer says it was a hit there.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut received = Vec::new();
+                let mut buffer = [0u8; 4096];
+                while let Ok(read @ 1..) = stream.read(&mut buffer).await {
+                    received.extend_from_slice(&buffer[..read]);
+                    while let Some(end) = received.windows(4).position(|w| w == b"\r\n\r\n") {
+                        received.drain(..end + 4);
+                        let answer = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
+                                      cache-status: othercdn; hit\r\ncontent-length: 2\r\n\r\n{}";
+                        if stream.write_all(answer.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    let emulator = teamgate::emulator::Emulator::new(accounts());
+    let h = Harness::start_in_front_of(emulator, addr, &format!("http://{addr}"), "").await;
+    for _ in 0..2 {
+        let answer = h.get("/api/jobs", DESIGN_KEY).await;
+        assert_eq!(answer.status, StatusCode::OK);
+        assert_eq!(
+            answer.cache_status(),
+            "othercdn; hit",
+            "forwarded unchanged"
+        );
+    }
+    let metrics = h.admin_get("/metrics").await;
+    let text = String::from_utf8(metrics.body.to_vec()).unwrap();
+    let passthrough = [
+        ("team", "design"),
+        ("route_class", "passthrough"),
+        ("method", "GET"),
+    ];
+    assert_eq!(
+        sample(
+            &text,
+            "teamgate_requests_total",
+            &[passthrough.as_slice(), &[("cache", "none")]].concat()
+        ),
+        Some(2.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "teamgate_requests_total",
+            &[passthrough.as_slice(), &[("cache", "hit")]].concat()
+        ),
+        None
+    );
+    assert_eq!(
+        sample(&text, "teamgate_cache_requests_total", &[("result", "hit")]),
+        None,
+        "{text}"
+    );
     h.stop().await;
 }

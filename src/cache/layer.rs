@@ -40,7 +40,7 @@ use super::store::{CachedResponse, EntryState, Freshness, Join, Outcome, Store};
 use crate::body::Body;
 use crate::error::GatewayError;
 use crate::fields::{EncodedFields, SharedFields};
-use crate::telemetry::metrics::Metrics;
+use crate::telemetry::metrics::{Metrics, cache_label};
 use crate::telemetry::{RequestId, RequestRecord};
 
 /// Tower layer for [`CacheService`].
@@ -181,6 +181,7 @@ where
                 }
                 let key = CacheKey::new(partition, target, request.headers());
                 if let Some(response) = fresh_hit(&self.store, &request, &key, scope) {
+                    let _ = record.cache.set("hit");
                     return Either::Right(Either::Left(ready(Ok(response))));
                 }
                 let scope = scope.clone();
@@ -272,8 +273,34 @@ async fn scopes_from_body(
     (Request::from_parts(parts, body), scopes)
 }
 
-/// The read path; see the module documentation.
+/// The read path; see the module documentation. What it answered with
+/// (the `Cache-Status` it set) goes into the request's record.
 async fn read<S>(
+    store: Arc<Store>,
+    inner: S,
+    request: Request<Body>,
+    key: CacheKey,
+    scope: Scope,
+    lifetimes: Lifetimes,
+) -> Result<Response<Body>, Infallible>
+where
+    S: Service<Request<Body>, Response = Response<Body>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send,
+{
+    let record = request.extensions().get::<Arc<RequestRecord>>().cloned();
+    let response = read_answer(store, inner, request, key, scope, lifetimes).await?;
+    if let Some(record) = record {
+        let _ = record
+            .cache
+            .set(cache_label(response.headers().get(&CACHE_STATUS)));
+    }
+    Ok(response)
+}
+
+async fn read_answer<S>(
     store: Arc<Store>,
     inner: S,
     request: Request<Body>,

@@ -101,6 +101,12 @@ pub struct RequestRecord {
     pub caller: OnceLock<Caller>,
     /// The status the upstream answered with, when the request went upstream.
     pub upstream_status: OnceLock<u16>,
+    /// What the gateway's cache did with the request, as a metric label
+    /// (`hit`, `miss`, `collapsed`, `stale`, `bypass`, `refresh`); unset
+    /// where the cache did not take part. Set by the cache layer as it
+    /// answers, not read back from the answer's `Cache-Status`: an upstream
+    /// may send one of its own on a route the gateway does not cache.
+    pub cache: OnceLock<&'static str>,
 }
 
 impl RequestRecord {
@@ -303,7 +309,7 @@ where
         let Ok(mut response) = std::task::ready!(this.inner.poll(cx));
         let request_id = this.record.id.get();
         let elapsed = this.started.elapsed();
-        let cache = metrics::cache_label(response.headers().get("cache-status"));
+        let cache = this.record.cache.get().copied().unwrap_or("none");
         let labels = this.record.labels();
         this.in_flight.metrics().request(
             &labels,
