@@ -188,8 +188,20 @@ where
                 let store = Arc::clone(&self.store);
                 let inner = self.take_ready_inner();
                 let span = tracing::debug_span!("cache.lookup", scope = %scope.family);
+                let answered = request.extensions().get::<Arc<RequestRecord>>().cloned();
+                let read = read(store, inner, request, key, scope, lifetimes);
                 Either::Right(Either::Right(Box::pin(
-                    read(store, inner, request, key, scope, lifetimes).instrument(span),
+                    async move {
+                        let response = read.await?;
+                        // What the read path answered (the `Cache-Status` it
+                        // set) goes into the request's record, as a hit does.
+                        if let Some(record) = answered {
+                            let status = response.headers().get(&CACHE_STATUS);
+                            let _ = record.cache.set(cache_label(status));
+                        }
+                        Ok(response)
+                    }
+                    .instrument(span),
                 )))
             }
         }
@@ -273,34 +285,8 @@ async fn scopes_from_body(
     (Request::from_parts(parts, body), scopes)
 }
 
-/// The read path; see the module documentation. What it answered with
-/// (the `Cache-Status` it set) goes into the request's record.
+/// The read path; see the module documentation.
 async fn read<S>(
-    store: Arc<Store>,
-    inner: S,
-    request: Request<Body>,
-    key: CacheKey,
-    scope: Scope,
-    lifetimes: Lifetimes,
-) -> Result<Response<Body>, Infallible>
-where
-    S: Service<Request<Body>, Response = Response<Body>, Error = Infallible>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send,
-{
-    let record = request.extensions().get::<Arc<RequestRecord>>().cloned();
-    let response = read_answer(store, inner, request, key, scope, lifetimes).await?;
-    if let Some(record) = record {
-        let _ = record
-            .cache
-            .set(cache_label(response.headers().get(&CACHE_STATUS)));
-    }
-    Ok(response)
-}
-
-async fn read_answer<S>(
     store: Arc<Store>,
     inner: S,
     request: Request<Body>,
