@@ -40,7 +40,7 @@ use super::store::{CachedResponse, EntryState, Freshness, Join, Outcome, Store};
 use crate::body::Body;
 use crate::error::GatewayError;
 use crate::fields::{EncodedFields, SharedFields};
-use crate::telemetry::metrics::{Metrics, cache_label};
+use crate::telemetry::metrics::{CACHE_HIT, Metrics, cache_label};
 use crate::telemetry::{RequestId, RequestRecord};
 
 /// Tower layer for [`CacheService`].
@@ -104,7 +104,9 @@ where
     }
 
     fn call(&mut self, request: Request<Body>) -> Self::Future {
-        let Some(record) = RequestRecord::of(&request) else {
+        // The record's `Arc`: a read that goes on past `call` keeps it, to
+        // record what it answered.
+        let Some(record) = request.extensions().get::<Arc<RequestRecord>>() else {
             return Either::Left(self.inner.call(request));
         };
         let Some(route) = record.route() else {
@@ -181,24 +183,22 @@ where
                 }
                 let key = CacheKey::new(partition, target, request.headers());
                 if let Some(response) = fresh_hit(&self.store, &request, &key, scope) {
-                    let _ = record.cache.set("hit");
+                    let _ = record.cache.set(CACHE_HIT);
                     return Either::Right(Either::Left(ready(Ok(response))));
                 }
                 let scope = scope.clone();
                 let store = Arc::clone(&self.store);
                 let inner = self.take_ready_inner();
                 let span = tracing::debug_span!("cache.lookup", scope = %scope.family);
-                let answered = request.extensions().get::<Arc<RequestRecord>>().cloned();
+                let answered = Arc::clone(record);
                 let read = read(store, inner, request, key, scope, lifetimes);
                 Either::Right(Either::Right(Box::pin(
                     async move {
                         let response = read.await?;
                         // What the read path answered (the `Cache-Status` it
                         // set) goes into the request's record, as a hit does.
-                        if let Some(record) = answered {
-                            let status = response.headers().get(&CACHE_STATUS);
-                            let _ = record.cache.set(cache_label(status));
-                        }
+                        let status = response.headers().get(&CACHE_STATUS);
+                        let _ = answered.cache.set(cache_label(status));
                         Ok(response)
                     }
                     .instrument(span),

@@ -328,7 +328,7 @@ impl Metrics {
                 .request_duration
                 .with_label_values(&[upstream, route_class, cache])
                 .local(),
-            cache: (cache != "none").then(|| {
+            cache: (cache != CACHE_NONE).then(|| {
                 self.cache_requests
                     .with_label_values(&[upstream, cache])
                     .local()
@@ -443,13 +443,20 @@ fn status_class(status: StatusCode) -> &'static str {
     }
 }
 
+/// The cache label of a fresh hit, the one the cache layer sets without a
+/// [`cache_label`] look at the answer.
+pub const CACHE_HIT: &str = "hit";
+
+/// The cache label of a request the gateway's cache took no part in.
+pub const CACHE_NONE: &str = "none";
+
 /// The cache result a `Cache-Status` value reports, as a label.
 pub fn cache_label(cache_status: Option<&http::HeaderValue>) -> &'static str {
     let Some(value) = cache_status.and_then(|value| value.to_str().ok()) else {
-        return "none";
+        return CACHE_NONE;
     };
     if value.contains("; hit") {
-        "hit"
+        CACHE_HIT
     } else if value.contains("collapsed") {
         "collapsed"
     } else if value.contains("fwd=stale") {

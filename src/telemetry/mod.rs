@@ -309,7 +309,12 @@ where
         let Ok(mut response) = std::task::ready!(this.inner.poll(cx));
         let request_id = this.record.id.get();
         let elapsed = this.started.elapsed();
-        let cache = this.record.cache.get().copied().unwrap_or("none");
+        let cache = this
+            .record
+            .cache
+            .get()
+            .copied()
+            .unwrap_or(metrics::CACHE_NONE);
         let labels = this.record.labels();
         this.in_flight.metrics().request(
             &labels,
