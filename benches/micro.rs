@@ -470,6 +470,7 @@ fn cache_get(c: &mut Criterion) {
         Arc::new(CachedResponse {
             status: http::StatusCode::OK,
             fields: Arc::new(EncodedFields::new(HeaderMap::new())),
+            prior_cache_status: Box::default(),
             body: bytes::Bytes::from_static(&[b'x'; 12 * 1024]),
             etag: None,
             stored_at: tokio::time::Instant::now(),

@@ -367,7 +367,8 @@ async fn canned_upstream() -> (
 /// A cache hit shares the entry's encoded fields instead of copying them
 /// (`src/fields.rs`). Written by the own loop or by hyper (after a hand-off),
 /// the answer carries the same fields: each field the gateway sets per answer
-/// once, its own value replacing one stored from upstream, and stored fields
+/// once, its own value replacing one stored from upstream (`Cache-Status`
+/// excepted: the gateway's member follows the upstream's), and stored fields
 /// with several values kept whole. Both for an entry whose fields the hit's
 /// own ones overlap (the loop merges) and for one they do not (the loop
 /// writes the stored lines as they are).
@@ -411,11 +412,16 @@ async fn a_cache_hit_carries_the_same_fields_from_either_writer() {
             let at = format!("{path} via {writer}");
             assert_eq!(answer.status, 200, "{at}: {answer:?}");
             assert_eq!(answer.body, filled.body, "{at}");
+            // The upstream CDN's member kept, first; the gateway's last (RFC 9211 §2).
             let status = all("cache-status");
-            assert!(
-                status.len() == 1 && status[0].starts_with("teamgate; hit"),
-                "{at}: {status:?}"
-            );
+            let (own, upstream) = status.split_last().expect("a Cache-Status");
+            assert!(own.starts_with("teamgate; hit"), "{at}: {status:?}");
+            let upstream_members: &[&str] = if path == OVERLAPPING {
+                &["upstream-cdn; hit"]
+            } else {
+                &[]
+            };
+            assert_eq!(upstream, upstream_members, "{at}");
             let age = all("age");
             assert!(age.len() == 1 && age[0] != "900", "{at}: {age:?}");
             let id = all("x-request-id");

@@ -266,14 +266,10 @@ async fn every_metric_the_dashboard_queries_is_exported() {
     h.stop().await;
 }
 
-/// The `cache` label (metrics and the access line) is what the gateway's
-/// cache did, never what an upstream says of caches of its own: on a route
-/// the gateway does not cache, the upstream's `Cache-Status` is forwarded
-/// unchanged and the request is counted as `cache="none"`.
-#[tokio::test]
-async fn an_upstreams_own_cache_status_is_forwarded_not_counted_as_the_gateways() {
+/// The gateway in front of an upstream behind a cache of its own: every
+/// answer is `200 {}` with `Cache-Status: othercdn; hit`.
+async fn in_front_of_a_cdn() -> Harness {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    // An upstream behind a cache of its own: every answer says it was a hit there.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
@@ -296,7 +292,16 @@ async fn an_upstreams_own_cache_status_is_forwarded_not_counted_as_the_gateways(
         }
     });
     let emulator = teamgate::emulator::Emulator::new(accounts());
-    let h = Harness::start_in_front_of(emulator, addr, &format!("http://{addr}"), "").await;
+    Harness::start_in_front_of(emulator, addr, &format!("http://{addr}"), "").await
+}
+
+/// The `cache` label (metrics and the access line) is what the gateway's
+/// cache did, never what an upstream says of caches of its own: on a route
+/// the gateway does not cache, the upstream's `Cache-Status` is forwarded
+/// unchanged and the request is counted as `cache="none"`.
+#[tokio::test]
+async fn an_upstreams_own_cache_status_is_forwarded_not_counted_as_the_gateways() {
+    let h = in_front_of_a_cdn().await;
     for _ in 0..2 {
         let answer = h.get("/api/jobs", DESIGN_KEY).await;
         assert_eq!(answer.status, StatusCode::OK);
@@ -335,5 +340,61 @@ async fn an_upstreams_own_cache_status_is_forwarded_not_counted_as_the_gateways(
         None,
         "{text}"
     );
+    h.stop().await;
+}
+
+/// RFC 9211 §2: a cache adds its `Cache-Status` member after the members of
+/// the caches nearer the origin, and keeps theirs. On a route the gateway
+/// caches, the upstream CDN's member comes first on the miss, on the hit,
+/// on a `304` from the entry and on a bypass, the gateway's last; and what is counted
+/// is the gateway's own member, not the CDN's "hit".
+#[tokio::test]
+async fn a_cached_answer_keeps_the_upstreams_cache_status_members_before_its_own() {
+    let h = in_front_of_a_cdn().await;
+    let members = |answer: &Answer| -> Vec<String> {
+        answer
+            .headers
+            .get_all("cache-status")
+            .iter()
+            .map(|member| member.to_str().unwrap().to_owned())
+            .collect()
+    };
+    let list = "/api/assets?limit=20";
+    let miss = h.get(list, DESIGN_KEY).await;
+    assert_eq!(miss.status, StatusCode::OK);
+    assert_eq!(
+        members(&miss),
+        ["othercdn; hit", "teamgate; fwd=miss; stored"]
+    );
+    let hit = h.get(list, DESIGN_KEY).await;
+    let hit_members = members(&hit);
+    assert_eq!(hit_members.len(), 2, "{hit_members:?}");
+    assert_eq!(hit_members[0], "othercdn; hit");
+    assert!(
+        hit_members[1].starts_with("teamgate; hit; ttl="),
+        "{hit_members:?}"
+    );
+    let etag = hit.headers["etag"].to_str().unwrap().to_owned();
+    let not_modified = h
+        .get_with(list, DESIGN_KEY, &[("if-none-match", &etag)])
+        .await;
+    assert_eq!(not_modified.status, StatusCode::NOT_MODIFIED);
+    assert_eq!(members(&not_modified)[..], hit_members[..]);
+    let bypass = h
+        .get_with(list, DESIGN_KEY, &[("cache-control", "no-store")])
+        .await;
+    assert_eq!(members(&bypass), ["othercdn; hit", "teamgate; fwd=bypass"]);
+    let metrics = h.admin_get("/metrics").await;
+    let text = String::from_utf8(metrics.body.to_vec()).unwrap();
+    let counted = |result: &str| {
+        sample(
+            &text,
+            "teamgate_cache_requests_total",
+            &[("upstream", "comfy"), ("result", result)],
+        )
+    };
+    assert_eq!(counted("miss"), Some(1.0), "{text}");
+    assert_eq!(counted("hit"), Some(2.0), "{text}");
+    assert_eq!(counted("bypass"), Some(1.0), "{text}");
     h.stop().await;
 }

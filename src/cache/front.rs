@@ -235,6 +235,7 @@ mod tests {
         Arc::new(CachedResponse {
             status: http::StatusCode::OK,
             fields: Arc::new(EncodedFields::new(HeaderMap::new())),
+            prior_cache_status: Box::default(),
             body: bytes::Bytes::from_static(body),
             etag: None,
             stored_at: tokio::time::Instant::now(),

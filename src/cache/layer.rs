@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures_util::future::{Either, Ready, ready};
-use http::header::{self, HeaderMap, HeaderValue};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use tokio::sync::{oneshot, watch};
@@ -197,7 +197,8 @@ where
                         let response = read.await?;
                         // What the read path answered (the `Cache-Status` it
                         // set) goes into the request's record, as a hit does.
-                        let status = response.headers().get(&CACHE_STATUS);
+                        // (Its member is the field's last; an upstream's own come first.)
+                        let status = response.headers().get_all(&CACHE_STATUS).iter().next_back();
                         let _ = answered.cache.set(cache_label(status));
                         Ok(response)
                     }
@@ -306,7 +307,7 @@ where
         let mut response = inner.oneshot(request).await?;
         response
             .headers_mut()
-            .insert(&CACHE_STATUS, cache_status::BYPASS);
+            .append(&CACHE_STATUS, cache_status::BYPASS);
         return Ok(response);
     }
     let head_only = request.method() == Method::HEAD;
@@ -385,7 +386,7 @@ where
                 Ok(LeaderOutcome::Streamed(mut response)) => {
                     response
                         .headers_mut()
-                        .insert(&CACHE_STATUS, cache_status::MISS);
+                        .append(&CACHE_STATUS, cache_status::MISS);
                     response
                 }
                 Err(_) => GatewayError::Internal
@@ -417,7 +418,7 @@ where
                     let mut response = inner.oneshot(request).await?;
                     response
                         .headers_mut()
-                        .insert(&CACHE_STATUS, cache_status::MISS);
+                        .append(&CACHE_STATUS, cache_status::MISS);
                     Ok(response)
                 }
             }
@@ -515,6 +516,7 @@ async fn fill<S>(
         Collected::Complete(bytes) => {
             let cacheable = storable(parts.status, &parts.headers).is_ok();
             let mut headers = owned_headers(&parts.headers);
+            let prior_cache_status = take_all(&mut headers, &CACHE_STATUS);
             let etag = match headers.get(header::ETAG) {
                 Some(etag) => Some(etag.clone()),
                 None if cacheable => {
@@ -527,6 +529,7 @@ async fn fill<S>(
             let response = Arc::new(CachedResponse {
                 status: parts.status,
                 fields: Arc::new(EncodedFields::new(headers)),
+                prior_cache_status,
                 body: bytes,
                 etag,
                 stored_at: Instant::now(),
@@ -562,6 +565,7 @@ async fn fill<S>(
             let response = Arc::new(CachedResponse {
                 status: error.status(),
                 fields: Arc::new(EncodedFields::new(headers)),
+                prior_cache_status: Box::default(),
                 body: error.json_body(shape, request_id.as_deref()),
                 etag: None,
                 stored_at: Instant::now(),
@@ -629,6 +633,14 @@ fn owned_headers(headers: &http::HeaderMap) -> http::HeaderMap {
         owned.append(name.clone(), super::policy::owned_value(value));
     }
     owned
+}
+
+/// Every value of `name`, taken out of `headers`.
+fn take_all(headers: &mut HeaderMap, name: &HeaderName) -> Box<[HeaderValue]> {
+    match headers.entry(name) {
+        header::Entry::Occupied(entry) => entry.remove_entry_mult().1.collect(),
+        header::Entry::Vacant(_) => Box::default(),
+    }
 }
 
 /// One exact-size buffer for the stored body. A single chunk is copied too:
@@ -723,7 +735,11 @@ fn respond(
         response
     };
     let headers = response.headers_mut();
-    headers.insert(&CACHE_STATUS, status);
+    // RFC 9211 §2: the members of caches nearer the origin first, this one's last.
+    for member in &entry.prior_cache_status {
+        headers.append(&CACHE_STATUS, member.clone());
+    }
+    headers.append(&CACHE_STATUS, status);
     if let Some(age) = age {
         headers.insert(header::AGE, cache_status::age(age.as_secs()));
     }

@@ -46,6 +46,10 @@ pub struct CachedResponse {
     /// End-to-end headers as the upstream sent them (plus a generated `ETag`
     /// if it sent none), encoded once for the hits that share them.
     pub fields: Arc<EncodedFields>,
+    /// The `Cache-Status` members the upstream's answer came with, from
+    /// caches nearer the origin. Kept out of `fields`: each answer lists
+    /// them and then its own member, last (RFC 9211 §2).
+    pub prior_cache_status: Box<[HeaderValue]>,
     pub body: Bytes,
     pub etag: Option<HeaderValue>,
     pub stored_at: Instant,
@@ -143,8 +147,14 @@ impl CachedResponse {
             .iter()
             .map(|(name, value)| name.as_str().len() + value.len() + 32)
             .sum();
+        let prior_cache_status: usize = self
+            .prior_cache_status
+            .iter()
+            .map(|member| member.len() + 32)
+            .sum();
         self.body.len()
             + headers
+            + prior_cache_status
             + self.fields.encoded_len()
             + std::mem::size_of::<Self>()
             + std::mem::size_of::<EncodedFields>()
@@ -617,6 +627,7 @@ mod tests {
         Arc::new(CachedResponse {
             status: StatusCode::OK,
             fields: Arc::new(EncodedFields::new(HeaderMap::new())),
+            prior_cache_status: Box::default(),
             body: Bytes::from_static(body),
             etag: None,
             stored_at: Instant::now(),
