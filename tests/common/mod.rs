@@ -105,10 +105,13 @@ pub struct Answer {
 }
 
 impl Answer {
-    /// The `Cache-Status` header, or "" when absent.
+    /// The `Cache-Status` field's last member (the gateway's on a cached
+    /// route; an upstream's own come before it), or "" when absent.
     pub fn cache_status(&self) -> &str {
         self.headers
-            .get("cache-status")
+            .get_all("cache-status")
+            .iter()
+            .next_back()
             .map_or("", |value| value.to_str().unwrap())
     }
 
