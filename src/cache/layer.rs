@@ -12,6 +12,10 @@
 //!    Its answer is shared with every waiter; a `200` is stored if cacheable;
 //!    a 5xx is replaced by a stale entry still within `stale-if-error`.
 //!
+//! Every answer of a cacheable read carries the layer's `Cache-Status` member
+//! last, after any an upstream's own caches sent (RFC 9211 §2; an entry keeps
+//! those apart from its shared fields, see `CachedResponse`).
+//!
 //! For a write matching a write rule, a 2xx answer invalidates the scopes the
 //! rule names, in the writer's partition, before the answer reaches the client.
 
