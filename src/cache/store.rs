@@ -44,7 +44,8 @@ use crate::telemetry::metrics::Metrics;
 pub struct CachedResponse {
     pub status: StatusCode,
     /// End-to-end headers as the upstream sent them (plus a generated `ETag`
-    /// if it sent none), encoded once for the hits that share them.
+    /// if it sent none; its `Cache-Status` apart, below), encoded once for
+    /// the hits that share them.
     pub fields: Arc<EncodedFields>,
     /// The `Cache-Status` members the upstream's answer came with, from
     /// caches nearer the origin. Kept out of `fields`: each answer lists
