@@ -199,10 +199,10 @@ where
                 Either::Right(Either::Right(Box::pin(
                     async move {
                         let response = read.await?;
-                        // What the read path answered (the `Cache-Status` it
-                        // set) goes into the request's record, as a hit does.
-                        // (Its member is the field's last; an upstream's own come first.)
-                        let status = response.headers().get_all(&CACHE_STATUS).iter().next_back();
+                        // What the read path answered (the `Cache-Status`
+                        // member it added) goes into the request's record, as
+                        // a hit does.
+                        let status = cache_status::own(response.headers());
                         let _ = answered.cache.set(cache_label(status));
                         Ok(response)
                     }
@@ -309,9 +309,7 @@ where
     let mode = request_mode(request.headers());
     if mode == RequestMode::Bypass {
         let mut response = inner.oneshot(request).await?;
-        response
-            .headers_mut()
-            .append(&CACHE_STATUS, cache_status::BYPASS);
+        cache_status::add(response.headers_mut(), cache_status::BYPASS);
         return Ok(response);
     }
     let head_only = request.method() == Method::HEAD;
@@ -388,9 +386,7 @@ where
                     }
                 }
                 Ok(LeaderOutcome::Streamed(mut response)) => {
-                    response
-                        .headers_mut()
-                        .append(&CACHE_STATUS, cache_status::MISS);
+                    cache_status::add(response.headers_mut(), cache_status::MISS);
                     response
                 }
                 Err(_) => GatewayError::Internal
@@ -420,9 +416,7 @@ where
                 // Too big to share, or the fill died: go upstream alone.
                 Some(Outcome::Refetch) | None => {
                     let mut response = inner.oneshot(request).await?;
-                    response
-                        .headers_mut()
-                        .append(&CACHE_STATUS, cache_status::MISS);
+                    cache_status::add(response.headers_mut(), cache_status::MISS);
                     Ok(response)
                 }
             }
@@ -739,11 +733,11 @@ fn respond(
         response
     };
     let headers = response.headers_mut();
-    // RFC 9211 §2: the members of caches nearer the origin first, this one's last.
+    // The upstream's members as they came, then the gateway's.
     for member in &entry.prior_cache_status {
         headers.append(&CACHE_STATUS, member.clone());
     }
-    headers.append(&CACHE_STATUS, status);
+    cache_status::add(headers, status);
     if let Some(age) = age {
         headers.insert(header::AGE, cache_status::age(age.as_secs()));
     }

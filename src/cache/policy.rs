@@ -482,9 +482,25 @@ pub fn strong_etag(body: &[u8]) -> HeaderValue {
 /// The `Cache-Status` header name (RFC 9211).
 pub static CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
 
-/// RFC 9211 `Cache-Status` values, with `teamgate` as the cache's name.
+/// RFC 9211 `Cache-Status` values, with `teamgate` as the cache's name, and
+/// where the gateway's member goes in the field.
 pub mod cache_status {
-    use http::HeaderValue;
+    use http::{HeaderMap, HeaderValue};
+
+    use super::CACHE_STATUS;
+
+    /// Adds the gateway's member to an answer's `Cache-Status`, after any
+    /// the upstream's own caches put there: RFC 9211 §2 lists the caches
+    /// from the origin's side, so each adds its member last and keeps the rest.
+    pub fn add(headers: &mut HeaderMap, member: HeaderValue) {
+        headers.append(&CACHE_STATUS, member);
+    }
+
+    /// The gateway's member of an answer's `Cache-Status` (see [`add`]): the
+    /// field's last.
+    pub fn own(headers: &HeaderMap) -> Option<&HeaderValue> {
+        headers.get_all(&CACHE_STATUS).iter().next_back()
+    }
 
     /// Values for the first hour are built once and shared (a clone is a
     /// reference-count increment); hits are the hot path.

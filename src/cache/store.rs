@@ -35,7 +35,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::front;
-use super::policy::{CacheKey, Partition, Scope};
+use super::policy::{CACHE_STATUS, CacheKey, Partition, Scope};
 use crate::fields::EncodedFields;
 use crate::telemetry::metrics::Metrics;
 
@@ -143,19 +143,18 @@ impl CachedResponse {
 
     /// Bytes this entry costs: body, headers and bookkeeping.
     fn weight(&self) -> usize {
+        let prior_cache_status = self
+            .prior_cache_status
+            .iter()
+            .map(|member| (&CACHE_STATUS, member));
         let headers: usize = self
             .headers()
             .iter()
+            .chain(prior_cache_status)
             .map(|(name, value)| name.as_str().len() + value.len() + 32)
-            .sum();
-        let prior_cache_status: usize = self
-            .prior_cache_status
-            .iter()
-            .map(|member| member.len() + 32)
             .sum();
         self.body.len()
             + headers
-            + prior_cache_status
             + self.fields.encoded_len()
             + std::mem::size_of::<Self>()
             + std::mem::size_of::<EncodedFields>()
