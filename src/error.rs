@@ -52,7 +52,9 @@ pub enum GatewayError {
     Internal,
     #[error("rate limit exceeded; retry after the time in Retry-After")]
     RateLimited,
-    #[error("the request path has `.`/`..` segments or encoded slashes; send it normalised")]
+    #[error(
+        "the request path is not normalised (`.`/`..` or empty segments, encoded slashes or unreserved characters); send it normalised"
+    )]
     UnsafePath,
     #[error("a header value has control characters or non-ASCII bytes")]
     InvalidHeader,

@@ -178,21 +178,39 @@ pub fn check_request<B>(request: &Request<B>, limits: RequestLimits) -> Result<(
     Ok(())
 }
 
-/// A path is forwarded byte for byte, so it must already be normal: no `.` or
-/// `..` segment, raw or percent-encoded, and no encoded `/` or `\` that an
-/// upstream could decode into a different route.
+/// A path is forwarded byte for byte, so it must already be normal: nothing
+/// an upstream (or a proxy in front of it) may rewrite into a different route
+/// than the one classified here — the route that picks the cache rule, the
+/// writes' invalidation and the route quotas. Refused:
+/// - `.` and `..` segments, raw or percent-encoded (RFC 3986 §5.2.4);
+/// - an encoded `/` or `\`, which a decoding upstream splits differently;
+/// - an empty segment (`//`), which nginx's default `merge_slashes` and many
+///   routers merge away: `POST /api//prompt` would escape a quota on
+///   `POST /api/prompt`;
+/// - a percent-encoded unreserved character (RFC 3986 §2.3, §6.2.2.2: the
+///   URI is equivalent to the one with the character itself, and normalizers
+///   decode it): `POST /api/%61ssets/from-hash` would be the upstream's
+///   `from-hash` write without invalidating what it changes.
+///
+/// A trailing `/` is left alone: it is not equivalent by the RFC, and rules
+/// match it as the path without it (see [`PathPattern`]).
 fn check_path(path: &str) -> Result<(), GatewayError> {
     if path == "*" {
         // `OPTIONS *` matches no mount and is answered 404 by routing.
         return Ok(());
     }
-    // The usual path: nothing encoded, and no segment that starts with a
-    // dot, so none can be `.` or `..`. Two memchr-style scans instead of
-    // splitting into segments.
-    if !path.contains('%') && !path.starts_with('.') && !path.contains("/.") {
+    // The usual path: nothing encoded, no empty segment, and no segment
+    // that starts with a dot, so none can be `.` or `..`. Three memchr-style
+    // scans instead of splitting into segments.
+    if !path.contains('%') && !path.starts_with('.') && !path.contains("/.") && !path.contains("//")
+    {
         return Ok(());
     }
-    for segment in path.split('/') {
+    let mut segments = path.split('/').skip(1).peekable();
+    while let Some(segment) = segments.next() {
+        if segment.is_empty() && segments.peek().is_some() {
+            return Err(GatewayError::UnsafePath);
+        }
         if !segment.contains('%') {
             // Nothing encoded: only the literal dot-segments can be wrong
             // (hyper has already refused raw control bytes).
@@ -200,6 +218,9 @@ fn check_path(path: &str) -> Result<(), GatewayError> {
                 return Err(GatewayError::UnsafePath);
             }
             continue;
+        }
+        if encodes_an_unreserved_character(segment) {
+            return Err(GatewayError::UnsafePath);
         }
         let decoded = percent_encoding::percent_decode_str(segment).collect::<Vec<u8>>();
         let Ok(decoded) = std::str::from_utf8(&decoded) else {
@@ -214,6 +235,21 @@ fn check_path(path: &str) -> Result<(), GatewayError> {
         }
     }
     Ok(())
+}
+
+/// Whether `segment` has a `%XX` that decodes to an unreserved character
+/// (ALPHA, DIGIT, `-`, `.`, `_`, `~`; RFC 3986 §2.3).
+fn encodes_an_unreserved_character(segment: &str) -> bool {
+    segment
+        .as_bytes()
+        .windows(3)
+        .filter(|window| window[0] == b'%')
+        .filter_map(|window| {
+            let high = char::from(window[1]).to_digit(16)?;
+            let low = char::from(window[2]).to_digit(16)?;
+            u8::try_from(high * 16 + low).ok()
+        })
+        .any(|byte| byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~'))
 }
 
 /// Whether every byte is visible ASCII, a space or a tab: what the gateway
@@ -268,7 +304,8 @@ pub fn is_upgrade(version: Version, headers: &HeaderMap) -> bool {
             .any(|token| token.trim().eq_ignore_ascii_case("upgrade"))
 }
 
-/// A path pattern: `/api/assets/{id:uuid}`, `/api/v2/**`, `/ws`.
+/// A path pattern: `/api/assets/{id:uuid}`, `/api/v2/**`, `/ws`. A path
+/// with a trailing `/` matches as the path without it (`/ws/` as `/ws`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PathPattern {
     source: String,
@@ -403,7 +440,12 @@ impl PathPattern {
                 on_capture(name, part);
             }
         }
-        self.open_tail || parts.next().is_none()
+        // A trailing `/` matches as the path without it. Routers that ignore
+        // it (Express's default, among others) would otherwise let
+        // `POST /api/prompt/` escape a quota on `POST /api/prompt`, or a write
+        // skip its invalidation; where an upstream tells them apart, the
+        // slashed path is its 404 and matching it costs nothing.
+        self.open_tail || matches!((parts.next(), parts.next()), (None, _) | (Some(""), None))
     }
 }
 
@@ -416,7 +458,10 @@ mod tests {
         let id = "3f2504e0-4f89-41d3-9a0c-0305e82c3301";
         let cases: &[(&str, &str, bool)] = &[
             ("/ws", "/ws", true),
-            ("/ws", "/ws/", false),
+            ("/ws", "/ws/", true),
+            ("/ws", "/ws//", false),
+            ("/api/assets/{id:uuid}", &format!("/api/assets/{id}/"), true),
+            ("/api/assets/{id:uuid}", "/api/assets/", false),
             ("/ws", "/wss", false),
             ("/api/v2/**", "/api/v2", true),
             ("/api/v2/**", "/api/v2/jobs/1/events", true),
@@ -496,6 +541,19 @@ mod tests {
             "/api/%00",
             "/api/%ff",
             "/..",
+            // Names another route once slashes are merged or unreserved
+            // characters decoded (RFC 3986 §6.2.2.2).
+            "/api//prompt",
+            "//api/prompt",
+            "/api/prompt//",
+            "/api/%61ssets",
+            "/api/%41ssets",
+            "/api/assets/from%2Dhash",
+            "/api/assets/from%2dhash",
+            "/api/v%32/jobs",
+            "/api/%5Fx",
+            "/api/%7e",
+            "/api/a.b%2E",
         ] {
             assert_eq!(check_path(path), Err(GatewayError::UnsafePath), "{path}");
         }
@@ -504,6 +562,10 @@ mod tests {
             "/api/assets",
             "/api/assets/",
             "/api/a%20b",
+            "/api/a%2Cb%3A%40",
+            "/api/%E2%9C%93",
+            "/api/100%",
+            "/api/%g1",
             "/api/..x",
             "/api/.well-known",
             "*",

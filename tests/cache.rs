@@ -154,6 +154,53 @@ async fn after_from_hash_the_next_list_shows_the_new_asset() {
     h.stop().await;
 }
 
+/// Invariant 4 holds for the write however it is spelled: a spelling an
+/// upstream that normalises would read as `from-hash` (merged slashes, an
+/// encoded letter or `-`; RFC 3986 §6.2.2.2) but no rule here would match is
+/// refused, never forwarded uninvalidated; a trailing `/` is the write itself.
+#[tokio::test]
+async fn a_write_spelled_another_way_is_refused_or_invalidates_as_itself() {
+    let h = Harness::start().await;
+    h.get(LIST, DESIGN_KEY).await;
+    assert!(h.get(LIST, DESIGN_KEY).await.cache_status().contains("hit"));
+    let body = json!({"name": "sneaky.png", "tags": ["input"]});
+    for path in [
+        "/api//assets/from-hash",
+        "//api/assets/from-hash",
+        "/api/%61ssets/from-hash",
+        "/api/assets/from%2Dhash",
+    ] {
+        let refused = h
+            .call(Method::POST, path, Some(DESIGN_KEY), Some(body.clone()))
+            .await;
+        assert_eq!(refused.status, StatusCode::BAD_REQUEST, "{path}");
+        assert_eq!(refused.json()["code"], "bad_request", "{path}");
+    }
+    assert_eq!(h.emulator.count(Method::POST, "/api/assets/from-hash"), 0);
+    assert!(h.get(LIST, DESIGN_KEY).await.cache_status().contains("hit"));
+    // The slashed write is `from-hash` to the gateway: an upstream that
+    // takes it (here one answering 202) invalidates the lists.
+    h.emulator.inject(Fault::new(
+        Some(Method::POST),
+        "/api/assets/from-hash/",
+        FaultAction::Status(StatusCode::ACCEPTED),
+    ));
+    let slashed = h
+        .call(
+            Method::POST,
+            "/api/assets/from-hash/",
+            Some(DESIGN_KEY),
+            Some(body),
+        )
+        .await;
+    assert_eq!(slashed.status, StatusCode::ACCEPTED);
+    assert_eq!(
+        h.get(LIST, DESIGN_KEY).await.cache_status(),
+        "teamgate; fwd=miss; stored"
+    );
+    h.stop().await;
+}
+
 #[tokio::test]
 async fn writes_to_one_asset_invalidate_its_detail_and_only_for_that_team() {
     let h = Harness::start().await;

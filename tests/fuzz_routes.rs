@@ -3,8 +3,10 @@
 //! - it is refused, or it maps to exactly one upstream — the one whose mount
 //!   is the longest prefix — and exactly one route rule and class;
 //! - the path that would be forwarded stays under the upstream's base path
-//!   and holds no dot-segment or encoded separator, so it cannot name a
-//!   different upstream route than the one classified.
+//!   and holds no dot-segment, encoded separator, empty segment or encoded
+//!   unreserved character, so no upstream that normalises it (RFC 3986
+//!   §6.2.2, merged slashes) can read a different route than the one
+//!   classified.
 
 use std::sync::Arc;
 
@@ -47,6 +49,9 @@ fn segment() -> impl Strategy<Value = String> {
         Just("%5c".to_owned()),
         Just("%00".to_owned()),
         Just("%ff".to_owned()),
+        Just("%61ssets".to_owned()),
+        Just("from%2Dhash".to_owned()),
+        Just("%7e".to_owned()),
         Just(String::new()),
         "[a-zA-Z0-9._~%-]{1,12}",
     ]
@@ -124,6 +129,16 @@ proptest! {
                 for segment in decoded_segments(upstream_path) {
                     prop_assert!(segment != ".." && segment != ".", "{target}: dot-segment forwarded");
                     prop_assert!(!segment.contains('/') && !segment.contains('\\'), "{target}: encoded separator forwarded");
+                }
+                let raw: Vec<&str> = upstream_path.split('/').skip(1).collect();
+                for (index, segment) in raw.iter().enumerate() {
+                    prop_assert!(!segment.is_empty() || index + 1 == raw.len(), "{target}: empty segment forwarded");
+                    let encodes_unreserved = segment.split('%').skip(1).any(|rest| {
+                        rest.get(..2)
+                            .and_then(|hex| u8::from_str_radix(hex, 16).ok())
+                            .is_some_and(|byte| byte.is_ascii_alphanumeric() || b"-._~".contains(&byte))
+                    });
+                    prop_assert!(!encodes_unreserved, "{target}: encoded unreserved character forwarded");
                 }
                 // Reads are only ever GET/HEAD; the decision is deterministic.
                 if let Some(CacheRoute::Read { .. }) = route.cache {

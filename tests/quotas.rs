@@ -84,15 +84,17 @@ async fn teams_and_keys_are_limited_independently() {
     h.stop().await;
 }
 
-#[tokio::test]
-async fn route_quotas_apply_to_their_route_only() {
-    let limits = r#"
+/// Two prompts an hour for the design team.
+const PROMPT_QUOTA: &str = r#"
 [[teams.design.limits.routes]]
 match = "POST /api/prompt"
 rate = "1/h"
 burst = 2
 "#;
-    let h = Harness::start_with_config("", limits).await;
+
+#[tokio::test]
+async fn route_quotas_apply_to_their_route_only() {
+    let h = Harness::start_with_config("", PROMPT_QUOTA).await;
     let prompt = || {
         h.call(
             Method::POST,
@@ -118,6 +120,59 @@ burst = 2
         assert_eq!(h.get("/api/jobs", DESIGN_KEY).await.status, StatusCode::OK);
     }
     assert_eq!(h.emulator.count(Method::POST, "/api/prompt"), 2);
+    h.stop().await;
+}
+
+/// A quota's route cannot be escaped by spelling it another way: a trailing
+/// `/` counts as the route (routers that ignore it would run the prompt), and
+/// merged slashes or encoded letters — the route itself to an upstream that
+/// normalises (RFC 3986 §6.2.2.2) — are refused before any quota or upstream
+/// sees them.
+#[tokio::test]
+async fn a_route_quota_cannot_be_escaped_by_spelling_its_path_another_way() {
+    let h = Harness::start_with_config("", PROMPT_QUOTA).await;
+    let prompt = |path: &'static str| {
+        h.call(
+            Method::POST,
+            path,
+            Some(DESIGN_KEY),
+            Some(json!({"prompt": {}})),
+        )
+    };
+    for path in [
+        "/api//prompt",
+        "//api/prompt",
+        "/api/%70rompt",
+        "/api/promp%74",
+    ] {
+        let refused = prompt(path).await;
+        assert_eq!(refused.status, StatusCode::BAD_REQUEST, "{path}");
+        assert_eq!(refused.json()["code"], "bad_request", "{path}");
+    }
+    assert_eq!(h.emulator.total(), 0, "no refused spelling was forwarded");
+    assert_ne!(
+        prompt("/api/prompt").await.status,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    let slashed = prompt("/api/prompt/").await;
+    assert_ne!(slashed.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(
+        header(&slashed, "ratelimit"),
+        "\"POST /api/prompt\";r=0;t=7200",
+        "the slashed path spent the route's quota"
+    );
+    for path in ["/api/prompt", "/api/prompt/"] {
+        assert_eq!(
+            prompt(path).await.status,
+            StatusCode::TOO_MANY_REQUESTS,
+            "{path}"
+        );
+    }
+    assert_eq!(
+        h.emulator.count(Method::POST, "/api/prompt")
+            + h.emulator.count(Method::POST, "/api/prompt/"),
+        2
+    );
     h.stop().await;
 }
 

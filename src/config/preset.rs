@@ -367,6 +367,20 @@ mod tests {
         assert_eq!(write_scopes("DELETE", "/collections/c1/assets"), ["assets"]);
         assert_eq!(write_scopes("POST", "/uploads/u1/action"), ["assets"]);
         assert_eq!(write_scopes("POST", "/generate/custom/m1"), ["assets"]);
+        // A trailing `/` is the same write (the path check refuses `//` and
+        // encoded letters before classification).
+        assert_eq!(
+            write_scopes("DELETE", "/collections/c1/assets/"),
+            ["assets"]
+        );
+        assert_eq!(
+            write_scopes("PUT", "/assets/a1/lock/"),
+            ["asset:a1", "assets"]
+        );
+        assert!(matches!(
+            classify("GET", "/assets/asset_1/"),
+            Some(CacheRoute::Read { .. })
+        ));
         for read_over_post in [
             "/assets/get-bulk",
             "/search/assets",
