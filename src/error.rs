@@ -53,7 +53,7 @@ pub enum GatewayError {
     #[error("rate limit exceeded; retry after the time in Retry-After")]
     RateLimited,
     #[error(
-        "the request path is not normalised (`.`/`..` or empty segments, encoded slashes or unreserved characters); send it normalised"
+        "the request path is not normalised (`.`/`..` or empty segments, backslashes, encoded slashes or unreserved characters); send it normalised"
     )]
     UnsafePath,
     #[error("a header value has control characters or non-ASCII bytes")]

@@ -182,8 +182,11 @@ pub fn check_request<B>(request: &Request<B>, limits: RequestLimits) -> Result<(
 /// an upstream (or a proxy in front of it) may rewrite into a different route
 /// than the one classified here — the route that picks the cache rule, the
 /// writes' invalidation and the route quotas. Refused:
-/// - `.` and `..` segments, raw or percent-encoded (RFC 3986 §5.2.4);
-/// - an encoded `/` or `\`, which a decoding upstream splits differently;
+/// - `.` and `..` segments, raw or percent-encoded (RFC 3986 §5.2.4), with
+///   or without path parameters (`..;x`);
+/// - a backslash, raw or encoded, which a decoding upstream (or one that
+///   reads `\` as `/`, as WHATWG URLs and Windows servers do) splits
+///   differently, and an encoded `/`;
 /// - an empty segment (`//`), which nginx's default `merge_slashes` and many
 ///   routers merge away: `POST /api//prompt` would escape a quota on
 ///   `POST /api/prompt`;
@@ -199,22 +202,18 @@ fn check_path(path: &str) -> Result<(), GatewayError> {
         // `OPTIONS *` matches no mount and is answered 404 by routing.
         return Ok(());
     }
-    // The usual path: nothing encoded, no empty segment, and no segment
-    // that starts with a dot, so none can be `.` or `..`. Three memchr-style
-    // scans instead of splitting into segments.
-    if !path.contains('%') && !path.starts_with('.') && !path.contains("/.") && !path.contains("//")
-    {
+    if looks_normal(path) {
         return Ok(());
     }
-    let mut segments = path.split('/').skip(1).peekable();
+    let mut segments = path.strip_prefix('/').unwrap_or(path).split('/').peekable();
     while let Some(segment) = segments.next() {
         if segment.is_empty() && segments.peek().is_some() {
             return Err(GatewayError::UnsafePath);
         }
         if !segment.contains('%') {
-            // Nothing encoded: only the literal dot-segments can be wrong
-            // (hyper has already refused raw control bytes).
-            if segment == "." || segment == ".." {
+            // Nothing encoded: only the literal dot-segments and backslashes
+            // can be wrong (the parser has already refused raw control bytes).
+            if is_dot_segment(segment) || segment.contains('\\') {
                 return Err(GatewayError::UnsafePath);
             }
             continue;
@@ -226,8 +225,7 @@ fn check_path(path: &str) -> Result<(), GatewayError> {
         let Ok(decoded) = std::str::from_utf8(&decoded) else {
             return Err(GatewayError::UnsafePath);
         };
-        if decoded == "."
-            || decoded == ".."
+        if is_dot_segment(decoded)
             || decoded.contains(['/', '\\'])
             || decoded.chars().any(char::is_control)
         {
@@ -235,6 +233,27 @@ fn check_path(path: &str) -> Result<(), GatewayError> {
         }
     }
     Ok(())
+}
+
+/// The usual path, in one pass: nothing encoded, no backslash, no empty
+/// segment and no segment that starts with a dot (so none is `.` or `..`).
+/// Anything else is looked at segment by segment.
+fn looks_normal(path: &str) -> bool {
+    let mut previous = b'/';
+    for &byte in path.strip_prefix('/').unwrap_or(path).as_bytes() {
+        if byte == b'%' || byte == b'\\' || (previous == b'/' && matches!(byte, b'.' | b'/')) {
+            return false;
+        }
+        previous = byte;
+    }
+    true
+}
+
+/// Whether `segment` is `.` or `..`, path parameters aside: servlet
+/// containers drop a segment's `;…` before resolving it, so to Tomcat
+/// `/v1/..;x/admin` is `/admin`, outside the upstream's base path.
+fn is_dot_segment(segment: &str) -> bool {
+    matches!(segment.split(';').next(), Some("." | ".."))
 }
 
 /// Whether `segment` has a `%XX` that decodes to an unreserved character
@@ -554,8 +573,26 @@ mod tests {
             "/api/%5Fx",
             "/api/%7e",
             "/api/a.b%2E",
+            // Path parameters aside, a dot-segment (servlet containers).
+            "/api/..;/admin",
+            "/api/..;x=1/admin",
+            "/api/.;x/assets",
+            "/api/..%3b/admin",
+            "/api\\..\\jobs",
+            "/api/assets\\",
         ] {
             assert_eq!(check_path(path), Err(GatewayError::UnsafePath), "{path}");
+            assert!(!looks_normal(path), "{path} must not take the fast path");
+        }
+        // The fast path takes the usual paths: the slow one is for odd ones.
+        for path in [
+            "/",
+            "/api/assets",
+            "/api/assets/",
+            "/api/assets/3f2504e0-4f89-41d3-9a0c-0305e82c3301/tags",
+            "/scenario/assets/asset_1",
+        ] {
+            assert!(looks_normal(path), "{path}");
         }
         for path in [
             "/",
@@ -567,6 +604,8 @@ mod tests {
             "/api/100%",
             "/api/%g1",
             "/api/..x",
+            "/api/x;..",
+            "/api/...;x",
             "/api/.well-known",
             "*",
         ] {

@@ -59,6 +59,9 @@ async fn dot_segments_and_encoded_separators_never_reach_another_route() {
         "/api/assets%2Fx",
         "/api/assets%5c..%5cjobs",
         "/api/assets/%00",
+        "/api/assets/..;/jobs",
+        "/api//jobs",
+        "/api/%61ssets",
     ] {
         let answer = raw(
             h.gateway,
