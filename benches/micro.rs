@@ -66,6 +66,7 @@ client_keys = [{}]
 
 fn request(target: &str) -> Request<Body> {
     Request::get(target)
+        .header("host", "gateway.internal:8080")
         .header("authorization", format!("Bearer {CLIENT_KEY}"))
         .header("accept", "application/json")
         .header("accept-encoding", "gzip, br")

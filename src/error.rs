@@ -58,6 +58,8 @@ pub enum GatewayError {
     UnsafePath,
     #[error("a header value has control characters or non-ASCII bytes")]
     InvalidHeader,
+    #[error("an HTTP/1.1 request needs exactly one Host header (RFC 9112 §3.2)")]
+    InvalidHost,
     #[error("the query has control characters or is not UTF-8 once decoded")]
     InvalidQuery,
     #[error("the request headers are too large")]
@@ -86,6 +88,7 @@ impl GatewayError {
             GatewayError::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             GatewayError::UnsafePath
             | GatewayError::InvalidHeader
+            | GatewayError::InvalidHost
             | GatewayError::InvalidQuery
             | GatewayError::MalformedBody => StatusCode::BAD_REQUEST,
             GatewayError::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
@@ -108,6 +111,7 @@ impl GatewayError {
             GatewayError::RateLimited => "rate_limited",
             GatewayError::UnsafePath
             | GatewayError::InvalidHeader
+            | GatewayError::InvalidHost
             | GatewayError::InvalidQuery
             | GatewayError::MalformedBody => "bad_request",
             GatewayError::HeadersTooLarge => "request_header_fields_too_large",
@@ -242,6 +246,7 @@ mod tests {
             (RateLimited, 429),
             (UnsafePath, 400),
             (InvalidHeader, 400),
+            (InvalidHost, 400),
             (InvalidQuery, 400),
             (MalformedBody, 400),
             (HeadersTooLarge, 431),

@@ -145,20 +145,28 @@ pub struct RequestLimits {
 
 /// Refuses what must never reach an upstream: oversized header sections,
 /// declared bodies over the cap, header values with control or non-ASCII bytes,
-/// paths with dot-segments or encoded separators, queries that decode to
+/// an HTTP/1.1 request without exactly one `Host`, paths that are not normal, queries that decode to
 /// control characters or invalid UTF-8. Cheap: one pass over what hyper parsed.
 pub fn check_request<B>(request: &Request<B>, limits: RequestLimits) -> Result<(), GatewayError> {
     let uri = request.uri();
     let mut header_bytes =
         request.method().as_str().len() + uri.path().len() + uri.query().map_or(0, str::len) + 12;
+    let mut hosts = 0usize;
     for (name, value) in request.headers() {
         header_bytes += name.as_str().len() + value.len() + 4;
+        hosts += usize::from(name == header::HOST);
         if !is_visible_ascii(value.as_bytes()) {
             return Err(GatewayError::InvalidHeader);
         }
     }
     if header_bytes > limits.max_header_bytes {
         return Err(GatewayError::HeadersTooLarge);
+    }
+    // RFC 9112 §3.2: a server answers 400 to an HTTP/1.1 request without a
+    // Host, and to any request with more than one. (HTTP/2 carries
+    // `:authority` instead.)
+    if hosts > 1 || (hosts == 0 && request.version() == Version::HTTP_11) {
+        return Err(GatewayError::InvalidHost);
     }
     // (Content-Length with Transfer-Encoding never gets here: hyper applies
     // RFC 9112 §6.3 — chunked wins, Content-Length is dropped, the connection
@@ -652,11 +660,13 @@ mod tests {
             max_request_body: 100,
         };
         let ok = Request::get("/api/assets")
+            .header("host", "gateway")
             .header("x-a", "plain value\twith tab")
             .body(())
             .unwrap();
         assert_eq!(check_request(&ok, limits), Ok(()));
         let big = Request::get("/api/assets")
+            .header("host", "gateway")
             .header("x-a", "v".repeat(2000))
             .body(())
             .unwrap();
@@ -666,6 +676,7 @@ mod tests {
         );
         // (Control bytes never get this far: `http` and hyper refuse them when parsing.)
         let high = Request::get("/api/assets")
+            .header("host", "gateway")
             .header("x-a", HeaderValueExt::bytes(b"caf\xc3\xa9"))
             .body(())
             .unwrap();
@@ -674,12 +685,47 @@ mod tests {
             Err(GatewayError::InvalidHeader)
         );
         let body = Request::post("/api/assets")
+            .header("host", "gateway")
             .header("content-length", "101")
             .body(())
             .unwrap();
         assert_eq!(
             check_request(&body, limits),
             Err(GatewayError::PayloadTooLarge)
+        );
+    }
+
+    #[test]
+    fn an_http_1_1_request_needs_exactly_one_host() {
+        let limits = RequestLimits {
+            max_header_bytes: 1024,
+            max_request_body: 100,
+        };
+        let with_hosts = |version: Version, hosts: &[&str]| {
+            let mut request = Request::get("/api/assets").version(version);
+            for host in hosts {
+                request = request.header("host", *host);
+            }
+            check_request(&request.body(()).unwrap(), limits)
+        };
+        assert_eq!(with_hosts(Version::HTTP_11, &["gateway"]), Ok(()));
+        assert_eq!(
+            with_hosts(Version::HTTP_11, &[]),
+            Err(GatewayError::InvalidHost)
+        );
+        assert_eq!(
+            with_hosts(Version::HTTP_11, &["a", "b"]),
+            Err(GatewayError::InvalidHost)
+        );
+        assert_eq!(with_hosts(Version::HTTP_10, &[]), Ok(()));
+        assert_eq!(
+            with_hosts(Version::HTTP_10, &["a", "a"]),
+            Err(GatewayError::InvalidHost)
+        );
+        assert_eq!(
+            with_hosts(Version::HTTP_2, &[]),
+            Ok(()),
+            ":authority instead"
         );
     }
 

@@ -103,7 +103,7 @@ proptest! {
         let config = config();
         let router = Router::new(&config.upstreams);
         let limits = RequestLimits { max_header_bytes: 64 * 1024, max_request_body: 1 << 20 };
-        let Ok(request) = Request::builder().method(method.clone()).uri(target.as_str()).body(()) else {
+        let Ok(request) = Request::builder().method(method.clone()).uri(target.as_str()).header("host", "gateway").body(()) else {
             // Not a request target hyper would ever hand over.
             return Ok(());
         };

@@ -76,6 +76,40 @@ async fn dot_segments_and_encoded_separators_never_reach_another_route() {
     h.stop().await;
 }
 
+/// RFC 9112 §3.2: 400 for an HTTP/1.1 request without a `Host` and for any
+/// request with two, through the gateway's own loop (a `GET`) and through
+/// hyper (a body, HTTP/1.0); nothing is forwarded.
+#[tokio::test]
+async fn a_request_without_exactly_one_host_is_refused() {
+    let h = Harness::start().await;
+    for head in [
+        "GET /api/jobs HTTP/1.1".to_owned(),
+        "GET /api/jobs HTTP/1.1\r\nHost: a\r\nHost: b".to_owned(),
+        "POST /api/prompt HTTP/1.1\r\nContent-Length: 2".to_owned(),
+        "GET /api/jobs HTTP/1.0\r\nHost: a\r\nHost: a".to_owned(),
+    ] {
+        let body = if head.starts_with("POST") { "{}" } else { "" };
+        let answer = raw(
+            h.gateway,
+            format!("{head}\r\nX-API-Key: {DESIGN_KEY}\r\nConnection: close\r\n\r\n{body}")
+                .as_bytes(),
+        )
+        .await;
+        assert_eq!(status_of(&answer), 400, "{head}: {answer}");
+        assert_eq!(json_of(&answer)["code"], "bad_request", "{head}");
+    }
+    assert_eq!(h.emulator.total(), 0, "none was forwarded");
+    // HTTP/1.0 needs none.
+    let answer = raw(
+        h.gateway,
+        format!("GET /api/jobs HTTP/1.0\r\nX-API-Key: {DESIGN_KEY}\r\n\r\n").as_bytes(),
+    )
+    .await;
+    assert_eq!(status_of(&answer), 200, "{answer}");
+    still_serving(&h).await;
+    h.stop().await;
+}
+
 #[tokio::test]
 async fn oversized_headers_get_431_in_json() {
     let h = Harness::start_with_config("", "").await;
