@@ -48,6 +48,8 @@ pub enum GatewayError {
     UpstreamReset,
     #[error("the upstream did not answer in time")]
     UpstreamTimeout,
+    #[error("the upstream's answer was too large to check for the team credential its URL carried")]
+    AnswerTooLargeToCheck,
     #[error("the gateway failed to handle the request")]
     Internal,
     #[error("rate limit exceeded; retry after the time in Retry-After")]
@@ -80,9 +82,9 @@ impl GatewayError {
             GatewayError::ConnectNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             GatewayError::MissingKey | GatewayError::UnknownKey => StatusCode::UNAUTHORIZED,
             GatewayError::NoUpstreamCredential => StatusCode::FORBIDDEN,
-            GatewayError::UpstreamUnreachable | GatewayError::UpstreamReset => {
-                StatusCode::BAD_GATEWAY
-            }
+            GatewayError::UpstreamUnreachable
+            | GatewayError::UpstreamReset
+            | GatewayError::AnswerTooLargeToCheck => StatusCode::BAD_GATEWAY,
             GatewayError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             GatewayError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
             GatewayError::RateLimited => StatusCode::TOO_MANY_REQUESTS,
@@ -105,7 +107,9 @@ impl GatewayError {
             GatewayError::ConnectNotAllowed => "method_not_allowed",
             GatewayError::MissingKey | GatewayError::UnknownKey => "unauthorized",
             GatewayError::NoUpstreamCredential => "forbidden",
-            GatewayError::UpstreamUnreachable | GatewayError::UpstreamReset => "bad_gateway",
+            GatewayError::UpstreamUnreachable
+            | GatewayError::UpstreamReset
+            | GatewayError::AnswerTooLargeToCheck => "bad_gateway",
             GatewayError::UpstreamTimeout => "gateway_timeout",
             GatewayError::Internal => "internal_error",
             GatewayError::RateLimited => "rate_limited",
@@ -241,6 +245,7 @@ mod tests {
             (NoUpstreamCredential, 403),
             (UpstreamUnreachable, 502),
             (UpstreamReset, 502),
+            (AnswerTooLargeToCheck, 502),
             (UpstreamTimeout, 504),
             (Internal, 500),
             (RateLimited, 429),

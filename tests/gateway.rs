@@ -385,6 +385,98 @@ async fn websocket_token_is_rewritten_to_the_team_key_and_frames_flow_both_ways(
     h.stop().await;
 }
 
+/// An upstream that answers every request by echoing its target — a
+/// redirect's `Location`, a header and a JSON message, as a framework's
+/// trailing-slash redirect or a "no route for …" error would — with a body
+/// past 64 KiB when the target asks for `big`.
+async fn echoing_upstream() -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") && stream.read(&mut byte).await.unwrap_or(0) == 1
+                {
+                    head.push(byte[0]);
+                }
+                let head = String::from_utf8_lossy(&head).into_owned();
+                let target = head.split(' ').nth(1).unwrap_or("/").to_owned();
+                let padding = if target.contains("big") {
+                    "x".repeat(100 * 1024)
+                } else {
+                    String::new()
+                };
+                let body = format!("{{\"message\":\"{padding}no route for {target}\"}}");
+                let answer = format!(
+                    "HTTP/1.1 307 Temporary Redirect\r\nLocation: http://upstream.internal{target}\r\n\
+                     X-Echo: {target}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
+                     Connection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = stream.write_all(answer.as_bytes()).await;
+            });
+        }
+    });
+    addr
+}
+
+/// The team's key travels in the URL of a `/ws` request (the v1 spec's
+/// `token` parameter), so an upstream answer that echoes the URL would hand
+/// it to the member: the gateway takes it out of every header and body of
+/// such answers, upgrade refusals included, and refuses to pass on a body
+/// too big to check.
+#[tokio::test]
+async fn an_answer_echoing_the_url_never_shows_the_team_key() {
+    let echo = echoing_upstream().await;
+    let emulator = teamgate::emulator::Emulator::new(accounts());
+    let h = Harness::start_in_front_of(emulator, echo, &format!("http://{echo}"), "").await;
+    let mut answers = vec![
+        h.get("/ws?clientId=c1", DESIGN_KEY).await,
+        h.get("/ws/?clientId=c2", DESIGN_KEY).await,
+    ];
+    let upgrade = Request::get(h.url("/ws?clientId=c3"))
+        .header("x-api-key", DESIGN_KEY)
+        .header("connection", "upgrade")
+        .header("upgrade", "websocket")
+        .header("sec-websocket-version", "13")
+        .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    answers.push(h.send(upgrade).await);
+    for answer in &answers {
+        assert_eq!(answer.status, StatusCode::TEMPORARY_REDIRECT);
+        let everything = format!(
+            "{:?} {}",
+            answer.headers,
+            String::from_utf8_lossy(&answer.body)
+        );
+        assert!(!everything.contains(DESIGN_UPSTREAM_KEY), "{everything}");
+        assert!(everything.contains("token=[redacted]"), "{everything}");
+        assert!(
+            everything.contains("clientId=c"),
+            "the rest is kept: {everything}"
+        );
+        assert!(
+            answer.json()["message"]
+                .as_str()
+                .unwrap()
+                .starts_with("no route for /ws"),
+            "the body is still the upstream's JSON"
+        );
+    }
+    let big = h.get("/ws?clientId=big", DESIGN_KEY).await;
+    assert_eq!(big.status, StatusCode::BAD_GATEWAY);
+    assert_eq!(big.json()["code"], "bad_gateway");
+    assert!(!String::from_utf8_lossy(&big.body).contains(DESIGN_UPSTREAM_KEY));
+    // Other routes carry the key in a header the answer cannot echo by accident.
+    let plain = h.get("/api/jobs", DESIGN_KEY).await;
+    assert_eq!(plain.status, StatusCode::TEMPORARY_REDIRECT);
+    assert_eq!(plain.headers["x-echo"], "/api/jobs");
+    h.stop().await;
+}
+
 #[tokio::test]
 async fn refused_upstream_gives_502_in_comfy_shape_and_the_gateway_keeps_serving() {
     let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

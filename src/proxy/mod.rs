@@ -11,6 +11,7 @@
 
 mod client;
 mod idle;
+mod redact;
 mod watch;
 
 use std::convert::Infallible;
@@ -30,7 +31,7 @@ use tracing::Instrument;
 
 use crate::auth::inject::strip_hop_by_hop;
 use crate::body::Body;
-use crate::config::Upstream;
+use crate::config::{CredentialPlacement, Upstream};
 use crate::error::GatewayError;
 use crate::route::RouteClass;
 use crate::telemetry::RequestRecord;
@@ -150,6 +151,16 @@ async fn forward(
         .and_then(|record| record.id.get())
         .and_then(|id| id.0.to_str().ok());
 
+    // The team's key is in this request's URL when the route's rule puts it
+    // in the query: the answer is searched for it (`redact`).
+    let url_secret = match route.rule().credential {
+        CredentialPlacement::QueryParam(_) => record
+            .as_deref()
+            .and_then(RequestRecord::authenticated)
+            .and_then(|auth| auth.team.credential_for(&route.upstream))
+            .cloned(),
+        _ => None,
+    };
     let is_upgrade = route.class == RouteClass::Upgrade;
     let client_upgrade = is_upgrade.then(|| hyper::upgrade::on(&mut request));
     let (mut parts, body) = request.into_parts();
@@ -221,7 +232,13 @@ async fn forward(
     }
     let is_switch = response.status() == StatusCode::SWITCHING_PROTOCOLS;
     strip_hop_by_hop(response.headers_mut(), is_switch);
-    response
+    match url_secret {
+        // Boxed: only these routes pay for the body's read in their future.
+        Some(secret) => Box::pin(redact::answer(response, &secret))
+            .await
+            .unwrap_or_else(|error| error.into_response(shape, request_id)),
+        None => response,
+    }
 }
 
 /// Waits for a request body's first frame and puts it back in front of the
