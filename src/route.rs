@@ -472,7 +472,12 @@ impl PathPattern {
         // `POST /api/prompt/` escape a quota on `POST /api/prompt`, or a write
         // skip its invalidation; where an upstream tells them apart, the
         // slashed path is its 404 and matching it costs nothing.
-        self.open_tail || matches!((parts.next(), parts.next()), (None, _) | (Some(""), None))
+        self.open_tail
+            || match parts.next() {
+                None => true,
+                Some("") => parts.next().is_none(),
+                Some(_) => false,
+            }
     }
 }
 
