@@ -62,6 +62,10 @@ pub enum GatewayError {
     InvalidHeader,
     #[error("an HTTP/1.1 request needs exactly one Host header (RFC 9112 §3.2)")]
     InvalidHost,
+    #[error(
+        "method-override headers are not accepted; send the method itself (the cache and quotas go by it)"
+    )]
+    MethodOverride,
     #[error("the query has control characters or is not UTF-8 once decoded")]
     InvalidQuery,
     #[error("the request headers are too large")]
@@ -91,6 +95,7 @@ impl GatewayError {
             GatewayError::UnsafePath
             | GatewayError::InvalidHeader
             | GatewayError::InvalidHost
+            | GatewayError::MethodOverride
             | GatewayError::InvalidQuery
             | GatewayError::MalformedBody => StatusCode::BAD_REQUEST,
             GatewayError::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
@@ -116,6 +121,7 @@ impl GatewayError {
             GatewayError::UnsafePath
             | GatewayError::InvalidHeader
             | GatewayError::InvalidHost
+            | GatewayError::MethodOverride
             | GatewayError::InvalidQuery
             | GatewayError::MalformedBody => "bad_request",
             GatewayError::HeadersTooLarge => "request_header_fields_too_large",
@@ -252,6 +258,7 @@ mod tests {
             (UnsafePath, 400),
             (InvalidHeader, 400),
             (InvalidHost, 400),
+            (MethodOverride, 400),
             (InvalidQuery, 400),
             (MalformedBody, 400),
             (HeadersTooLarge, 431),

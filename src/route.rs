@@ -144,9 +144,10 @@ pub struct RequestLimits {
 }
 
 /// Refuses what must never reach an upstream: oversized header sections,
-/// declared bodies over the cap, header values with control or non-ASCII bytes,
-/// an HTTP/1.1 request without exactly one `Host`, paths that are not normal, queries that decode to
-/// control characters or invalid UTF-8. Cheap: one pass over what hyper parsed.
+/// declared bodies over the cap, header values with control or non-ASCII
+/// bytes, method-override headers, an HTTP/1.1 request without exactly one
+/// `Host`, paths that are not normal, queries that decode to control
+/// characters or invalid UTF-8. Cheap: one pass over what hyper parsed.
 pub fn check_request<B>(request: &Request<B>, limits: RequestLimits) -> Result<(), GatewayError> {
     let uri = request.uri();
     let mut header_bytes =
@@ -157,6 +158,9 @@ pub fn check_request<B>(request: &Request<B>, limits: RequestLimits) -> Result<(
         hosts += usize::from(name == header::HOST);
         if !is_visible_ascii(value.as_bytes()) {
             return Err(GatewayError::InvalidHeader);
+        }
+        if is_method_override(name) {
+            return Err(GatewayError::MethodOverride);
         }
     }
     if header_bytes > limits.max_header_bytes {
@@ -184,6 +188,19 @@ pub fn check_request<B>(request: &Request<B>, limits: RequestLimits) -> Result<(
         check_query(query)?;
     }
     Ok(())
+}
+
+/// `X-HTTP-Method-Override` and its variants. Frameworks and API front ends
+/// that honour them (Google's API proxies, Rails and Express middleware) run
+/// another method than the request's, while the gateway's cache rules,
+/// invalidations and route quotas go by the request's own: a `GET` that
+/// deletes would be stored as a read and invalidate nothing. Every method
+/// passes through the gateway, so a client never needs one.
+fn is_method_override(name: &http::HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "x-http-method-override" | "x-http-method" | "x-method-override"
+    )
 }
 
 /// A path is forwarded byte for byte, so it must already be normal: nothing
@@ -658,60 +675,80 @@ mod tests {
         assert!(is_visible_ascii(b""));
     }
 
+    const LIMITS: RequestLimits = RequestLimits {
+        max_header_bytes: 1024,
+        max_request_body: 100,
+    };
+
+    /// `check_request` on a `method` request for `path` as a client sends it
+    /// (with its `Host`), plus the field `name: value`.
+    fn check_with<V>(method: Method, path: &str, name: &str, value: V) -> Result<(), GatewayError>
+    where
+        http::HeaderValue: TryFrom<V>,
+        <http::HeaderValue as TryFrom<V>>::Error: Into<http::Error>,
+    {
+        let request = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "gateway")
+            .header(name, value)
+            .body(())
+            .unwrap();
+        check_request(&request, LIMITS)
+    }
+
     #[test]
     fn headers_over_the_limit_or_with_control_bytes_are_refused() {
-        let limits = RequestLimits {
-            max_header_bytes: 1024,
-            max_request_body: 100,
-        };
-        let ok = Request::get("/api/assets")
-            .header("host", "gateway")
-            .header("x-a", "plain value\twith tab")
-            .body(())
-            .unwrap();
-        assert_eq!(check_request(&ok, limits), Ok(()));
-        let big = Request::get("/api/assets")
-            .header("host", "gateway")
-            .header("x-a", "v".repeat(2000))
-            .body(())
-            .unwrap();
+        let get = |name, value| check_with(Method::GET, "/api/assets", name, value);
+        assert_eq!(get("x-a", "plain value\twith tab".to_owned()), Ok(()));
         assert_eq!(
-            check_request(&big, limits),
+            get("x-a", "v".repeat(2000)),
             Err(GatewayError::HeadersTooLarge)
         );
         // (Control bytes never get this far: `http` and hyper refuse them when parsing.)
-        let high = Request::get("/api/assets")
-            .header("host", "gateway")
-            .header("x-a", HeaderValueExt::bytes(b"caf\xc3\xa9"))
-            .body(())
-            .unwrap();
         assert_eq!(
-            check_request(&high, limits),
+            check_with(
+                Method::GET,
+                "/api/assets",
+                "x-a",
+                HeaderValueExt::bytes(b"caf\xc3\xa9")
+            ),
             Err(GatewayError::InvalidHeader)
         );
-        let body = Request::post("/api/assets")
-            .header("host", "gateway")
-            .header("content-length", "101")
-            .body(())
-            .unwrap();
         assert_eq!(
-            check_request(&body, limits),
+            check_with(Method::POST, "/api/assets", "content-length", "101"),
             Err(GatewayError::PayloadTooLarge)
         );
     }
 
     #[test]
+    fn method_override_headers_are_refused() {
+        let detail = "/api/assets/3f2504e0-4f89-41d3-9a0c-0305e82c3301";
+        for name in [
+            "x-http-method-override",
+            "X-HTTP-Method",
+            "x-method-override",
+        ] {
+            assert_eq!(
+                check_with(Method::GET, detail, name, "DELETE"),
+                Err(GatewayError::MethodOverride),
+                "{name}"
+            );
+        }
+        assert_eq!(
+            check_with(Method::GET, detail, "x-http-method-overrides", "no"),
+            Ok(())
+        );
+    }
+
+    #[test]
     fn an_http_1_1_request_needs_exactly_one_host() {
-        let limits = RequestLimits {
-            max_header_bytes: 1024,
-            max_request_body: 100,
-        };
         let with_hosts = |version: Version, hosts: &[&str]| {
             let mut request = Request::get("/api/assets").version(version);
             for host in hosts {
                 request = request.header("host", *host);
             }
-            check_request(&request.body(()).unwrap(), limits)
+            check_request(&request.body(()).unwrap(), LIMITS)
         };
         assert_eq!(with_hosts(Version::HTTP_11, &["gateway"]), Ok(()));
         assert_eq!(
