@@ -190,6 +190,20 @@ pub fn check_request<B>(request: &Request<B>, limits: RequestLimits) -> Result<(
     Ok(())
 }
 
+/// Whether `path` may start with `prefix`, ignoring letter case: the
+/// patterns' first, cheap check. A `;` where the two differ may be a path
+/// parameter the segment walk drops, so it is left to the walk.
+fn may_start_with(path: &[u8], prefix: &[u8]) -> bool {
+    for (index, expected) in prefix.iter().enumerate() {
+        match path.get(index) {
+            Some(byte) if byte.eq_ignore_ascii_case(expected) => {}
+            Some(b';') => return true,
+            _ => return false,
+        }
+    }
+    true
+}
+
 /// `X-HTTP-Method-Override` and its variants. Frameworks and API front ends
 /// that honour them (Google's API proxies, Rails and Express middleware) run
 /// another method than the request's, while the gateway's cache rules,
@@ -220,8 +234,9 @@ fn is_method_override(name: &http::HeaderName) -> bool {
 ///   decode it): `POST /api/%61ssets/from-hash` would be the upstream's
 ///   `from-hash` write without invalidating what it changes.
 ///
-/// A trailing `/` is left alone: it is not equivalent by the RFC, and rules
-/// match it as the path without it (see [`PathPattern`]).
+/// A trailing `/`, letter case and a segment's `;` parameters are left
+/// alone: they are not equivalent by the RFC, and rules match them as the
+/// plain path (see [`PathPattern`]).
 fn check_path(path: &str) -> Result<(), GatewayError> {
     if path == "*" {
         // `OPTIONS *` matches no mount and is answered 404 by routing.
@@ -348,8 +363,19 @@ pub fn is_upgrade(version: Version, headers: &HeaderMap) -> bool {
             .any(|token| token.trim().eq_ignore_ascii_case("upgrade"))
 }
 
-/// A path pattern: `/api/assets/{id:uuid}`, `/api/v2/**`, `/ws`. A path
-/// with a trailing `/` matches as the path without it (`/ws/` as `/ws`).
+/// A path pattern: `/api/assets/{id:uuid}`, `/api/v2/**`, `/ws`.
+///
+/// Patterns decide what the gateway does with a request — its cache rule,
+/// the writes it invalidates, its route quota, where the credential goes —
+/// so they match every spelling a common upstream router treats as the same
+/// path: a trailing `/` (`/ws/` as `/ws`), any letter case (`/API/Prompt` as
+/// `/api/prompt`; Express and ASP.NET route case-insensitively by default),
+/// and a segment's path parameters (`/api/prompt;x=1` as `/api/prompt`, as
+/// servlet containers do). Matching more is the safe side: a path the
+/// upstream tells apart is its 404, which is neither stored nor costly,
+/// while a path matched less would escape a quota or skip an invalidation.
+/// (Spellings that only a decoding or slash-merging upstream reads as the
+/// route are refused before matching; see `check_path`.)
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PathPattern {
     source: String,
@@ -457,7 +483,7 @@ impl PathPattern {
 
     /// Matches `path`, reporting each named placeholder's value.
     fn walk<'p>(&self, path: &'p str, mut on_capture: impl FnMut(&str, &'p str)) -> bool {
-        if !path.starts_with(&self.literal_prefix) {
+        if !may_start_with(path.as_bytes(), self.literal_prefix.as_bytes()) {
             return false;
         }
         let Some(rest) = path.strip_prefix('/') else {
@@ -472,8 +498,10 @@ impl PathPattern {
             let Some(part) = parts.next() else {
                 return false;
             };
+            // A segment's path parameters (`;…`) are not its name.
+            let part = part.split_once(';').map_or(part, |(name, _)| name);
             let fits = match segment {
-                Segment::Literal(literal) => part == literal,
+                Segment::Literal(literal) => part.eq_ignore_ascii_case(literal),
                 Segment::Any(_) => !part.is_empty(),
                 Segment::Uuid(_) => uuid::Uuid::try_parse(part).is_ok(),
             };
@@ -509,6 +537,15 @@ mod tests {
             ("/ws", "/ws", true),
             ("/ws", "/ws/", true),
             ("/ws", "/ws//", false),
+            // Letter case and path parameters are not part of the route.
+            ("/api/prompt", "/API/Prompt", true),
+            ("/api/prompt", "/api/prompt;jsessionid=1", true),
+            ("/api/prompt", "/api;x/prompt", true),
+            ("/api/prompt", "/api/prompt;x/", true),
+            ("/api/prompt", "/api/promptx;", false),
+            ("/api/prompt", "/api/;x/prompt", false),
+            ("/api/assets/{id}/tags", "/api/assets/;x/tags", false),
+            ("/api/v2/**", "/API/V2/jobs", true),
             ("/api/assets/{id:uuid}", &format!("/api/assets/{id}/"), true),
             ("/api/assets/{id:uuid}", "/api/assets/", false),
             ("/ws", "/wss", false),
@@ -553,6 +590,11 @@ mod tests {
             Some(id)
         );
         assert_eq!(pattern.capture("/api/assets/nope/tags", "id"), None);
+        assert_eq!(
+            pattern.capture(&format!("/api/assets/{id};v=2/tags"), "id"),
+            Some(id),
+            "without the segment's parameters, so its scope is the asset's"
+        );
         assert!(pattern.has_capture("id") && !pattern.has_capture("other"));
         let any = PathPattern::parse("/collections/{collection}/assets").unwrap();
         assert_eq!(

@@ -124,8 +124,8 @@ async fn route_quotas_apply_to_their_route_only() {
 }
 
 /// A quota's route cannot be escaped by spelling it another way: a trailing
-/// `/` counts as the route (routers that ignore it would run the prompt), and
-/// merged slashes or encoded letters — the route itself to an upstream that
+/// `/`, another letter case or a path parameter counts as the route (routers
+/// that ignore them would run the prompt), and merged slashes or encoded letters — the route itself to an upstream that
 /// normalises (RFC 3986 §6.2.2.2) — are refused before any quota or upstream
 /// sees them.
 #[tokio::test]
@@ -161,13 +161,21 @@ async fn a_route_quota_cannot_be_escaped_by_spelling_its_path_another_way() {
         "\"POST /api/prompt\";r=0;t=7200",
         "the slashed path spent the route's quota"
     );
-    for path in ["/api/prompt", "/api/prompt/"] {
+    // Spent now, under every spelling a common router reads as the route:
+    // letter case (Express, ASP.NET) and path parameters (servlet containers).
+    for path in [
+        "/api/prompt",
+        "/api/prompt/",
+        "/API/Prompt",
+        "/api/prompt;x=1",
+    ] {
         assert_eq!(
             prompt(path).await.status,
             StatusCode::TOO_MANY_REQUESTS,
             "{path}"
         );
     }
+    assert_eq!(h.emulator.total(), 2, "nothing more was forwarded");
     assert_eq!(
         h.emulator.count(Method::POST, "/api/prompt")
             + h.emulator.count(Method::POST, "/api/prompt/"),
