@@ -201,6 +201,66 @@ async fn a_write_spelled_another_way_is_refused_or_invalidates_as_itself() {
     h.stop().await;
 }
 
+/// An entry depends only on what its key holds (invariant 1): the fill that
+/// makes it carries none of the leading client's other fields, so one
+/// member cannot have the upstream build the team's shared answer from a
+/// `X-Forwarded-Host`, a cookie, a language or an `X-Original-URL` of their
+/// choosing (web cache poisoning) — every member gets what a plain request
+/// for the key would have got.
+#[tokio::test]
+async fn a_fill_carries_only_what_the_key_holds() {
+    let h = Harness::start().await;
+    let poisoned = h
+        .get_with(
+            LIST,
+            DESIGN_KEY,
+            &[
+                ("x-forwarded-host", "evil.example"),
+                ("forwarded", "host=evil.example"),
+                ("x-original-url", "/api/admin"),
+                ("cookie", "session=member-a"),
+                ("accept-language", "fr"),
+                ("accept", "application/json"),
+                ("user-agent", "comfy-cli/1.0"),
+            ],
+        )
+        .await;
+    assert_eq!(poisoned.cache_status(), "teamgate; fwd=miss; stored");
+    let fill = h
+        .emulator
+        .recorded()
+        .into_iter()
+        .find(|request| request.target.starts_with("/api/assets"))
+        .expect("the fill went upstream");
+    for unkeyed in [
+        "x-forwarded-host",
+        "forwarded",
+        "x-original-url",
+        "cookie",
+        "accept-language",
+    ] {
+        assert!(
+            fill.headers.get(unkeyed).is_none(),
+            "{unkeyed} reached the upstream with a fill: {:?}",
+            fill.headers
+        );
+    }
+    assert_eq!(fill.headers["accept"], "application/json", "keyed: kept");
+    assert_eq!(fill.headers["user-agent"], "comfy-cli/1.0");
+    assert_eq!(fill.headers["x-api-key"], DESIGN_UPSTREAM_KEY);
+    // A pass-through route forwards the client's fields unchanged.
+    h.get_with("/api/jobs", DESIGN_KEY, &[("accept-language", "fr")])
+        .await;
+    let jobs = h
+        .emulator
+        .recorded()
+        .into_iter()
+        .find(|request| request.target.starts_with("/api/jobs"))
+        .unwrap();
+    assert_eq!(jobs.headers["accept-language"], "fr");
+    h.stop().await;
+}
+
 #[tokio::test]
 async fn writes_to_one_asset_invalidate_its_detail_and_only_for_that_team() {
     let h = Harness::start().await;
