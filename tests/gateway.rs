@@ -388,7 +388,8 @@ async fn websocket_token_is_rewritten_to_the_team_key_and_frames_flow_both_ways(
 /// An upstream that answers every request by echoing its target — a
 /// redirect's `Location`, a header and a JSON message, as a framework's
 /// trailing-slash redirect or a "no route for …" error would — with a body
-/// past 64 KiB when the target asks for `big`.
+/// past 64 KiB when the target asks for `big`, and half a body and then
+/// silence when it asks for `stall`.
 async fn echoing_upstream() -> std::net::SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -403,6 +404,14 @@ async fn echoing_upstream() -> std::net::SocketAddr {
                 }
                 let head = String::from_utf8_lossy(&head).into_owned();
                 let target = head.split(' ').nth(1).unwrap_or("/").to_owned();
+                if target.contains("stall") {
+                    // Half an answer, then nothing: a body still coming.
+                    let half =
+                        format!("HTTP/1.1 400 Bad Request\r\nContent-Length: 1000\r\n\r\n{target}");
+                    let _ = stream.write_all(half.as_bytes()).await;
+                    tokio::time::sleep(std::time::Duration::from_secs(30)).await;
+                    return;
+                }
                 let padding = if target.contains("big") {
                     "x".repeat(100 * 1024)
                 } else {
@@ -426,12 +435,18 @@ async fn echoing_upstream() -> std::net::SocketAddr {
 /// `token` parameter), so an upstream answer that echoes the URL would hand
 /// it to the member: the gateway takes it out of every header and body of
 /// such answers, upgrade refusals included, and refuses to pass on a body
-/// too big to check.
+/// too big to check or too slow to end.
 #[tokio::test]
 async fn an_answer_echoing_the_url_never_shows_the_team_key() {
     let echo = echoing_upstream().await;
     let emulator = teamgate::emulator::Emulator::new(accounts());
-    let h = Harness::start_in_front_of(emulator, echo, &format!("http://{echo}"), "").await;
+    let h = Harness::start_in_front_of(
+        emulator,
+        echo,
+        &format!("http://{echo}"),
+        "response_timeout = \"1s\"",
+    )
+    .await;
     let mut answers = vec![
         h.get("/ws?clientId=c1", DESIGN_KEY).await,
         h.get("/ws/?clientId=c2", DESIGN_KEY).await,
@@ -470,6 +485,10 @@ async fn an_answer_echoing_the_url_never_shows_the_team_key() {
     assert_eq!(big.status, StatusCode::BAD_GATEWAY);
     assert_eq!(big.json()["code"], "bad_gateway");
     assert!(!String::from_utf8_lossy(&big.body).contains(DESIGN_UPSTREAM_KEY));
+    // A body that never ends is not waited for past the response timeout.
+    let stalled = h.get("/ws?clientId=stall", DESIGN_KEY).await;
+    assert_eq!(stalled.status, StatusCode::GATEWAY_TIMEOUT);
+    assert!(!String::from_utf8_lossy(&stalled.body).contains(DESIGN_UPSTREAM_KEY));
     // Other routes carry the key in a header the answer cannot echo by accident.
     let plain = h.get("/api/jobs", DESIGN_KEY).await;
     assert_eq!(plain.status, StatusCode::TEMPORARY_REDIRECT);

@@ -234,7 +234,7 @@ async fn forward(
     strip_hop_by_hop(response.headers_mut(), is_switch);
     match url_secret {
         // Boxed: only these routes pay for the body's read in their future.
-        Some(secret) => Box::pin(redact::answer(response, &secret))
+        Some(secret) => Box::pin(redact::answer(response, &secret, response_timeout))
             .await
             .unwrap_or_else(|error| error.into_response(shape, request_id)),
         None => response,

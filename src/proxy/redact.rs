@@ -11,10 +11,13 @@
 //! are searched for the key, as it is and percent-encoded as it was sent,
 //! and each occurrence is replaced by [`REDACTED`].
 //!
-//! Bodies are read whole for this, up to [`MAX_CHECKED_BODY`]: besides the
-//! 101 these routes answer with short errors; a longer body is refused with
-//! a 502 rather than passed on unchecked. A 101's tunnel is not searched:
+//! Bodies are read whole for this, up to [`MAX_CHECKED_BODY`] and within the
+//! upstream's response timeout: besides the 101 these routes answer with
+//! short errors; a longer body is refused with a 502, and one still coming
+//! when the timeout ends with a 504, rather than passed on unchecked. A 101's tunnel is not searched:
 //! its frames are the application's own.
+
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
@@ -33,11 +36,13 @@ pub const MAX_CHECKED_BODY: usize = 64 * 1024;
 pub const REDACTED: &str = "[redacted]";
 
 /// Takes every form of `secret` out of `response`'s header values and body.
-/// A body past [`MAX_CHECKED_BODY`] is refused, and one that fails while
-/// being read is the upstream's reset.
+/// A body past [`MAX_CHECKED_BODY`] is refused, one that fails while being
+/// read is the upstream's reset, and one not read whole `within` (a stream
+/// that never ends) is its timeout.
 pub async fn answer(
     response: Response<Body>,
     secret: &Secret,
+    within: Duration,
 ) -> Result<Response<Body>, GatewayError> {
     let forms = forms_of(secret.expose());
     let (mut parts, body) = response.into_parts();
@@ -50,9 +55,9 @@ pub async fn answer(
     if parts.status == StatusCode::SWITCHING_PROTOCOLS {
         return Ok(Response::from_parts(parts, body));
     }
-    let bytes = Limited::new(body, MAX_CHECKED_BODY)
-        .collect()
+    let bytes = tokio::time::timeout(within, Limited::new(body, MAX_CHECKED_BODY).collect())
         .await
+        .map_err(|_| GatewayError::UpstreamTimeout)?
         .map_err(|error| {
             if error.is::<http_body_util::LengthLimitError>() {
                 GatewayError::AnswerTooLargeToCheck
