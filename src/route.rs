@@ -190,20 +190,6 @@ pub fn check_request<B>(request: &Request<B>, limits: RequestLimits) -> Result<(
     Ok(())
 }
 
-/// Whether `path` may start with `prefix`, ignoring letter case: the
-/// patterns' first, cheap check. A `;` where the two differ may be a path
-/// parameter the segment walk drops, so it is left to the walk.
-fn may_start_with(path: &[u8], prefix: &[u8]) -> bool {
-    for (index, expected) in prefix.iter().enumerate() {
-        match path.get(index) {
-            Some(byte) if byte.eq_ignore_ascii_case(expected) => {}
-            Some(b';') => return true,
-            _ => return false,
-        }
-    }
-    true
-}
-
 /// `X-HTTP-Method-Override` and its variants. Frameworks and API front ends
 /// that honour them (Google's API proxies, Rails and Express middleware) run
 /// another method than the request's, while the gateway's cache rules,
@@ -524,6 +510,20 @@ impl PathPattern {
                 Some(_) => false,
             }
     }
+}
+
+/// Whether `path` may start with `prefix`, ignoring letter case: the
+/// patterns' first, cheap check. A `;` where the two differ may be a path
+/// parameter the segment walk drops, so it is left to the walk.
+fn may_start_with(path: &[u8], prefix: &[u8]) -> bool {
+    for (index, expected) in prefix.iter().enumerate() {
+        match path.get(index) {
+            Some(byte) if byte.eq_ignore_ascii_case(expected) => {}
+            Some(b';') => return true,
+            _ => return false,
+        }
+    }
+    true
 }
 
 #[cfg(test)]
