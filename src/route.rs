@@ -93,8 +93,31 @@ impl Router {
         }
     }
 
-    pub fn default_shape(&self) -> ErrorShape {
-        self.default_shape
+    /// The upstream whose mount covers `path` (the longest), where its part
+    /// of the path starts, and the index of its first rule that matches it.
+    fn locate(&self, path: &str) -> Option<(&Arc<Upstream>, usize, usize)> {
+        let (upstream, path_offset) = self
+            .upstreams
+            .iter()
+            .find_map(|upstream| mount_offset(&upstream.mount, path).map(|at| (upstream, at)))?;
+        let upstream_path = below_mount(path, path_offset);
+        let rule_index = upstream
+            .preset
+            .rules
+            .iter()
+            .position(|rule| rule.pattern.matches(upstream_path))?;
+        Some((upstream, path_offset, rule_index))
+    }
+
+    /// The shape a request refused before it is routed is answered in: that
+    /// of the rule its path falls under, so a Scenario client hears
+    /// Scenario's shape even for a path the checks refuse; else the primary
+    /// upstream's.
+    pub fn shape_for(&self, path: &str) -> ErrorShape {
+        self.locate(path)
+            .map_or(self.default_shape, |(upstream, _, rule)| {
+                upstream.preset.rules[rule].error_shape
+            })
     }
 
     pub fn classify<B>(&self, request: &Request<B>) -> Result<RouteMatch, GatewayError> {
@@ -108,18 +131,8 @@ impl Router {
             return Err(GatewayError::AbsoluteFormTarget);
         }
         let path = request.uri().path();
-        let (upstream, path_offset) = self
-            .upstreams
-            .iter()
-            .find_map(|upstream| mount_offset(&upstream.mount, path).map(|at| (upstream, at)))
-            .ok_or(GatewayError::NoRoute)?;
+        let (upstream, path_offset, rule_index) = self.locate(path).ok_or(GatewayError::NoRoute)?;
         let upstream_path = below_mount(path, path_offset);
-        let rule_index = upstream
-            .preset
-            .rules
-            .iter()
-            .position(|rule| rule.pattern.matches(upstream_path))
-            .ok_or(GatewayError::NoRoute)?;
         let (class, cache) = if is_upgrade(request.version(), request.headers()) {
             (RouteClass::Upgrade, None)
         } else {
@@ -907,9 +920,8 @@ where
             Err(error) => {
                 let request_id = crate::telemetry::RequestId::of(&request);
                 tracing::debug!(%error, "request refused by routing");
-                Either::Left(ready(Ok(
-                    error.into_response(self.router.default_shape(), request_id)
-                )))
+                let shape = self.router.shape_for(request.uri().path());
+                Either::Left(ready(Ok(error.into_response(shape, request_id))))
             }
         }
     }

@@ -317,6 +317,32 @@ async fn a_team_without_a_scenario_credential_is_refused_in_scenarios_shape() {
     both.h.stop().await;
 }
 
+/// Requests the checks refuse before routing are answered in the shape of
+/// the upstream their path is under: a Scenario client parses Scenario's.
+#[tokio::test]
+async fn a_request_refused_before_routing_hears_scenarios_shape() {
+    let both = start(false).await;
+    for path in [
+        "/scenario//assets",
+        "/scenario/%61ssets",
+        "/scenario/assets/..;/x",
+    ] {
+        let refused = both.h.get(path, DESIGN_KEY).await;
+        assert_eq!(refused.status, StatusCode::BAD_REQUEST, "{path}");
+        let body = refused.json();
+        assert!(
+            body["error"].is_string() && body["message"].is_string(),
+            "{path}: {body}"
+        );
+    }
+    let comfy = both.h.get("/api//assets", DESIGN_KEY).await;
+    assert_eq!(comfy.status, StatusCode::BAD_REQUEST);
+    assert_eq!(comfy.json()["code"], "bad_request", "Comfy's flat shape");
+    assert!(comfy.json()["error"].is_null());
+    assert_eq!(both.scenario.total(), 0, "nothing forwarded");
+    both.h.stop().await;
+}
+
 #[tokio::test]
 async fn teams_never_share_scenario_entries() {
     let both = start(false).await;
