@@ -292,7 +292,13 @@ fn looks_normal(path: &str) -> bool {
 /// containers drop a segment's `;…` before resolving it, so to Tomcat
 /// `/v1/..;x/admin` is `/admin`, outside the upstream's base path.
 fn is_dot_segment(segment: &str) -> bool {
-    matches!(segment.split(';').next(), Some("." | ".."))
+    matches!(segment_name(segment), "." | "..")
+}
+
+/// A path segment without its parameters (`;…`), which servlet containers
+/// drop before they resolve or route it.
+fn segment_name(segment: &str) -> &str {
+    segment.split_once(';').map_or(segment, |(name, _)| name)
 }
 
 /// Whether `segment` has a `%XX` that decodes to an unreserved character
@@ -497,8 +503,7 @@ impl PathPattern {
             let Some(part) = parts.next() else {
                 return false;
             };
-            // A segment's path parameters (`;…`) are not its name.
-            let part = part.split_once(';').map_or(part, |(name, _)| name);
+            let part = segment_name(part);
             let fits = match segment {
                 Segment::Literal(literal) => part.eq_ignore_ascii_case(literal),
                 Segment::Any(_) => !part.is_empty(),

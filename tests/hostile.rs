@@ -39,6 +39,18 @@ fn json_of(answer: &str) -> serde_json::Value {
     serde_json::from_str(body).unwrap_or_else(|_| panic!("not JSON: {answer}"))
 }
 
+/// Sends `head` (the request line and any fields) with the design team's key
+/// and `Connection: close`, then `body`, and expects `400` with a JSON body.
+async fn assert_bad_request(h: &Harness, head: &str, body: &str) {
+    let answer = raw(
+        h.gateway,
+        format!("{head}\r\nX-API-Key: {DESIGN_KEY}\r\nConnection: close\r\n\r\n{body}").as_bytes(),
+    )
+    .await;
+    assert_eq!(status_of(&answer), 400, "{head}: {answer}");
+    assert_eq!(json_of(&answer)["code"], "bad_request", "{head}");
+}
+
 async fn still_serving(h: &Harness) {
     assert_eq!(
         h.get("/api/jobs", DESIGN_KEY).await.status,
@@ -63,13 +75,7 @@ async fn dot_segments_and_encoded_separators_never_reach_another_route() {
         "/api//jobs",
         "/api/%61ssets",
     ] {
-        let answer = raw(
-            h.gateway,
-            format!("GET {target} HTTP/1.1\r\nHost: x\r\nX-API-Key: {DESIGN_KEY}\r\nConnection: close\r\n\r\n").as_bytes(),
-        )
-        .await;
-        assert_eq!(status_of(&answer), 400, "{target}: {answer}");
-        assert_eq!(json_of(&answer)["code"], "bad_request");
+        assert_bad_request(&h, &format!("GET {target} HTTP/1.1\r\nHost: x"), "").await;
     }
     assert_eq!(h.emulator.total(), 0, "none was forwarded, under any route");
     still_serving(&h).await;
@@ -89,14 +95,7 @@ async fn a_request_without_exactly_one_host_is_refused() {
         "GET /api/jobs HTTP/1.0\r\nHost: a\r\nHost: a".to_owned(),
     ] {
         let body = if head.starts_with("POST") { "{}" } else { "" };
-        let answer = raw(
-            h.gateway,
-            format!("{head}\r\nX-API-Key: {DESIGN_KEY}\r\nConnection: close\r\n\r\n{body}")
-                .as_bytes(),
-        )
-        .await;
-        assert_eq!(status_of(&answer), 400, "{head}: {answer}");
-        assert_eq!(json_of(&answer)["code"], "bad_request", "{head}");
+        assert_bad_request(&h, &head, body).await;
     }
     assert_eq!(h.emulator.total(), 0, "none was forwarded");
     // HTTP/1.0 needs none.
@@ -132,16 +131,7 @@ async fn method_override_headers_never_reach_the_upstream() {
             "",
         ),
     ] {
-        let answer = raw(
-            h.gateway,
-            format!(
-                "{head}\r\nHost: x\r\nX-API-Key: {DESIGN_KEY}\r\nConnection: close\r\n\r\n{body}"
-            )
-            .as_bytes(),
-        )
-        .await;
-        assert_eq!(status_of(&answer), 400, "{head}: {answer}");
-        assert_eq!(json_of(&answer)["code"], "bad_request", "{head}");
+        assert_bad_request(&h, &format!("{head}\r\nHost: x"), body).await;
     }
     assert_eq!(h.emulator.total(), 0, "none was forwarded");
     still_serving(&h).await;

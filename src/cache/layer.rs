@@ -41,7 +41,6 @@ use super::policy::{
     if_none_match, request_mode, storable, strong_etag,
 };
 use super::store::{CachedResponse, EntryState, Freshness, Join, Outcome, Store};
-use crate::auth::X_API_KEY;
 use crate::body::Body;
 use crate::error::GatewayError;
 use crate::fields::{EncodedFields, SharedFields};
@@ -659,32 +658,35 @@ fn concat(chunks: Vec<Bytes>) -> Bytes {
     }
 }
 
-/// The request a fill sends: a plain `GET` for the same target, unconditional
-/// (so the upstream answers in full), carrying of the leading client's
-/// fields only the ones the key holds (`Accept`, `Accept-Encoding`), the
-/// credential (`auth::inject` swaps it for the team's, or keeps a public
-/// read's token) and `User-Agent`. The stored answer is every member's, so
-/// it may depend only on what its key says (invariant 1): one member's
-/// `X-Forwarded-Host`, `Forwarded`, `X-Original-URL`, cookie or language
-/// must not shape what the others are served (web cache poisoning). What the
-/// layers below add themselves (`Host`, `X-Request-Id`, `X-Forwarded-*`,
-/// `Via`, trace context) they add to fills too.
+/// The leading client's fields a fill carries: the ones the key holds, the
+/// client's `Authorization` (a public read goes upstream with its own token;
+/// for a team `auth::inject` puts the team's credential in its place, as it
+/// does for every request) and `User-Agent`. Nothing else: the stored answer
+/// is every member's, so it may depend only on what its key says (the first
+/// cache invariant) — one member's `X-Forwarded-Host`, `Forwarded`,
+/// `X-Original-URL`, cookie or language must not shape what the others are
+/// served (web cache poisoning). What the layers below add themselves
+/// (`Host`, `X-Request-Id`, `X-Forwarded-*`, `Via`, trace context) they add
+/// to fills too.
+const FILL_FIELDS: [HeaderName; 4] = [
+    header::ACCEPT,
+    header::ACCEPT_ENCODING,
+    header::AUTHORIZATION,
+    header::USER_AGENT,
+];
+
+/// The request a fill sends: a plain `GET` for the same target,
+/// unconditional (so the upstream answers in full), with the leading
+/// client's [`FILL_FIELDS`] only.
 fn fill_request(request: &Request<Body>) -> Request<Body> {
     let mut fill = Request::new(Body::Empty);
     *fill.method_mut() = Method::GET;
     *fill.uri_mut() = request.uri().clone();
     *fill.version_mut() = request.version();
-    let fill_fields: [&HeaderName; 5] = [
-        &header::ACCEPT,
-        &header::ACCEPT_ENCODING,
-        &header::USER_AGENT,
-        &header::AUTHORIZATION,
-        &X_API_KEY,
-    ];
     let headers = fill.headers_mut();
-    for name in fill_fields {
+    for name in &FILL_FIELDS {
         for value in request.headers().get_all(name) {
-            headers.append(name.clone(), value.clone());
+            headers.append(name, value.clone());
         }
     }
     // The leader's record: the fill goes upstream on the leader's route, as

@@ -19,7 +19,6 @@
 
 use std::time::Duration;
 
-use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
 use http_body_util::{BodyExt, Limited};
 use percent_encoding::utf8_percent_encode;
@@ -81,17 +80,17 @@ pub async fn answer(
 
 /// The credential as it is, and percent-encoded as the gateway put it in
 /// the query (with upper- and lower-case hex, as an echo may re-encode it).
-fn forms_of(secret: &str) -> Vec<Bytes> {
+fn forms_of(secret: &str) -> Vec<String> {
     if secret.is_empty() {
         return Vec::new();
     }
     let encoded = utf8_percent_encode(secret, QUERY_VALUE).to_string();
     let lower_hex = lower_percent_hex(&encoded);
-    let mut forms: Vec<Bytes> = vec![encoded.into(), lower_hex.into(), secret.to_owned().into()];
-    forms.sort();
+    let mut forms = vec![encoded, lower_hex, secret.to_owned()];
+    // Longest first, so no form is replaced inside a longer one's
+    // occurrence; equal forms end up side by side for `dedup`.
+    forms.sort_by(|a, b| b.len().cmp(&a.len()).then_with(|| a.cmp(b)));
     forms.dedup();
-    // Longest first: no form is replaced inside a longer one's occurrence.
-    forms.sort_by_key(|form| std::cmp::Reverse(form.len()));
     forms
 }
 
@@ -114,20 +113,18 @@ fn lower_percent_hex(encoded: &str) -> String {
 }
 
 /// `bytes` with every occurrence of each form replaced, or `None` if none occurs.
-fn replaced(bytes: &[u8], forms: &[Bytes]) -> Option<Vec<u8>> {
+fn replaced(bytes: &[u8], forms: &[String]) -> Option<Vec<u8>> {
     let mut current: Option<Vec<u8>> = None;
     for form in forms {
         let haystack = current.as_deref().unwrap_or(bytes);
-        let mut found = memchr::memmem::find_iter(haystack, form).peekable();
+        let mut found = memchr::memmem::find_iter(haystack, form.as_bytes()).peekable();
         if found.peek().is_none() {
             continue;
         }
         let mut out = Vec::with_capacity(haystack.len());
         let mut from = 0;
+        // `find_iter` yields non-overlapping occurrences, in order.
         for start in found {
-            if start < from {
-                continue;
-            }
             out.extend_from_slice(&haystack[from..start]);
             out.extend_from_slice(REDACTED.as_bytes());
             from = start + form.len();
@@ -167,15 +164,8 @@ mod tests {
 
     #[test]
     fn forms_are_deduplicated_and_longest_first() {
-        assert_eq!(forms_of("plain-key_1.~"), [Bytes::from("plain-key_1.~")]);
+        assert_eq!(forms_of("plain-key_1.~"), ["plain-key_1.~"]);
         let forms = forms_of("a/b");
-        assert_eq!(
-            forms,
-            [
-                Bytes::from("a%2Fb"),
-                Bytes::from("a%2fb"),
-                Bytes::from("a/b")
-            ]
-        );
+        assert_eq!(forms, ["a%2Fb", "a%2fb", "a/b"]);
     }
 }
