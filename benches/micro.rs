@@ -338,9 +338,11 @@ fn stack_before_emulator() -> (
         }])
         .spawn(listener);
         let connection = teamgate::connection::ConnectionService::new(
-            teamgate::stack::build(&teamgate::stack::Shared::new(config(&format!(
-                "http://{upstream}"
-            )))),
+            Arc::new(teamgate::connection::Published::new(
+                teamgate::stack::build(&teamgate::stack::Shared::new(config(&format!(
+                    "http://{upstream}"
+                )))),
+            )),
             ClientAddr::new("127.0.0.1:5000".parse().unwrap()),
             false,
         );

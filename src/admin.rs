@@ -10,6 +10,7 @@
 //! | `GET /metrics` | Prometheus text format |
 //! | `GET /admin/cache` | entries, bytes and bounds of the cache |
 //! | `DELETE /admin/cache[?team=T][&upstream=U]` | purge all, one team's, one upstream's (bearer `admin.token`) |
+//! | `POST /admin/reload` | read the config file again and apply its teams (bearer `admin.token`; see [`crate::reload`]) |
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -21,10 +22,9 @@ use serde_json::json;
 use subtle::ConstantTimeEq;
 
 use crate::body::Body;
-use crate::cache::Store;
 use crate::cache::policy::Partition;
-use crate::config::Config;
-use crate::telemetry::metrics::Metrics;
+use crate::reload::{Live, ReloadError};
+use crate::stack::Shared;
 
 /// Whether the gateway should receive traffic; false once shutdown has begun.
 #[derive(Debug, Clone, Default)]
@@ -46,9 +46,8 @@ impl Readiness {
 #[derive(Debug, Clone)]
 pub struct AdminState {
     pub readiness: Readiness,
-    pub cache: Arc<Store>,
-    pub config: Arc<Config>,
-    pub metrics: Arc<Metrics>,
+    /// The running config, cache and metrics; reloads go through it.
+    pub live: Arc<Live>,
 }
 
 fn json_response(status: StatusCode, body: serde_json::Value) -> Response<Body> {
@@ -81,19 +80,23 @@ pub async fn handle<B>(
             StatusCode::SERVICE_UNAVAILABLE,
             json!({ "status": "draining" }),
         ),
-        "/admin/cache" if is_read => json_response(StatusCode::OK, json!(state.cache.stats())),
+        "/admin/cache" if is_read => {
+            json_response(StatusCode::OK, json!(state.live.shared().cache.stats()))
+        }
         "/metrics" if is_read => {
-            let stats = state.cache.stats();
+            let Shared { cache, metrics, .. } = state.live.shared();
+            let stats = cache.stats();
             let mut response =
-                Response::new(Body::full(state.metrics.render(stats.entries, stats.bytes)));
+                Response::new(Body::full(metrics.render(stats.entries, stats.bytes)));
             response.headers_mut().insert(
                 CONTENT_TYPE,
                 HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
             );
             response
         }
-        "/admin/cache" if method == Method::DELETE => purge(&state, &request),
-        "/healthz" | "/readyz" | "/admin/cache" | "/metrics" => error(
+        "/admin/cache" if method == Method::DELETE => purge(&state.live.shared(), &request),
+        "/admin/reload" if method == Method::POST => reload(&state.live, &request).await,
+        "/healthz" | "/readyz" | "/admin/cache" | "/admin/reload" | "/metrics" => error(
             StatusCode::METHOD_NOT_ALLOWED,
             "method_not_allowed",
             "see the admin API in the README",
@@ -101,19 +104,19 @@ pub async fn handle<B>(
         _ => error(
             StatusCode::NOT_FOUND,
             "not_found",
-            "admin endpoints: /healthz, /readyz, /metrics, /admin/cache",
+            "admin endpoints: /healthz, /readyz, /metrics, /admin/cache, /admin/reload",
         ),
     })
 }
 
-/// `DELETE /admin/cache[?team=T][&upstream=U]`, bearer-authenticated with `admin.token`.
-fn purge<B>(state: &AdminState, request: &Request<B>) -> Response<Body> {
+/// The answer refusing `request`, unless it carries `admin.token` as its bearer token.
+fn refusal<B>(state: &Shared, request: &Request<B>) -> Option<Response<Body>> {
     let Some(token) = &state.config.admin.token else {
-        return error(
+        return Some(error(
             StatusCode::FORBIDDEN,
             "admin_disabled",
             "the admin API is off: set admin.token in the config",
-        );
+        ));
     };
     let presented = request
         .headers()
@@ -121,12 +124,54 @@ fn purge<B>(state: &AdminState, request: &Request<B>) -> Response<Body> {
         .and_then(|value| value.to_str().ok())
         .and_then(|value| value.strip_prefix("Bearer "))
         .unwrap_or_default();
-    if !bool::from(presented.as_bytes().ct_eq(token.expose().as_bytes())) {
-        return error(
+    let valid = bool::from(presented.as_bytes().ct_eq(token.expose().as_bytes()));
+    (!valid).then(|| {
+        error(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
             "a valid admin bearer token is required",
-        );
+        )
+    })
+}
+
+/// `POST /admin/reload`, bearer-authenticated with `admin.token`: 200 with
+/// what was applied, or why nothing was (the running config stays).
+async fn reload<B>(live: &Live, request: &Request<B>) -> Response<Body> {
+    if let Some(refused) = refusal(&live.shared(), request) {
+        return refused;
+    }
+    match live.reload().await {
+        Ok(reloaded) => json_response(StatusCode::OK, json!({ "reloaded": reloaded })),
+        Err(ReloadError::NoFile) => error(
+            StatusCode::CONFLICT,
+            "reload_unavailable",
+            "this gateway's config was not read from a file",
+        ),
+        Err(ReloadError::Invalid(invalid)) => json_response(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            json!({
+                "code": "invalid_config",
+                "message": format!("{} does not load; the running config stays", invalid.origin),
+                "problems": invalid.problems.iter()
+                    .map(|problem| json!({ "key": problem.key, "message": problem.message }))
+                    .collect::<Vec<_>>(),
+            }),
+        ),
+        Err(ReloadError::NeedsRestart(keys)) => json_response(
+            StatusCode::CONFLICT,
+            json!({
+                "code": "restart_required",
+                "message": "only [teams] changes apply on reload; the running config stays",
+                "keys": keys,
+            }),
+        ),
+    }
+}
+
+/// `DELETE /admin/cache[?team=T][&upstream=U]`, bearer-authenticated with `admin.token`.
+fn purge<B>(state: &Shared, request: &Request<B>) -> Response<Body> {
+    if let Some(refused) = refusal(state, request) {
+        return refused;
     }
     let query = request.uri().query().unwrap_or_default();
     let team_name = crate::auth::query_param(query, "team");

@@ -20,6 +20,7 @@
 //! - [`fields`] lets a cache hit's answer share the entry's encoded header
 //!   fields instead of carrying a copy.
 //! - [`error`] renders every answer the gateway makes itself.
+//! - [`reload`] reads the config file again and swaps in its teams.
 //! - [`admin`] serves `/healthz` and `/readyz` on a separate listener.
 //! - [`emulator`] is an in-memory Comfy Cloud for `demo`, tests and benches.
 
@@ -37,6 +38,7 @@ pub mod error;
 pub mod fields;
 pub mod limit;
 pub mod proxy;
+pub mod reload;
 pub mod route;
 pub mod server;
 pub mod stack;
@@ -79,35 +81,72 @@ impl Listeners {
 }
 
 /// Serves until `shutdown` resolves, then stops accepting, lets in-flight
-/// requests finish for up to `server.shutdown_grace`, and returns.
+/// requests finish for up to `server.shutdown_grace`, and returns. The
+/// config is fixed: see [`run_with_reload`] for one read from a file.
 pub async fn run(
     listeners: Listeners,
     config: Arc<Config>,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    serve(listeners, config, None, shutdown).await
+}
+
+/// [`run`], for a config read from `file`: `SIGHUP` and `POST /admin/reload`
+/// read it again and apply its teams (see [`reload`]).
+pub async fn run_with_reload(
+    listeners: Listeners,
+    config: Arc<Config>,
+    file: reload::ConfigFile,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    serve(listeners, config, Some(file), shutdown).await
+}
+
+async fn serve(
+    listeners: Listeners,
+    config: Arc<Config>,
+    file: Option<reload::ConfigFile>,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
     let readiness = Readiness::default();
-    let shared = stack::Shared::new(Arc::clone(&config));
-    let service = stack::build(&shared);
-    let stack::Shared {
-        cache,
-        quotas,
-        metrics,
-        ..
-    } = shared;
+    let reloads_on_signal = file.is_some();
+    let live = Arc::new(reload::Live::new(
+        stack::Shared::new(Arc::clone(&config)),
+        file,
+    ));
+    let hangups = reloads_on_signal
+        .then(|| {
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+                .map_err(|error| tracing::warn!(%error, "no SIGHUP handler: reload through the admin API only"))
+                .ok()
+        })
+        .flatten()
+        .map(|mut hangups| {
+            let live = Arc::clone(&live);
+            tokio::spawn(async move {
+                while hangups.recv().await.is_some() {
+                    // `reload` logs and counts the outcome.
+                    let _ = live.reload().await;
+                }
+            })
+        });
     // Idle per-key limiter state is dropped periodically, so it stays bounded.
-    let sweeper = tokio::spawn(async move {
-        let mut every = tokio::time::interval(quotas.settings.sweep_interval);
-        loop {
-            every.tick().await;
-            quotas.retain_recent();
-        }
-    });
+    let sweeper = {
+        let live = Arc::clone(&live);
+        // `[limits]` is fixed at start: the interval never changes.
+        let interval = config.limits.sweep_interval;
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(interval);
+            loop {
+                every.tick().await;
+                live.shared().quotas.retain_recent();
+            }
+        })
+    };
     let (admin_stop, admin_stopped) = tokio::sync::watch::channel(false);
     let admin_state = admin::AdminState {
         readiness: readiness.clone(),
-        cache,
-        config: Arc::clone(&config),
-        metrics,
+        live: Arc::clone(&live),
     };
     let admin = tokio::spawn(serve_admin(
         listeners.admin,
@@ -142,7 +181,7 @@ pub async fn run(
                     continue;
                 };
                 let _ = stream.set_nodelay(true);
-                let service = connection::ConnectionService::new(service.clone(), ClientAddr::new(peer), tls.is_some());
+                let service = connection::ConnectionService::new(Arc::clone(live.stack()), ClientAddr::new(peer), tls.is_some());
                 let builder = Arc::clone(&builder);
                 let watcher = graceful.watcher();
                 let acceptor = tls.as_ref().map(|tls| tls.acceptor.clone());
@@ -189,6 +228,9 @@ pub async fn run(
         tracing::warn!("shutdown grace period over; remaining connections are closed");
     }
     sweeper.abort();
+    if let Some(hangups) = hangups {
+        hangups.abort();
+    }
     if let Some(watcher) = tls_watcher {
         watcher.abort();
     }

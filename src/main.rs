@@ -22,7 +22,9 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run the gateway with a config file.
+    /// Run the gateway with a config file. SIGHUP reads the file again and
+    /// applies its [teams] (keys, upstream credentials, limits); other changes
+    /// need a restart.
     Serve {
         /// The TOML config file.
         #[arg(long, short, env = "TEAMGATE_CONFIG", value_name = "FILE")]
@@ -129,7 +131,12 @@ fn serve(path: PathBuf) -> ExitCode {
     with_runtime(async move {
         let telemetry = telemetry::traces::init(&config.log, &config.traces)?;
         let listeners = Listeners::bind(&config).await?;
-        let result = teamgate::run(listeners, Arc::new(config), shutdown_signal()).await;
+        let file = teamgate::reload::ConfigFile {
+            path,
+            env: config::process_env,
+        };
+        let result =
+            teamgate::run_with_reload(listeners, Arc::new(config), file, shutdown_signal()).await;
         // Export the spans still buffered before the runtime goes away.
         let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
         result

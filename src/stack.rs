@@ -32,6 +32,8 @@ pub struct Shared {
     pub cache: Arc<Store>,
     pub quotas: Arc<Quotas>,
     pub metrics: Arc<Metrics>,
+    /// The upstream clients and their connection pools.
+    pub forward: Forward,
 }
 
 impl Shared {
@@ -45,8 +47,30 @@ impl Shared {
                 Arc::clone(&metrics),
             )),
             quotas: Arc::new(Quotas::new(&config)),
+            forward: Forward::new(
+                &config.upstreams,
+                Arc::clone(&metrics),
+                ForwardLimits {
+                    max_request_body: config.server.max_request_body,
+                    first_body_byte: config.server.header_read_timeout,
+                    websocket_idle: config.server.websocket_idle_timeout,
+                },
+            ),
             config,
             metrics,
+        }
+    }
+
+    /// The state for `config`, a reload of `self.config` that changed only
+    /// its teams: the same cache, metrics and upstream pools; quotas rebuilt,
+    /// keeping the limiter state of every limit that did not change.
+    pub fn reloaded(&self, config: Arc<Config>) -> Self {
+        Shared {
+            quotas: Arc::new(self.quotas.rebuild(&config)),
+            config,
+            cache: Arc::clone(&self.cache),
+            metrics: Arc::clone(&self.metrics),
+            forward: self.forward.clone(),
         }
     }
 }
@@ -89,13 +113,5 @@ pub fn build(shared: &Shared) -> GatewayService {
         ))
         // Last before the wire: swap the client's credential for the team's upstream one.
         .layer(InjectCredentialsLayer::new(config.server.clone()))
-        .service(Forward::new(
-            &config.upstreams,
-            Arc::clone(&shared.metrics),
-            ForwardLimits {
-                max_request_body: config.server.max_request_body,
-                first_body_byte: config.server.header_read_timeout,
-                websocket_idle: config.server.websocket_idle_timeout,
-            },
-        ))
+        .service(shared.forward.clone())
 }

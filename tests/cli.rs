@@ -257,22 +257,32 @@ async fn start_demo(rust_log: Option<&str>) -> Demo {
     }
 }
 
+/// Sends `signal` (`INT`, `HUP`, …) to `child`.
+fn send_signal(child: &tokio::process::Child, signal: &str) {
+    let pid = child.id().expect("still running").to_string();
+    assert!(
+        Command::new("kill")
+            .args([&format!("-{signal}"), &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+}
+
+/// Ctrl-C (SIGINT), then a clean exit within 30 s.
+async fn interrupt_and_wait(child: &mut tokio::process::Child) {
+    send_signal(child, "INT");
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .expect("it stops")
+        .unwrap();
+    assert!(status.success(), "exit status {status:?}");
+}
+
 impl Demo {
     /// Ctrl-C (SIGINT), a clean exit → what it logged.
     async fn stop(mut self) -> String {
-        let pid = self.child.id().unwrap().to_string();
-        assert!(
-            Command::new("kill")
-                .args(["-INT", &pid])
-                .status()
-                .unwrap()
-                .success()
-        );
-        let status = tokio::time::timeout(Duration::from_secs(30), self.child.wait())
-            .await
-            .expect("the demo stops")
-            .unwrap();
-        assert!(status.success(), "exit status {status:?}");
+        interrupt_and_wait(&mut self.child).await;
         self.logs.await.unwrap()
     }
 }
@@ -425,4 +435,116 @@ mod reqwest_like {
             self.send(request).await
         }
     }
+}
+
+/// `teamgate serve` reads its file again on SIGHUP: a key added to the file
+/// works once the reload is logged, a file that does not load is refused
+/// and logged while the gateway keeps serving, and no key reaches the log.
+#[tokio::test]
+async fn serve_reloads_its_teams_on_sighup() {
+    use teamgate::auth::keys::KeyDigest;
+    use teamgate::emulator::{Account, Emulator};
+
+    const UPSTREAM_KEY: &str = "comfy-upstream-sighup-5ecret";
+    const FIRST_KEY: &str = "tg_sighup_first_key_0123456789abcdef";
+    const ADDED_KEY: &str = "tg_sighup_added_key_0123456789abcdef";
+    let emulator = Emulator::new(vec![Account {
+        name: "team".into(),
+        api_key: UPSTREAM_KEY.into(),
+    }]);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = listener.local_addr().unwrap();
+    emulator.spawn(listener);
+    let dir = std::env::temp_dir().join(format!("teamgate-sighup-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("teamgate.toml");
+    let config = |keys: &[&str]| {
+        let hashes: Vec<String> = keys
+            .iter()
+            .map(|key| format!("\"{}\"", KeyDigest::of_key(key).to_stored()))
+            .collect();
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\n\
+             [upstreams.comfy]\nbase_url = \"http://{upstream}\"\npreset = \"comfy-cloud\"\n\n\
+             [teams.team]\nupstream_keys = {{ comfy = \"env:SIGHUP_COMFY_KEY\" }}\nclient_keys = [{}]\n",
+            hashes.join(", ")
+        )
+    };
+    std::fs::write(&path, config(&[FIRST_KEY])).unwrap();
+
+    let mut child = tokio::process::Command::new(BIN)
+        .args(["serve", "--config", path.to_str().unwrap()])
+        .env("SIGHUP_COMFY_KEY", UPSTREAM_KEY)
+        .env("TEAMGATE_LOG_FORMAT", "json")
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let (lines_tx, mut lines) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
+    let reader = tokio::spawn(async move {
+        while let Ok(Some(line)) = stderr.next_line().await {
+            let _ = lines_tx.send(line);
+        }
+    });
+    let mut logs = Vec::new();
+    // The next log line whose message is `message`, within 30 s.
+    let mut logged = async |message: &str| -> serde_json::Value {
+        tokio::time::timeout(Duration::from_secs(30), async {
+            loop {
+                let line = lines.recv().await.expect("the gateway is still running");
+                logs.push(line.clone());
+                let line: serde_json::Value = serde_json::from_str(&line).unwrap();
+                if line["message"] == message {
+                    return line;
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("no `{message}` line in {logs:?}"))
+    };
+    let serving = logged("teamgate serving").await;
+    let gateway = format!("http://{}", serving["listen"].as_str().unwrap());
+    let client = reqwest_like::Client::new();
+    let assets = format!("{gateway}/api/assets");
+    assert_eq!(client.get(&assets, Some(FIRST_KEY)).await.0, 200);
+    assert_eq!(client.get(&assets, Some(ADDED_KEY)).await.0, 401);
+
+    std::fs::write(&path, config(&[FIRST_KEY, ADDED_KEY])).unwrap();
+    send_signal(&child, "HUP");
+    let reloaded = logged("config reloaded").await;
+    assert_eq!(reloaded["client_keys"], 2, "{reloaded}");
+    assert_eq!(client.get(&assets, Some(ADDED_KEY)).await.0, 200);
+
+    // A file that does not load: refused, logged, and nothing changes.
+    std::fs::write(
+        &path,
+        config(&[FIRST_KEY]).replace("env:SIGHUP_COMFY_KEY", "env:UNSET_KEY"),
+    )
+    .unwrap();
+    send_signal(&child, "HUP");
+    let refused = logged("config reload refused; the running config stays").await;
+    assert_eq!(refused["level"], "ERROR", "{refused}");
+    assert!(
+        refused["error"]
+            .as_str()
+            .unwrap()
+            .contains("teams.team.upstream_keys.comfy"),
+        "{refused}"
+    );
+    assert_eq!(client.get(&assets, Some(ADDED_KEY)).await.0, 200);
+    assert_eq!(client.get(&assets, Some(FIRST_KEY)).await.0, 200);
+
+    interrupt_and_wait(&mut child).await;
+    reader.await.unwrap();
+    while let Ok(line) = lines.try_recv() {
+        logs.push(line);
+    }
+    let logs = logs.join("\n");
+    for secret in [UPSTREAM_KEY, FIRST_KEY, ADDED_KEY] {
+        assert!(!logs.contains(secret), "a key in the logs: {logs}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -7,22 +7,6 @@ use common::*;
 use http::{Method, StatusCode};
 use teamgate::emulator::{Fault, FaultAction};
 
-/// The value of the sample of `name` whose labels include all of `labels`.
-fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    text.lines()
-        .filter(|line| !line.starts_with('#'))
-        .filter(|line| {
-            line.starts_with(&format!("{name}{{")) || line.starts_with(&format!("{name} "))
-        })
-        .find(|line| {
-            labels
-                .iter()
-                .all(|(key, value)| line.contains(&format!("{key}=\"{value}\"")))
-        })
-        .and_then(|line| line.rsplit(' ').next())
-        .map(|value| value.parse().unwrap())
-}
-
 async fn traffic_mix(h: &Harness) -> String {
     let list = "/api/assets?limit=5";
     h.get(list, DESIGN_KEY).await; // miss, stored

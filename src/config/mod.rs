@@ -50,6 +50,47 @@ pub struct Config {
     pub admin: AdminSettings,
     pub limits: LimitSettings,
     pub traces: TraceSettings,
+    /// The file's settings a reload cannot change: all but `[teams]`, as
+    /// written (see [`Config::restart_changes`]).
+    restart_settings: toml::Table,
+}
+
+impl Config {
+    /// The keys whose settings differ between `self` and `newer` and need a
+    /// restart to take effect: everything outside `[teams]`, compared as the
+    /// files wrote them (dotted keys, sorted; empty when only teams changed).
+    pub fn restart_changes(&self, newer: &Config) -> Vec<String> {
+        let mut changed = Vec::new();
+        table_changes(
+            &self.restart_settings,
+            &newer.restart_settings,
+            "",
+            &mut changed,
+        );
+        changed.sort();
+        changed
+    }
+}
+
+/// The dotted keys under which `old` and `new` differ, appended to `changed`.
+fn table_changes(old: &toml::Table, new: &toml::Table, prefix: &str, changed: &mut Vec<String>) {
+    let keys = old
+        .keys()
+        .chain(new.keys().filter(|key| !old.contains_key(*key)));
+    for key in keys {
+        let dotted = if prefix.is_empty() {
+            key.clone()
+        } else {
+            format!("{prefix}.{key}")
+        };
+        match (old.get(key), new.get(key)) {
+            (Some(toml::Value::Table(old)), Some(toml::Value::Table(new))) => {
+                table_changes(old, new, &dotted, changed);
+            }
+            (old, new) if old != new => changed.push(dotted),
+            _ => {}
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -525,7 +566,12 @@ pub fn load_str(
             });
         }
     };
-    let config = validate(file, origin, dir, env, secrets, &mut problems);
+    let mut config = validate(file, origin, dir, env, secrets, &mut problems);
+    // The text parsed above; a second pass keeps what it wrote, untyped.
+    if let Ok(mut table) = text.parse::<toml::Table>() {
+        table.remove("teams");
+        config.restart_settings = table;
+    }
     if problems.is_empty() {
         Ok(config)
     } else {
@@ -988,6 +1034,7 @@ fn validate(
         admin,
         limits,
         traces,
+        restart_settings: toml::Table::new(),
     }
 }
 
@@ -1408,6 +1455,34 @@ mod tests {
 
     fn load(text: &str) -> Result<Config, ConfigError> {
         load_str(text, "test.toml", None, &env, Secrets::Resolve)
+    }
+
+    /// What `Config::restart_changes` reports: every setting outside `[teams]`
+    /// that was added, removed or changed, however deep; nothing for teams.
+    #[test]
+    fn only_changes_outside_teams_need_a_restart() {
+        let running = for_tests(
+            "k1",
+            "[admin]\ntoken = \"env:K\"\n[upstreams.comfy.cache]\nenabled = true\n",
+        );
+        let same_but_teams = for_tests(
+            "k2",
+            "[admin]\ntoken = \"env:K\"\n[upstreams.comfy.cache]\nenabled = true\n\
+             [teams.design.limits]\nclient = { rate = \"5/s\" }\n[teams.more]\nclient_keys = []\n",
+        );
+        assert!(running.restart_changes(&same_but_teams).is_empty());
+        let elsewhere = for_tests(
+            "k1",
+            "[server]\nvia = false\n[upstreams.comfy.cache]\nenabled = false\n",
+        );
+        assert_eq!(
+            running.restart_changes(&elsewhere),
+            ["admin", "server", "upstreams.comfy.cache.enabled"]
+        );
+        assert_eq!(
+            elsewhere.restart_changes(&running),
+            ["admin", "server", "upstreams.comfy.cache.enabled"]
+        );
     }
 
     fn problem_keys(text: &str) -> Vec<String> {

@@ -130,6 +130,7 @@ pub struct Metrics {
     cache_entries: IntGauge,
     cache_bytes: IntGauge,
     ratelimit_rejections: IntCounterVec,
+    config_reloads: IntCounterVec,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -196,8 +197,7 @@ impl Metrics {
             "Config reloads, by result.",
             &["result"],
         );
-        // Registered (the registry keeps it) with both series at 0, so dashboards
-        // and alerts see them; config reload, which will count here, is not built yet.
+        // Both series from the start, so dashboards and alerts see a 0, not nothing.
         for result in ["success", "failure"] {
             config_reloads.with_label_values(&[result]);
         }
@@ -283,6 +283,7 @@ impl Metrics {
                 "Requests refused with 429 by a quota, by team and quota.",
                 &["team", "quota"],
             ),
+            config_reloads,
             registry,
         }
     }
@@ -400,6 +401,12 @@ impl Metrics {
         self.ratelimit_rejections
             .with_label_values(&[team, quota])
             .inc();
+    }
+
+    /// Counts one config reload, applied or refused.
+    pub fn config_reloaded(&self, applied: bool) {
+        let result = if applied { "success" } else { "failure" };
+        self.config_reloads.with_label_values(&[result]).inc();
     }
 
     /// The text exposition, with the cache gauges read at scrape time.

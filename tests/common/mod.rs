@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod log_capture;
+pub mod wire;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -15,7 +16,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use teamgate::config::{self, Secrets};
 use teamgate::emulator::{Account, Emulator, Fault, FaultAction, demo_blob_hash};
-use teamgate::{Listeners, run};
+use teamgate::{Listeners, run, run_with_reload};
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, oneshot};
 use tokio::task::JoinHandle;
@@ -223,10 +224,35 @@ impl Harness {
         Self::start_config(emulator, emulator_addr, config).await
     }
 
+    /// Starts a gateway from the config file at `path` (secrets from
+    /// [`test_env`]) as `teamgate serve` does: `POST /admin/reload` reads it again.
+    pub async fn start_from_file(
+        emulator: Emulator,
+        emulator_addr: SocketAddr,
+        path: &std::path::Path,
+    ) -> Self {
+        let config = config::load_file(path, &test_env, Secrets::Resolve)
+            .unwrap_or_else(|error| panic!("{error}"));
+        let file = teamgate::reload::ConfigFile {
+            path: path.to_owned(),
+            env: test_env,
+        };
+        Self::start_with_source(emulator, emulator_addr, config, Some(file)).await
+    }
+
     async fn start_config(
         emulator: Emulator,
         emulator_addr: SocketAddr,
         config: teamgate::config::Config,
+    ) -> Self {
+        Self::start_with_source(emulator, emulator_addr, config, None).await
+    }
+
+    async fn start_with_source(
+        emulator: Emulator,
+        emulator_addr: SocketAddr,
+        config: teamgate::config::Config,
+        file: Option<teamgate::reload::ConfigFile>,
     ) -> Self {
         let listeners = Listeners {
             gateway: TcpListener::bind("127.0.0.1:0").await.unwrap(),
@@ -235,9 +261,13 @@ impl Harness {
         let gateway = listeners.gateway.local_addr().unwrap();
         let admin = listeners.admin.local_addr().unwrap();
         let (shutdown, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(run(listeners, Arc::new(config), async {
+        let stopped = async {
             let _ = stopped.await;
-        }));
+        };
+        let task = match file {
+            None => tokio::spawn(run(listeners, Arc::new(config), stopped)),
+            Some(file) => tokio::spawn(run_with_reload(listeners, Arc::new(config), file, stopped)),
+        };
         Harness {
             emulator,
             emulator_addr,
@@ -348,6 +378,22 @@ impl Harness {
     pub async fn stopped(mut self) -> anyhow::Result<()> {
         self.task.take().unwrap().await.unwrap()
     }
+}
+
+/// The value of the Prometheus sample of `name` in `text` whose labels include all of `labels`.
+pub fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter(|line| {
+            line.starts_with(&format!("{name}{{")) || line.starts_with(&format!("{name} "))
+        })
+        .find(|line| {
+            labels
+                .iter()
+                .all(|(key, value)| line.contains(&format!("{key}=\"{value}\"")))
+        })
+        .and_then(|line| line.rsplit(' ').next())
+        .map(|value| value.parse().unwrap())
 }
 
 /// Every byte the upstream received for all recorded requests, headers and targets.

@@ -1,0 +1,312 @@
+//! Config reload (`src/reload.rs`): the running gateway reads its file again
+//! on `POST /admin/reload` (and `SIGHUP`, in tests/cli.rs) and applies what
+//! changed in `[teams]`; a file that does not load, or changes anything a
+//! restart must apply, changes nothing.
+
+mod common;
+
+use std::path::PathBuf;
+
+use bytes::Bytes;
+use common::wire::Wire;
+use common::*;
+use http::{Request, StatusCode};
+use http_body_util::Full;
+use teamgate::emulator::Emulator;
+use tokio::net::TcpListener;
+
+/// A config file (and its `file:` secrets) in a directory of its own,
+/// removed when the test ends.
+struct ConfigDir {
+    dir: PathBuf,
+}
+
+impl ConfigDir {
+    fn new(test: &str) -> Self {
+        let dir =
+            std::env::temp_dir().join(format!("teamgate-reload-{test}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        ConfigDir { dir }
+    }
+
+    fn config(&self) -> PathBuf {
+        self.dir.join("teamgate.toml")
+    }
+
+    /// Writes the config file.
+    fn write(&self, text: &str) {
+        self.write_file("teamgate.toml", text);
+    }
+
+    fn write_file(&self, name: &str, text: &str) {
+        // Written aside and renamed into place, as deployment tools do: a
+        // reload never reads half a file.
+        let aside = self.dir.join(format!(".{name}.new"));
+        std::fs::write(&aside, text).unwrap();
+        std::fs::rename(aside, self.dir.join(name)).unwrap();
+    }
+}
+
+impl Drop for ConfigDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+const ADMIN: &str = "[admin]\ntoken = \"env:ADMIN_TOKEN\"\n";
+
+/// The test config with the admin API on, in front of `emulator`.
+fn text(emulator: std::net::SocketAddr) -> String {
+    config_text(&format!("http://{emulator}"), "", ADMIN)
+}
+
+async fn emulator() -> (Emulator, std::net::SocketAddr) {
+    let emulator = Emulator::new(accounts());
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    emulator.spawn(listener);
+    (emulator, addr)
+}
+
+/// `POST /admin/reload` with `token` as the bearer token.
+async fn reload(h: &Harness, token: Option<&str>) -> Answer {
+    let mut request = Request::post(format!("http://{}/admin/reload", h.admin));
+    if let Some(token) = token {
+        request = request.header("authorization", format!("Bearer {token}"));
+    }
+    h.send(request.body(Full::new(Bytes::new())).unwrap()).await
+}
+
+async fn reloads_counted(h: &Harness, result: &str) -> Option<f64> {
+    let metrics = h.admin_get("/metrics").await;
+    sample(
+        std::str::from_utf8(&metrics.body).unwrap(),
+        "teamgate_config_reloads_total",
+        &[("result", result)],
+    )
+}
+
+fn get_with_key(path: &str, key: &str) -> String {
+    format!("GET {path} HTTP/1.1\r\nHost: x\r\nX-API-Key: {key}\r\n\r\n")
+}
+
+/// Keys added to the file work after a reload and revoked ones stop working
+/// — on a keep-alive connection opened before the reload too, at its next
+/// request.
+#[tokio::test]
+async fn a_reload_adds_and_revokes_client_keys_even_on_open_connections() {
+    let (emulator, addr) = emulator().await;
+    let files = ConfigDir::new("keys");
+    let second_key_entry = format!(", \"{}\"", hash(DESIGN_KEY_2));
+    let before = text(addr);
+    assert!(before.contains(&second_key_entry));
+    files.write(&before.replace(&second_key_entry, ""));
+    let h = Harness::start_from_file(emulator, addr, &files.config()).await;
+
+    let mut open = Wire::connect(&h).await;
+    open.send(&get_with_key("/api/assets", DESIGN_KEY)).await;
+    assert_eq!(open.answer(false).await.status, 200);
+    assert_eq!(h.get("/api/assets", DESIGN_KEY_2).await.status, 401);
+
+    // Team design's first key revoked, its second added.
+    files.write(&before.replace(&format!("\"{}\", ", hash(DESIGN_KEY)), ""));
+    let reloaded = reload(&h, Some(ADMIN_TOKEN)).await;
+    assert_eq!(reloaded.status, StatusCode::OK);
+    assert_eq!(reloaded.json()["reloaded"]["teams"], 3);
+    assert_eq!(reloaded.json()["reloaded"]["client_keys"], 3);
+
+    open.send(&get_with_key("/api/assets", DESIGN_KEY)).await;
+    let refused = open.answer(false).await;
+    assert_eq!(
+        refused.status, 401,
+        "the revoked key, on the open connection"
+    );
+    assert_eq!(refused.json()["code"], "unauthorized");
+    open.send(&get_with_key("/api/assets", DESIGN_KEY_2)).await;
+    assert_eq!(open.answer(false).await.status, 200, "the added key, on it");
+    assert_eq!(h.get("/api/assets", DESIGN_KEY).await.status, 401);
+    assert_eq!(h.get("/api/assets", DESIGN_KEY_2).await.status, 200);
+    assert_eq!(h.get("/api/assets", RESEARCH_KEY).await.status, 200);
+    assert_eq!(reloads_counted(&h, "success").await, Some(1.0));
+    assert_eq!(reloads_counted(&h, "failure").await, Some(0.0));
+    h.stop().await;
+}
+
+/// A team's rotated upstream key (a `file:` secret, read again) goes upstream
+/// from the reload on, and what the cache holds from the old key is neither
+/// served nor kept: entries are partitioned by credential, and the partition
+/// of a credential no team holds any more is purged.
+#[tokio::test]
+async fn a_rotated_upstream_key_is_used_at_once_and_nothing_cached_with_the_old_one_is_served() {
+    let (emulator, addr) = emulator().await;
+    let files = ConfigDir::new("rotate");
+    files.write_file("design.key", DESIGN_UPSTREAM_KEY);
+    files.write(&text(addr).replace("env:DESIGN_COMFY_KEY", "file:design.key"));
+    let h = Harness::start_from_file(emulator, addr, &files.config()).await;
+    let design_asset = h.create_asset(DESIGN_KEY, "design-only.png").await;
+    assert!(design_asset.status.is_success());
+    let list = "/api/assets?limit=50";
+    let shows = |answer: &Answer, name: &str| {
+        answer.json()["assets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|asset| asset["name"] == name)
+    };
+    let first = h.get(list, DESIGN_KEY).await;
+    assert!(shows(&first, "design-only.png"));
+    assert!(
+        h.get(list, DESIGN_KEY)
+            .await
+            .cache_status()
+            .starts_with("teamgate; hit")
+    );
+
+    // The key file now holds another account's key (research's, which the
+    // emulator knows), as a rotation to a new account would.
+    files.write_file("design.key", RESEARCH_UPSTREAM_KEY);
+    let reloaded = reload(&h, Some(ADMIN_TOKEN)).await;
+    assert_eq!(reloaded.status, StatusCode::OK);
+    assert_eq!(reloaded.json()["reloaded"]["purged_partitions"], 1);
+
+    let upstream_requests = h.emulator.recorded().len();
+    let after = h.get(list, DESIGN_KEY).await;
+    assert_eq!(after.status, StatusCode::OK);
+    assert!(
+        after.cache_status().contains("fwd="),
+        "not a hit: {}",
+        after.cache_status()
+    );
+    assert!(
+        !shows(&after, "design-only.png"),
+        "nothing fetched with the old key is served"
+    );
+    let sent = h.emulator.recorded();
+    assert_eq!(sent.len(), upstream_requests + 1);
+    let key_sent = sent.last().unwrap().headers.get("x-api-key").unwrap();
+    assert_eq!(key_sent, RESEARCH_UPSTREAM_KEY);
+    let stats = h.admin_get("/admin/cache").await.json();
+    assert_eq!(
+        stats["entries"], 1,
+        "the old key's entry was purged: {stats}"
+    );
+    h.stop().await;
+}
+
+/// A file that does not load, or that changes a setting only a restart
+/// applies, is refused whole: the answer says why, the failure is counted,
+/// and the running config — keys included — stays as it was.
+#[tokio::test]
+async fn a_file_that_does_not_load_or_needs_a_restart_changes_nothing() {
+    let (emulator, addr) = emulator().await;
+    let files = ConfigDir::new("refused");
+    let running = text(addr);
+    files.write(&running);
+    let h = Harness::start_from_file(emulator, addr, &files.config()).await;
+    // A new team with its key, in each refused file below.
+    let new_team = format!(
+        "[teams.newcomers]\nupstream_keys = {{ comfy = \"env:DESIGN_COMFY_KEY\" }}\nclient_keys = [\"{}\"]\n",
+        hash("tg_test_newcomer_key_0123456789abcdef")
+    );
+    let uses_new_key = async || {
+        h.get("/api/assets", "tg_test_newcomer_key_0123456789abcdef")
+            .await
+            .status
+    };
+
+    // Does not load: a secret that resolves nowhere.
+    files.write(&format!(
+        "{running}\n{new_team}\n[teams.broken]\nupstream_keys = {{ comfy = \"env:NOT_SET_ANYWHERE\" }}\n"
+    ));
+    let invalid = reload(&h, Some(ADMIN_TOKEN)).await;
+    assert_eq!(invalid.status, StatusCode::UNPROCESSABLE_ENTITY);
+    let body = invalid.json();
+    assert_eq!(body["code"], "invalid_config");
+    assert_eq!(
+        body["problems"][0]["key"],
+        "teams.broken.upstream_keys.comfy"
+    );
+    assert_eq!(uses_new_key().await, 401);
+
+    // Loads, but moves the listener and the cache rules with the new team.
+    files.write(
+        &format!("{running}\n{new_team}")
+            .replace("shutdown_grace = \"5s\"", "shutdown_grace = \"9s\"")
+            .replace(
+                "preset = \"comfy-cloud\"",
+                "preset = \"comfy-cloud\"\ncache.enabled = false",
+            ),
+    );
+    let needs_restart = reload(&h, Some(ADMIN_TOKEN)).await;
+    assert_eq!(needs_restart.status, StatusCode::CONFLICT);
+    let body = needs_restart.json();
+    assert_eq!(body["code"], "restart_required");
+    assert_eq!(
+        body["keys"],
+        serde_json::json!(["server.shutdown_grace", "upstreams.comfy.cache"])
+    );
+    assert_eq!(uses_new_key().await, 401);
+
+    // Without the admin token nothing is read at all.
+    files.write(&format!("{running}\n{new_team}"));
+    assert_eq!(reload(&h, None).await.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        reload(&h, Some("not-the-token")).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(uses_new_key().await, 401);
+    assert_eq!(h.get("/api/assets", DESIGN_KEY).await.status, 200);
+    assert_eq!(reloads_counted(&h, "failure").await, Some(2.0));
+
+    // The same team in a file that changes only teams: applied.
+    assert_eq!(reload(&h, Some(ADMIN_TOKEN)).await.status, StatusCode::OK);
+    assert_eq!(uses_new_key().await, 200);
+    assert_eq!(reloads_counted(&h, "success").await, Some(1.0));
+    h.stop().await;
+}
+
+/// A reload keeps the state of every limit it did not change — a drained
+/// bucket stays drained — and applies the limits it did.
+#[tokio::test]
+async fn a_reload_keeps_unchanged_limits_state_and_applies_changed_limits() {
+    let (emulator, addr) = emulator().await;
+    let files = ConfigDir::new("limits");
+    let limits = |rate: &str| {
+        format!(
+            "{}\n[teams.research.limits]\nclient = {{ rate = \"{rate}\", burst = 1 }}\n",
+            text(addr)
+        )
+    };
+    files.write(&limits("1/h"));
+    let h = Harness::start_from_file(emulator, addr, &files.config()).await;
+    assert_eq!(h.get("/api/jobs", RESEARCH_KEY).await.status, 200);
+    assert_eq!(h.get("/api/jobs", RESEARCH_KEY).await.status, 429);
+
+    // Another team's key added: research's limit is untouched, and so is its bucket.
+    files.write(&limits("1/h").replace(
+        &format!("client_keys = [\"{}\"]", hash(NO_CREDENTIAL_KEY)),
+        &format!(
+            "client_keys = [\"{}\", \"{}\"]",
+            hash(NO_CREDENTIAL_KEY),
+            hash("tg_test_nocred_key_two_0123456789ab")
+        ),
+    ));
+    assert_eq!(reload(&h, Some(ADMIN_TOKEN)).await.status, StatusCode::OK);
+    assert_eq!(h.get("/api/jobs", RESEARCH_KEY).await.status, 429);
+
+    // Research's limit raised: a new bucket, full.
+    files.write(&limits("100/h"));
+    assert_eq!(reload(&h, Some(ADMIN_TOKEN)).await.status, StatusCode::OK);
+    assert_eq!(h.get("/api/jobs", RESEARCH_KEY).await.status, 200);
+    h.stop().await;
+}
+
+/// A gateway whose config was not read from a file says so.
+#[tokio::test]
+async fn a_gateway_without_a_config_file_answers_that_it_cannot_reload() {
+    let h = Harness::start_with_config("", ADMIN).await;
+    let answer = reload(&h, Some(ADMIN_TOKEN)).await;
+    assert_eq!(answer.status, StatusCode::CONFLICT);
+    assert_eq!(answer.json()["code"], "reload_unavailable");
+    h.stop().await;
+}
