@@ -159,14 +159,20 @@ impl Live {
             return Err(ReloadError::NeedsRestart(needs_restart));
         }
         let new = old.reloaded(Arc::new(loaded));
-        self.stack.publish(stack::build(&new));
         let gone = credentials_dropped(&old.config, &new.config);
         let reloaded = Reloaded {
             teams: new.config.teams.len(),
             client_keys: new.config.keys.len(),
             purged_partitions: gone.len(),
         };
-        *self.shared.lock().unwrap_or_else(PoisonError::into_inner) = new;
+        let stack = stack::build(&new);
+        {
+            // Under the lock, so the admin API never sees a config the
+            // requests are not yet served by.
+            let mut shared = self.shared.lock().unwrap_or_else(PoisonError::into_inner);
+            self.stack.publish(stack);
+            *shared = new;
+        }
         // After the publish: no request that starts from now on can fill them.
         // One still in flight on the old stack may, and its entry is then
         // unreachable (no team holds the credential) until evicted.

@@ -518,22 +518,25 @@ async fn serve_reloads_its_teams_on_sighup() {
     assert_eq!(reloaded["client_keys"], 2, "{reloaded}");
     assert_eq!(client.get(&assets, Some(ADDED_KEY)).await.0, 200);
 
-    // A file that does not load: refused, logged, and nothing changes.
-    std::fs::write(
-        &path,
-        config(&[FIRST_KEY]).replace("env:SIGHUP_COMFY_KEY", "env:UNSET_KEY"),
-    )
-    .unwrap();
+    // A file that does not load — the mistakes an operator makes: the team's
+    // upstream key written inline, a client key pasted raw instead of its
+    // hash — is refused and logged, nothing changes, and neither key is shown.
+    let mistaken = config(&[FIRST_KEY])
+        .replace("env:SIGHUP_COMFY_KEY", UPSTREAM_KEY)
+        .replace(
+            "client_keys = [",
+            &format!("client_keys = [\"{ADDED_KEY}\", "),
+        );
+    std::fs::write(&path, mistaken).unwrap();
     send_signal(&child, "HUP");
     let refused = logged("config reload refused; the running config stays").await;
     assert_eq!(refused["level"], "ERROR", "{refused}");
+    let error = refused["error"].as_str().unwrap();
     assert!(
-        refused["error"]
-            .as_str()
-            .unwrap()
-            .contains("teams.team.upstream_keys.comfy"),
+        error.contains("teams.team.upstream_keys.comfy"),
         "{refused}"
     );
+    assert!(error.contains("teams.team.client_keys[0]"), "{refused}");
     assert_eq!(client.get(&assets, Some(ADDED_KEY)).await.0, 200);
     assert_eq!(client.get(&assets, Some(FIRST_KEY)).await.0, 200);
 
