@@ -17,7 +17,9 @@
 //! ([`Published`]): every connection serves its next request with it —
 //! a revoked key is refused on the next request of an open keep-alive
 //! connection — while requests in flight finish with the stack they began
-//! on. Cache entries are partitioned by upstream credential, so a rotated
+//! on, except websocket tunnels: one whose key the reload revoked (or moved
+//! to another team, or whose team's upstream key changed) is closed. Cache
+//! entries are partitioned by upstream credential, so a rotated
 //! credential starts a new partition by itself; the partitions of
 //! credentials no team holds any more are purged, so nothing fetched with a
 //! revoked upstream key is kept.
@@ -171,6 +173,8 @@ impl Live {
             // requests are not yet served by.
             let mut shared = self.shared.lock().unwrap_or_else(PoisonError::into_inner);
             self.stack.publish(stack);
+            // Open websocket tunnels check their keys against it.
+            new.serving.send_replace(Arc::clone(&new.config));
             *shared = new;
         }
         // After the publish: no request that starts from now on can fill them.

@@ -34,12 +34,15 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     /// The upstream clients and their connection pools.
     pub forward: Forward,
+    /// Tells what outlives a reload (websocket tunnels) the config served now.
+    pub serving: Arc<tokio::sync::watch::Sender<Arc<Config>>>,
 }
 
 impl Shared {
     /// Fresh state for `config`: empty cache and limiters, zeroed metrics.
     pub fn new(config: Arc<Config>) -> Self {
         let metrics = Arc::new(Metrics::new());
+        let (serving, now) = tokio::sync::watch::channel(Arc::clone(&config));
         Shared {
             cache: Arc::new(Store::new(
                 config.cache.max_bytes,
@@ -48,7 +51,7 @@ impl Shared {
             )),
             quotas: Arc::new(Quotas::new(&config)),
             forward: Forward::new(
-                &config.upstreams,
+                now,
                 Arc::clone(&metrics),
                 ForwardLimits {
                     max_request_body: config.server.max_request_body,
@@ -58,6 +61,7 @@ impl Shared {
             ),
             config,
             metrics,
+            serving: Arc::new(serving),
         }
     }
 
@@ -71,6 +75,7 @@ impl Shared {
             cache: Arc::clone(&self.cache),
             metrics: Arc::clone(&self.metrics),
             forward: self.forward.clone(),
+            serving: Arc::clone(&self.serving),
         }
     }
 }

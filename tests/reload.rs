@@ -310,3 +310,50 @@ async fn a_gateway_without_a_config_file_answers_that_it_cannot_reload() {
     assert_eq!(answer.json()["code"], "reload_unavailable");
     h.stop().await;
 }
+
+/// A websocket opened with a key a reload revokes is closed at the reload
+/// (it would otherwise stay open as long as it is used); one whose key the
+/// reload kept stays open and its frames keep flowing.
+#[tokio::test]
+async fn a_reload_closes_the_websockets_of_revoked_keys_only() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+
+    let (emulator, addr) = emulator().await;
+    let files = ConfigDir::new("websockets");
+    let running = text(addr);
+    files.write(&running);
+    let h = Harness::start_from_file(emulator, addr, &files.config()).await;
+    let connect = async |key: &str, client: &str| {
+        let url = format!("ws://{}/ws?clientId={client}&token={key}", h.gateway);
+        let (socket, response) = tokio_tungstenite::connect_async(url)
+            .await
+            .expect("upgrade");
+        assert_eq!(response.status(), StatusCode::SWITCHING_PROTOCOLS);
+        socket
+    };
+    let mut revoked = connect(DESIGN_KEY, "revoked").await;
+    let mut kept = connect(DESIGN_KEY_2, "kept").await;
+
+    files.write(&running.replace(&format!("\"{}\", ", hash(DESIGN_KEY)), ""));
+    assert_eq!(reload(&h, Some(ADMIN_TOKEN)).await.status, StatusCode::OK);
+
+    let closed = tokio::time::timeout(std::time::Duration::from_secs(20), async {
+        while let Some(Ok(_)) = revoked.next().await {}
+    })
+    .await;
+    assert!(closed.is_ok(), "the revoked key's websocket is still open");
+    kept.send(Message::Text("still here".into())).await.unwrap();
+    let echoed = tokio::time::timeout(std::time::Duration::from_secs(20), async {
+        while let Some(Ok(message)) = kept.next().await {
+            if message == Message::Text("still here".into()) {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(echoed, Ok(true), "the kept key's websocket echoes");
+    kept.close(None).await.unwrap();
+    h.stop().await;
+}

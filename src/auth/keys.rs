@@ -133,6 +133,11 @@ impl<T> KeyStore<T> {
         self.entries.get(&KeyDigest::of_key(key))
     }
 
+    /// The owner of the key hashed to `digest`.
+    pub fn owner(&self, digest: &KeyDigest) -> Option<&Arc<T>> {
+        self.entries.get(digest).map(|entry| &entry.owner)
+    }
+
     pub fn len(&self) -> usize {
         self.entries.len()
     }

@@ -54,6 +54,18 @@ pub struct Authenticated {
     pub key: KeyDigest,
 }
 
+impl Authenticated {
+    /// Whether `config` (a reload's) still lets this key reach `upstream`
+    /// as it did: the key is listed for the same team, and that team holds
+    /// the same credential for `upstream`.
+    pub fn still_granted(&self, config: &Config, upstream: &crate::config::Upstream) -> bool {
+        config.keys.owner(&self.key).is_some_and(|team| {
+            team.name == self.team.name
+                && team.credential_id_for(upstream) == self.team.credential_id_for(upstream)
+        })
+    }
+}
+
 /// Who a request was let through as; set by [`Authenticate`] in the
 /// request's record.
 #[derive(Debug, Clone)]
@@ -189,5 +201,62 @@ where
         // Authenticated once: nothing above this layer sets a caller.
         let _ = record.caller.set(caller);
         Either::Right(self.inner.call(request))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Secrets, load_str};
+
+    /// Two teams on one upstream; `design_keys` are design's client keys,
+    /// `research_keys` research's, and `design_upstream` the variable
+    /// design's upstream key is read from.
+    fn config(design_keys: &[&str], research_keys: &[&str], design_upstream: &str) -> Config {
+        let hashes = |keys: &[&str]| {
+            keys.iter()
+                .map(|key| format!("\"{}\"", KeyDigest::of_key(key).to_stored()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let text = format!(
+            "[upstreams.comfy]\nbase_url = \"http://127.0.0.1:9\"\n\
+             [teams.design]\nupstream_keys = {{ comfy = \"env:{design_upstream}\" }}\nclient_keys = [{}]\n\
+             [teams.research]\nupstream_keys = {{ comfy = \"env:RESEARCH\" }}\nclient_keys = [{}]\n",
+            hashes(design_keys),
+            hashes(research_keys)
+        );
+        let env = |name: &str| {
+            ["DESIGN", "DESIGN_ROTATED", "RESEARCH"]
+                .contains(&name)
+                .then(|| format!("upstream-key-of-{name}"))
+        };
+        load_str(&text, "t.toml", None, &env, Secrets::Resolve).unwrap()
+    }
+
+    #[test]
+    fn a_grant_lasts_while_the_key_reaches_the_upstream_as_it_did() {
+        let running = config(&["d1", "d2"], &["r1"], "DESIGN");
+        let upstream = &running.upstreams[0];
+        let entry = running.keys.lookup("d1").unwrap();
+        let d1 = Authenticated {
+            team: Arc::clone(&entry.owner),
+            key: entry.digest,
+        };
+        let granted = |config: &Config| d1.still_granted(config, upstream);
+        assert!(granted(&running));
+        assert!(
+            granted(&config(&["d1"], &["r1", "r2"], "DESIGN")),
+            "other keys changed"
+        );
+        assert!(!granted(&config(&["d2"], &["r1"], "DESIGN")), "revoked");
+        assert!(
+            !granted(&config(&["d2"], &["r1", "d1"], "DESIGN")),
+            "moved to another team"
+        );
+        assert!(
+            !granted(&config(&["d1", "d2"], &["r1"], "DESIGN_ROTATED")),
+            "the team's upstream key changed"
+        );
     }
 }

@@ -29,9 +29,10 @@ use tokio::io::AsyncWriteExt;
 use tower::Service;
 use tracing::Instrument;
 
+use crate::auth::Authenticated;
 use crate::auth::inject::strip_hop_by_hop;
 use crate::body::Body;
-use crate::config::{CredentialPlacement, Upstream};
+use crate::config::{Config, CredentialPlacement, Upstream};
 use crate::error::GatewayError;
 use crate::route::RouteClass;
 use crate::telemetry::RequestRecord;
@@ -43,9 +44,18 @@ pub use watch::WatchedBody;
 /// One client per upstream (their timeouts and pools differ), indexed by `Upstream::index`.
 #[derive(Clone)]
 pub struct Forward {
-    clients: Arc<[Client]>,
-    metrics: Arc<Metrics>,
+    upstreams: Arc<Upstreams>,
     limits: ForwardLimits,
+}
+
+/// What every forwarded request shares, behind the one reference count a
+/// request's future holds.
+struct Upstreams {
+    clients: Box<[Client]>,
+    metrics: Arc<Metrics>,
+    /// The config the gateway serves by now: a websocket tunnel watches it,
+    /// to end when a reload revokes the key it was opened with.
+    serving: tokio::sync::watch::Receiver<Arc<Config>>,
 }
 
 /// Client-side limits the forwarder enforces while streaming.
@@ -60,17 +70,24 @@ pub struct ForwardLimits {
 impl std::fmt::Debug for Forward {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Forward")
-            .field("clients", &self.clients.len())
+            .field("clients", &self.upstreams.clients.len())
             .finish()
     }
 }
 
 impl Forward {
-    pub fn new(upstreams: &[Arc<Upstream>], metrics: Arc<Metrics>, limits: ForwardLimits) -> Self {
+    /// Clients for `serving`'s upstreams, which a reload never changes.
+    pub fn new(
+        serving: tokio::sync::watch::Receiver<Arc<Config>>,
+        metrics: Arc<Metrics>,
+        limits: ForwardLimits,
+    ) -> Self {
+        let config = Arc::clone(&serving.borrow());
         let public_roots = Arc::new(upstream_tls_config(rustls::RootCertStore {
             roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
         }));
-        let clients = upstreams
+        let clients = config
+            .upstreams
             .iter()
             .map(|upstream| {
                 let tls = match &upstream.trusted_roots {
@@ -82,8 +99,11 @@ impl Forward {
             })
             .collect();
         Forward {
-            clients,
-            metrics,
+            upstreams: Arc::new(Upstreams {
+                clients,
+                metrics,
+                serving,
+            }),
             limits,
         }
     }
@@ -122,24 +142,21 @@ impl Service<Request<Body>> for Forward {
         // `async` block: a wrapper would hold it beside its own state, and
         // every request would allocate and copy twice the bytes.
         Box::pin(
-            forward(
-                Arc::clone(&self.clients),
-                Arc::clone(&self.metrics),
-                self.limits,
-                request,
-            )
-            .map(Ok)
-            .instrument(span),
+            forward(Arc::clone(&self.upstreams), self.limits, request)
+                .map(Ok)
+                .instrument(span),
         )
     }
 }
 
 async fn forward(
-    clients: Arc<[Client]>,
-    metrics: Arc<Metrics>,
+    upstreams: Arc<Upstreams>,
     limits: ForwardLimits,
     mut request: Request<Body>,
 ) -> Response<Body> {
+    let Upstreams {
+        clients, metrics, ..
+    } = &*upstreams;
     // Every request here was routed (`Classify`), and its record says where.
     let record = request.extensions().get::<Arc<RequestRecord>>().cloned();
     let Some(route) = record.as_deref().and_then(RequestRecord::route) else {
@@ -228,7 +245,20 @@ async fn forward(
     }
     // The client asked for the upgrade (or `send` would have refused the 101).
     if let (Some(client_upgrade), Some(upstream)) = (client_upgrade, upgraded_upstream) {
-        tokio::spawn(tunnel(client_upgrade, upstream, limits.websocket_idle));
+        let grant = record
+            .as_deref()
+            .and_then(RequestRecord::authenticated)
+            .map(|authenticated| Grant {
+                authenticated: authenticated.clone(),
+                upstream: Arc::clone(&route.upstream),
+                serving: upstreams.serving.clone(),
+            });
+        tokio::spawn(tunnel(
+            client_upgrade,
+            upstream,
+            limits.websocket_idle,
+            grant,
+        ));
     }
     let is_switch = response.status() == StatusCode::SWITCHING_PROTOCOLS;
     strip_hop_by_hop(response.headers_mut(), is_switch);
@@ -263,10 +293,39 @@ async fn first_frame(mut body: Body, wait: Duration) -> Result<Body, GatewayErro
     }
 }
 
+/// What a tunnel was opened as: the team and key that authenticated it and
+/// the upstream it reaches, checked again whenever a reload changes the config.
+struct Grant {
+    authenticated: Authenticated,
+    upstream: Arc<Upstream>,
+    serving: tokio::sync::watch::Receiver<Arc<Config>>,
+}
+
+impl Grant {
+    /// Returns once a reload has revoked the grant: the key is gone or now
+    /// another team's, or the team's credential for the upstream changed.
+    async fn revoked(mut self) {
+        while self.serving.changed().await.is_ok() {
+            let config = Arc::clone(&self.serving.borrow_and_update());
+            if !self.authenticated.still_granted(&config, &self.upstream) {
+                return;
+            }
+        }
+        // The gateway is shutting down; the tunnel ends as the connection does.
+        std::future::pending().await
+    }
+}
+
 /// Copies bytes both ways between an upgraded client and upstream connection.
 /// Frames (text, binary, ping, pong, close) pass through untouched; the tunnel
-/// ends when either side closes, or when nothing moved either way for `idle`.
-async fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: UpgradedUpstream, idle: Duration) {
+/// ends when either side closes, when nothing moved either way for `idle`,
+/// or when a reload revokes its `grant`.
+async fn tunnel(
+    client: hyper::upgrade::OnUpgrade,
+    upstream: UpgradedUpstream,
+    idle: Duration,
+    grant: Option<Grant>,
+) {
     let client = match client.await {
         Ok(client) => client,
         Err(error) => {
@@ -290,6 +349,12 @@ async fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: UpgradedUpstream, i
             Err(error) => tracing::debug!(%error, "tunnel ended with an error"),
         },
         () = activity.idle_for(idle) => tracing::debug!(?idle, "idle tunnel closed"),
+        () = async {
+            match grant {
+                Some(grant) => grant.revoked().await,
+                None => std::future::pending().await,
+            }
+        } => tracing::info!("tunnel closed: a config reload revoked the key it was opened with"),
     }
 }
 
@@ -342,8 +407,9 @@ mod tests {
     #[test]
     fn a_proxied_request_boxes_a_small_future() {
         let config = crate::config::for_tests("a-client-key", "");
+        let (_serving, config) = tokio::sync::watch::channel(Arc::new(config));
         let mut forward = Forward::new(
-            &config.upstreams,
+            config,
             Arc::new(Metrics::new()),
             ForwardLimits {
                 max_request_body: 1 << 20,
