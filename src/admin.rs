@@ -10,6 +10,7 @@
 //! | `GET /metrics` | Prometheus text format |
 //! | `GET /admin/cache` | entries, bytes and bounds of the cache |
 //! | `DELETE /admin/cache[?team=T][&upstream=U]` | purge all, one team's, one upstream's (bearer `admin.token`) |
+//! | `GET /admin/teams` | the teams served now: client key hashes, upstreams with a credential (bearer `admin.token`) |
 //! | `POST /admin/reload` | read the config file again and apply its teams (bearer `admin.token`; see [`crate::reload`]) |
 
 use std::convert::Infallible;
@@ -96,15 +97,18 @@ pub async fn handle<B>(
         }
         "/admin/cache" if method == Method::DELETE => purge(&state.live.shared(), &request),
         "/admin/reload" if method == Method::POST => reload(&state.live, &request).await,
-        "/healthz" | "/readyz" | "/admin/cache" | "/admin/reload" | "/metrics" => error(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "method_not_allowed",
-            "see the admin API in the README",
-        ),
+        "/admin/teams" if is_read => teams(&state.live.shared(), &request),
+        "/healthz" | "/readyz" | "/admin/cache" | "/admin/reload" | "/admin/teams" | "/metrics" => {
+            error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "see the admin API in the README",
+            )
+        }
         _ => error(
             StatusCode::NOT_FOUND,
             "not_found",
-            "admin endpoints: /healthz, /readyz, /metrics, /admin/cache, /admin/reload",
+            "admin endpoints: /healthz, /readyz, /metrics, /admin/cache, /admin/reload, /admin/teams",
         ),
     })
 }
@@ -166,6 +170,40 @@ async fn reload<B>(live: &Live, request: &Request<B>) -> Response<Body> {
             }),
         ),
     }
+}
+
+/// `GET /admin/teams`, bearer-authenticated with `admin.token`: the teams
+/// the gateway serves now — what key-management tooling checks a reload
+/// against. Keys appear as the hashes the config lists (their first eight
+/// hex digits are the `key` fingerprint on request spans), never as keys;
+/// upstream credentials only as the names of the upstreams a team holds one for.
+fn teams<B>(state: &Shared, request: &Request<B>) -> Response<Body> {
+    if let Some(refused) = refusal(state, request) {
+        return refused;
+    }
+    let config = &state.config;
+    let mut keys: std::collections::HashMap<&str, Vec<String>> = std::collections::HashMap::new();
+    for (digest, team) in config.keys.iter() {
+        keys.entry(team.name.as_str())
+            .or_default()
+            .push(digest.to_stored());
+    }
+    let teams: Vec<_> = config
+        .teams
+        .iter()
+        .map(|team| {
+            let mut client_keys = keys.remove(team.name.as_str()).unwrap_or_default();
+            client_keys.sort_unstable();
+            let upstreams: Vec<&str> = config
+                .upstreams
+                .iter()
+                .filter(|upstream| team.credential_for(upstream).is_some())
+                .map(|upstream| upstream.name.as_str())
+                .collect();
+            json!({ "name": team.name, "client_keys": client_keys, "upstreams": upstreams })
+        })
+        .collect();
+    json_response(StatusCode::OK, json!({ "teams": teams }))
 }
 
 /// `DELETE /admin/cache[?team=T][&upstream=U]`, bearer-authenticated with `admin.token`.

@@ -86,6 +86,46 @@ async fn reloads_counted(h: &Harness, result: &str) -> Option<f64> {
     )
 }
 
+/// `GET /admin/teams` with the admin token → each team's name and client key hashes.
+async fn teams_served(h: &Harness) -> Vec<(String, Vec<String>)> {
+    let request = Request::get(format!("http://{}/admin/teams", h.admin))
+        .header("authorization", format!("Bearer {ADMIN_TOKEN}"))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let answer = h.send(request).await;
+    assert_eq!(answer.status, StatusCode::OK);
+    let text = String::from_utf8(answer.body.to_vec()).unwrap();
+    for key in [
+        DESIGN_KEY,
+        DESIGN_KEY_2,
+        RESEARCH_KEY,
+        DESIGN_UPSTREAM_KEY,
+        RESEARCH_UPSTREAM_KEY,
+    ] {
+        assert!(!text.contains(key), "a key in {text}");
+    }
+    answer.json()["teams"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|team| {
+            // The test teams: nocred holds no upstream key, the others Comfy's.
+            let upstreams = if team["name"] == "nocred" {
+                vec![]
+            } else {
+                vec!["comfy"]
+            };
+            assert_eq!(team["upstreams"], serde_json::json!(upstreams), "{team}");
+            let keys = team["client_keys"].as_array().unwrap();
+            let keys = keys
+                .iter()
+                .map(|key| key.as_str().unwrap().to_owned())
+                .collect();
+            (team["name"].as_str().unwrap().to_owned(), keys)
+        })
+        .collect()
+}
+
 fn get_with_key(path: &str, key: &str) -> String {
     format!("GET {path} HTTP/1.1\r\nHost: x\r\nX-API-Key: {key}\r\n\r\n")
 }
@@ -103,6 +143,17 @@ async fn a_reload_adds_and_revokes_client_keys_even_on_open_connections() {
     files.write(&before.replace(&second_key_entry, ""));
     let h = Harness::start_from_file(emulator, addr, &files.config()).await;
 
+    let design_keys = |teams: Vec<(String, Vec<String>)>| {
+        teams
+            .into_iter()
+            .find(|(name, _)| name == "design")
+            .unwrap()
+            .1
+    };
+    assert_eq!(design_keys(teams_served(&h).await), [hash(DESIGN_KEY)]);
+    let unauthorized = h.admin_get("/admin/teams").await;
+    assert_eq!(unauthorized.status, StatusCode::UNAUTHORIZED);
+
     let mut open = Wire::connect(&h).await;
     open.send(&get_with_key("/api/assets", DESIGN_KEY)).await;
     assert_eq!(open.answer(false).await.status, 200);
@@ -114,6 +165,10 @@ async fn a_reload_adds_and_revokes_client_keys_even_on_open_connections() {
     assert_eq!(reloaded.status, StatusCode::OK);
     assert_eq!(reloaded.json()["reloaded"]["teams"], 3);
     assert_eq!(reloaded.json()["reloaded"]["client_keys"], 3);
+    let teams = teams_served(&h).await;
+    let names: Vec<&str> = teams.iter().map(|(name, _)| name.as_str()).collect();
+    assert_eq!(names, ["design", "nocred", "research"]);
+    assert_eq!(design_keys(teams), [hash(DESIGN_KEY_2)]);
 
     open.send(&get_with_key("/api/assets", DESIGN_KEY)).await;
     let refused = open.answer(false).await;

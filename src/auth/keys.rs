@@ -133,6 +133,13 @@ impl<T> KeyStore<T> {
         self.entries.get(&KeyDigest::of_key(key))
     }
 
+    /// Every key's digest and owner, in no particular order.
+    pub fn iter(&self) -> impl Iterator<Item = (&KeyDigest, &Arc<T>)> {
+        self.entries
+            .iter()
+            .map(|(digest, entry)| (digest, &entry.owner))
+    }
+
     /// The owner of the key hashed to `digest`.
     pub fn owner(&self, digest: &KeyDigest) -> Option<&Arc<T>> {
         self.entries.get(digest).map(|entry| &entry.owner)
