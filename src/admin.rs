@@ -140,11 +140,24 @@ fn refusal<B>(state: &Shared, request: &Request<B>) -> Option<Response<Body>> {
 
 /// `POST /admin/reload`, bearer-authenticated with `admin.token`: 200 with
 /// what was applied, or why nothing was (the running config stays).
-async fn reload<B>(live: &Live, request: &Request<B>) -> Response<Body> {
+async fn reload<B>(live: &Arc<Live>, request: &Request<B>) -> Response<Body> {
     if let Some(refused) = refusal(&live.shared(), request) {
         return refused;
     }
-    match live.reload().await {
+    // A task of its own: a caller that hangs up does not cancel a reload
+    // half way (it would then go unlogged and uncounted).
+    let reloading = tokio::spawn({
+        let live = Arc::clone(live);
+        async move { live.reload().await }
+    });
+    let Ok(outcome) = reloading.await else {
+        return error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal_error",
+            "the reload task failed; see the gateway's log",
+        );
+    };
+    match outcome {
         Ok(reloaded) => json_response(StatusCode::OK, json!({ "reloaded": reloaded })),
         Err(ReloadError::NoFile) => error(
             StatusCode::CONFLICT,
