@@ -179,7 +179,7 @@ fn keys(command: KeysCommand) -> ExitCode {
             println!("key:  {key}");
             println!("hash: {}", KeyDigest::of_key(&key).to_stored());
             eprintln!(
-                "Give the key to its owner (it is shown only now); put the hash in teams.<team>.client_keys."
+                "Give the key to its owner (it is shown only now); put the hash in teams.<team>.client_keys, then reload (kill -HUP the gateway)."
             );
             ExitCode::SUCCESS
         }
