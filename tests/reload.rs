@@ -6,6 +6,8 @@
 mod common;
 
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::Bytes;
 use common::wire::Wire;
@@ -410,5 +412,67 @@ async fn a_reload_closes_the_websockets_of_revoked_keys_only() {
     .await;
     assert_eq!(echoed, Ok(true), "the kept key's websocket echoes");
     kept.close(None).await.unwrap();
+    h.stop().await;
+}
+
+/// Reloads while requests flow: every request of a key the reloads never
+/// touch is answered 200 — none is dropped, refused or answered by a
+/// half-built stack — on connections opened before, during and after them.
+#[tokio::test]
+async fn requests_keep_flowing_through_repeated_reloads() {
+    let (emulator, addr) = emulator().await;
+    let files = ConfigDir::new("flowing");
+    let with_second_key = text(addr);
+    let without_second_key = with_second_key.replace(&format!(", \"{}\"", hash(DESIGN_KEY_2)), "");
+    files.write(&with_second_key);
+    let h = Harness::start_from_file(emulator, addr, &files.config()).await;
+    assert_eq!(h.get("/api/assets?limit=5", RESEARCH_KEY).await.status, 200);
+
+    // Each client sends until the reloads are over (and at least 20
+    // requests), so every reload lands among requests; at most 5,000.
+    let reloads_over = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = (0..4)
+        .map(|client| {
+            let (gateway, reloads_over) = (h.gateway, Arc::clone(&reloads_over));
+            tokio::spawn(async move {
+                let mut wire = Wire::connect_to(gateway).await;
+                let mut statuses = Vec::new();
+                while statuses.len() < 5_000
+                    && (statuses.len() < 20 || !reloads_over.load(Ordering::SeqCst))
+                {
+                    // A cached read and a pass-through, in turn.
+                    let path = if statuses.len() % 2 == 0 {
+                        "/api/assets?limit=5"
+                    } else {
+                        "/api/jobs"
+                    };
+                    wire.send(&get_with_key(path, RESEARCH_KEY)).await;
+                    statuses.push(wire.answer(false).await.status);
+                    if statuses.len() % 50 == 0 {
+                        // Some requests on connections opened mid-way.
+                        wire = Wire::connect_to(gateway).await;
+                    }
+                }
+                (client, statuses)
+            })
+        })
+        .collect();
+    for round in 0..10 {
+        files.write(if round % 2 == 0 {
+            &without_second_key
+        } else {
+            &with_second_key
+        });
+        assert_eq!(reload(&h, Some(ADMIN_TOKEN)).await.status, StatusCode::OK);
+    }
+    reloads_over.store(true, Ordering::SeqCst);
+    for client in clients {
+        let (client, statuses) = client.await.unwrap();
+        assert!(
+            statuses.iter().all(|status| *status == 200),
+            "client {client}: {statuses:?}"
+        );
+    }
+    assert_eq!(reloads_counted(&h, "success").await, Some(10.0));
     h.stop().await;
 }

@@ -38,8 +38,12 @@ pub struct Wire {
 
 impl Wire {
     pub async fn connect(h: &Harness) -> Wire {
+        Self::connect_to(h.gateway).await
+    }
+
+    pub async fn connect_to(gateway: std::net::SocketAddr) -> Wire {
         Wire {
-            stream: TcpStream::connect(h.gateway).await.unwrap(),
+            stream: TcpStream::connect(gateway).await.unwrap(),
             buf: Vec::new(),
         }
     }
