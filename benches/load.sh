@@ -67,6 +67,10 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 
 echo "== building teamgate (release)" >&2
+# Removed first: cargo links its artifact to this path only when it builds or
+# the path is missing, so a binary another checkout built into the same
+# target directory would otherwise be measured as this one's.
+rm -f "$root/target/release/teamgate"
 cargo build --release --locked --quiet
 echo "== starting peers" >&2
 bash "$peers/run-peers.sh" >&2
