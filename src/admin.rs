@@ -23,7 +23,6 @@ use serde_json::json;
 use subtle::ConstantTimeEq;
 
 use crate::body::Body;
-use crate::cache::policy::Partition;
 use crate::reload::{Live, ReloadError};
 use crate::stack::Shared;
 
@@ -251,18 +250,9 @@ fn purge<B>(state: &Shared, request: &Request<B>) -> Response<Body> {
             json!({ "purged": { "upstream": upstream.name } })
         }
         (Some(team), only) => {
-            let partitions = state
-                .config
-                .upstreams
-                .iter()
-                .filter(|upstream| only.is_none_or(|only| only.index == upstream.index))
-                .filter_map(|upstream| {
-                    team.credential_id_for(upstream)
-                        .map(|credential| Partition::Team {
-                            upstream: upstream.index,
-                            credential,
-                        })
-                })
+            let partitions = team
+                .cache_partitions()
+                .filter(|partition| only.is_none_or(|only| partition.upstream() == only.index))
                 .collect();
             state.cache.purge_partitions(partitions);
             json!({ "purged": { "team": team.name, "upstream": only.map(|u| u.name.clone()) } })

@@ -114,22 +114,11 @@ async fn serve(
         stack::Shared::new(Arc::clone(&config)),
         file,
     ));
-    let hangups = reloads_on_signal
-        .then(|| {
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-                .map_err(|error| tracing::warn!(%error, "no SIGHUP handler: reload through the admin API only"))
-                .ok()
-        })
-        .flatten()
-        .map(|mut hangups| {
-            let live = Arc::clone(&live);
-            tokio::spawn(async move {
-                while hangups.recv().await.is_some() {
-                    // `reload` logs and counts the outcome.
-                    let _ = live.reload().await;
-                }
-            })
-        });
+    let hangups = if reloads_on_signal {
+        reload_on_hangup(&live)
+    } else {
+        None
+    };
     // Idle per-key limiter state is dropped periodically, so it stays bounded.
     let sweeper = {
         let live = Arc::clone(&live);
@@ -238,6 +227,26 @@ async fn serve(
     let _ = admin.await;
     tracing::info!("teamgate stopped");
     Ok(())
+}
+
+/// Reloads `live` on every `SIGHUP`, in a task of its own (`None` when the
+/// signal cannot be watched: reloads then come through the admin API only).
+fn reload_on_hangup(live: &Arc<reload::Live>) -> Option<tokio::task::JoinHandle<()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hangups = match signal(SignalKind::hangup()) {
+        Ok(hangups) => hangups,
+        Err(error) => {
+            tracing::warn!(%error, "no SIGHUP handler: reload through the admin API only");
+            return None;
+        }
+    };
+    let live = Arc::clone(live);
+    Some(tokio::spawn(async move {
+        while hangups.recv().await.is_some() {
+            // `reload` logs and counts the outcome.
+            let _ = live.reload().await;
+        }
+    }))
 }
 
 /// One client connection: the gateway's own HTTP/1 loop first ([`server`]),

@@ -130,8 +130,7 @@ impl Live {
     pub async fn reload(&self) -> Result<Reloaded, ReloadError> {
         let _one_at_a_time = self.reloading.lock().await;
         let outcome = self.reload_once().await;
-        let metrics = Arc::clone(&self.shared().metrics);
-        metrics.config_reloaded(outcome.is_ok());
+        self.shared().metrics.config_reloaded(outcome.is_ok());
         match &outcome {
             Ok(reloaded) => tracing::info!(
                 teams = reloaded.teams,
@@ -193,15 +192,7 @@ fn credentials_dropped(old: &Config, new: &Config) -> Vec<Partition> {
         config
             .teams
             .iter()
-            .flat_map(|team| {
-                config.upstreams.iter().filter_map(|upstream| {
-                    team.credential_id_for(upstream)
-                        .map(|credential| Partition::Team {
-                            upstream: upstream.index,
-                            credential,
-                        })
-                })
-            })
+            .flat_map(|team| team.cache_partitions())
             .collect()
     };
     let kept = partitions(new);

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::*;
-use http::{Method, Request, StatusCode};
+use http::{Method, StatusCode};
 use http_body_util::Full;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
@@ -760,12 +760,9 @@ async fn admin_purge_needs_the_token_and_purges_by_team_or_all() {
     let h = Harness::start_with_config("", "[admin]\ntoken = \"env:ADMIN_TOKEN\"\n").await;
     h.get(LIST, DESIGN_KEY).await;
     h.get(LIST, RESEARCH_KEY).await;
-    let purge = |query: &'static str, token: Option<&'static str>| {
-        let mut request = Request::delete(format!("http://{}/admin/cache{query}", h.admin));
-        if let Some(token) = token {
-            request = request.header("authorization", format!("Bearer {token}"));
-        }
-        h.send(request.body(Full::new(Bytes::new())).unwrap())
+    let purge = async |query: &str, token: Option<&str>| {
+        h.admin_call(Method::DELETE, &format!("/admin/cache{query}"), token)
+            .await
     };
     assert_eq!(purge("", None).await.status, StatusCode::UNAUTHORIZED);
     assert_eq!(
@@ -809,10 +806,8 @@ async fn admin_purge_needs_the_token_and_purges_by_team_or_all() {
 #[tokio::test]
 async fn the_admin_purge_is_off_without_a_token() {
     let h = Harness::start().await;
-    let request = Request::delete(format!("http://{}/admin/cache", h.admin))
-        .body(Full::new(Bytes::new()))
-        .unwrap();
-    assert_eq!(h.send(request).await.status, StatusCode::FORBIDDEN);
+    let purge = h.admin_call(Method::DELETE, "/admin/cache", None).await;
+    assert_eq!(purge.status, StatusCode::FORBIDDEN);
     h.stop().await;
 }
 

@@ -15,7 +15,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use teamgate::emulator::Emulator;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 /// Sends raw bytes and reads until the server closes (bounded).
 async fn raw(addr: std::net::SocketAddr, bytes: &[u8]) -> String {
@@ -373,10 +373,11 @@ async fn an_idle_websocket_tunnel_is_closed() {
 #[tokio::test]
 async fn server_sent_events_arrive_before_the_stream_ends() {
     // One event, then a minute before the next: a buffering gateway would hold the first.
-    let emulator = Emulator::with_event_interval(accounts(), Duration::from_secs(60));
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    emulator.spawn(listener);
+    let (emulator, addr) = serve_emulator(Emulator::with_event_interval(
+        accounts(),
+        Duration::from_secs(60),
+    ))
+    .await;
     let h = Harness::start_in_front_of(emulator, addr, &format!("http://{addr}"), "").await;
     let job = h
         .call(

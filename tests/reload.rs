@@ -9,13 +9,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use bytes::Bytes;
 use common::wire::Wire;
 use common::*;
-use http::{Request, StatusCode};
-use http_body_util::Full;
+use http::{Method, StatusCode};
 use teamgate::emulator::Emulator;
-use tokio::net::TcpListener;
 
 /// A config file (and its `file:` secrets) in a directory of its own,
 /// removed when the test ends.
@@ -63,20 +60,12 @@ fn text(emulator: std::net::SocketAddr) -> String {
 }
 
 async fn emulator() -> (Emulator, std::net::SocketAddr) {
-    let emulator = Emulator::new(accounts());
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    emulator.spawn(listener);
-    (emulator, addr)
+    serve_emulator(test_emulator()).await
 }
 
 /// `POST /admin/reload` with `token` as the bearer token.
 async fn reload(h: &Harness, token: Option<&str>) -> Answer {
-    let mut request = Request::post(format!("http://{}/admin/reload", h.admin));
-    if let Some(token) = token {
-        request = request.header("authorization", format!("Bearer {token}"));
-    }
-    h.send(request.body(Full::new(Bytes::new())).unwrap()).await
+    h.admin_call(Method::POST, "/admin/reload", token).await
 }
 
 async fn reloads_counted(h: &Harness, result: &str) -> Option<f64> {
@@ -90,11 +79,9 @@ async fn reloads_counted(h: &Harness, result: &str) -> Option<f64> {
 
 /// `GET /admin/teams` with the admin token → each team's name and client key hashes.
 async fn teams_served(h: &Harness) -> Vec<(String, Vec<String>)> {
-    let request = Request::get(format!("http://{}/admin/teams", h.admin))
-        .header("authorization", format!("Bearer {ADMIN_TOKEN}"))
-        .body(Full::new(Bytes::new()))
-        .unwrap();
-    let answer = h.send(request).await;
+    let answer = h
+        .admin_call(Method::GET, "/admin/teams", Some(ADMIN_TOKEN))
+        .await;
     assert_eq!(answer.status, StatusCode::OK);
     let text = String::from_utf8(answer.body.to_vec()).unwrap();
     for key in [

@@ -27,7 +27,8 @@ use serde::Deserialize;
 
 use crate::auth::keys::{KeyDigest, KeyStore};
 use crate::cache::policy::{
-    CachePolicy, CredentialId, MethodMatch, ReadRule, ScopeTemplate, WriteRule, parse_match,
+    CachePolicy, CredentialId, MethodMatch, Partition, ReadRule, ScopeTemplate, WriteRule,
+    parse_match,
 };
 use crate::limit::quota::{QuotaSpec, parse_rate};
 use base64::Engine as _;
@@ -293,6 +294,20 @@ impl Team {
             .get(upstream.index)
             .and_then(Option::as_ref)
             .map(|(_, id)| *id)
+    }
+
+    /// The cache partitions this team's entries are in: one per upstream it
+    /// holds a credential for.
+    pub fn cache_partitions(&self) -> impl Iterator<Item = Partition> + '_ {
+        self.credentials
+            .iter()
+            .enumerate()
+            .filter_map(|(upstream, credential)| {
+                credential.as_ref().map(|(_, id)| Partition::Team {
+                    upstream,
+                    credential: *id,
+                })
+            })
     }
 }
 
@@ -567,7 +582,9 @@ pub fn load_str(
         }
     };
     let mut config = validate(file, origin, dir, env, secrets, &mut problems);
-    // The text parsed above; a second pass keeps what it wrote, untyped.
+    // The text parsed above, again, untyped: what a reload compares. (One
+    // pass into a `Table` and the structs from it would cost the type
+    // errors above their line and column.)
     if let Ok(mut table) = text.parse::<toml::Table>() {
         table.remove("teams");
         config.restart_settings = table;

@@ -150,6 +150,19 @@ pub fn accounts() -> Vec<Account> {
     ]
 }
 
+/// The emulator every harness starts with: the test accounts, events every 50 ms.
+pub fn test_emulator() -> Emulator {
+    Emulator::with_event_interval(accounts(), std::time::Duration::from_millis(50))
+}
+
+/// Serves `emulator` on 127.0.0.1:0; its address.
+pub async fn serve_emulator(emulator: Emulator) -> (Emulator, SocketAddr) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    emulator.spawn(listener);
+    (emulator, addr)
+}
+
 impl Harness {
     pub async fn start() -> Self {
         Self::start_with("").await
@@ -162,11 +175,7 @@ impl Harness {
 
     /// Starts with extra settings in `[server]`.
     pub async fn start_with_server(settings: &str) -> Self {
-        let emulator =
-            Emulator::with_event_interval(accounts(), std::time::Duration::from_millis(50));
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        emulator.spawn(listener);
+        let (emulator, addr) = serve_emulator(test_emulator()).await;
         let text = config_text(&format!("http://{addr}"), "", "")
             .replace("[server]\n", &format!("[server]\n{settings}\n"));
         Self::start_with_text(emulator, addr, &text).await
@@ -174,11 +183,7 @@ impl Harness {
 
     /// Starts with extra settings in `[upstreams.comfy]` and at the top level.
     pub async fn start_with_config(upstream_extra: &str, top_extra: &str) -> Self {
-        let emulator =
-            Emulator::with_event_interval(accounts(), std::time::Duration::from_millis(50));
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let emulator_addr = listener.local_addr().unwrap();
-        emulator.spawn(listener);
+        let (emulator, emulator_addr) = serve_emulator(test_emulator()).await;
         Self::start_in_front_of_with(
             emulator,
             emulator_addr,
@@ -354,10 +359,19 @@ impl Harness {
     }
 
     pub async fn admin_get(&self, path: &str) -> Answer {
-        let request = Request::get(format!("http://{}{path}", self.admin))
-            .body(Full::new(Bytes::new()))
-            .unwrap();
-        self.send(request).await
+        self.admin_call(Method::GET, path, None).await
+    }
+
+    /// `method path` on the admin listener, with `token` as the bearer token.
+    pub async fn admin_call(&self, method: Method, path: &str, token: Option<&str>) -> Answer {
+        let mut request = Request::builder()
+            .method(method)
+            .uri(format!("http://{}{path}", self.admin));
+        if let Some(token) = token {
+            request = request.header("authorization", format!("Bearer {token}"));
+        }
+        self.send(request.body(Full::new(Bytes::new())).unwrap())
+            .await
     }
 
     /// Triggers shutdown and waits for `run` to return, which must be `Ok`.
