@@ -182,6 +182,7 @@ impl Live {
         if !gone.is_empty() {
             old.cache.purge_partitions(gone);
         }
+        old.metrics.teams_replaced(&self.shared().config.teams);
         Ok(reloaded)
     }
 }

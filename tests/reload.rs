@@ -345,6 +345,84 @@ async fn a_reload_keeps_unchanged_limits_state_and_applies_changed_limits() {
     h.stop().await;
 }
 
+/// The metric series of a team a reload removed leave the exposition
+/// (counted requests and quota refusals alike); the teams that stay keep
+/// theirs and go on counting from where they were.
+#[tokio::test]
+async fn a_removed_teams_metric_series_leave_the_exposition() {
+    let (emulator, addr) = emulator().await;
+    let files = ConfigDir::new("metrics");
+    let with_research_limited = format!(
+        "{}\n[teams.research.limits]\nclient = {{ rate = \"1/h\", burst = 1 }}\n",
+        text(addr)
+    );
+    files.write(&with_research_limited);
+    let h = Harness::start_from_file(emulator, addr, &files.config()).await;
+    assert_eq!(h.get("/api/jobs", RESEARCH_KEY).await.status, 200);
+    assert_eq!(h.get("/api/jobs", RESEARCH_KEY).await.status, 429);
+    assert_eq!(h.get("/api/jobs", DESIGN_KEY).await.status, 200);
+    let scrape = || async {
+        let metrics = h.admin_get("/metrics").await;
+        String::from_utf8(metrics.body.to_vec()).unwrap()
+    };
+    let design_ok = [("team", "design"), ("status_class", "2xx")];
+    let before = scrape().await;
+    assert_eq!(
+        sample(&before, "teamgate_requests_total", &design_ok),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(
+            &before,
+            "teamgate_requests_total",
+            &[("team", "research"), ("status_class", "2xx")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(
+            &before,
+            "teamgate_ratelimit_rejections_total",
+            &[("team", "research")]
+        ),
+        Some(1.0)
+    );
+
+    let research_section = format!(
+        "[teams.research]\nupstream_keys = {{ comfy = \"env:RESEARCH_COMFY_KEY\" }}\nclient_keys = [\"{}\"]\n",
+        hash(RESEARCH_KEY)
+    );
+    let without_research = text(addr).replace(&research_section, "");
+    assert_ne!(
+        without_research,
+        text(addr),
+        "the research team is in the file"
+    );
+    // Counted after that scrape, before the reload: not lost by it.
+    assert_eq!(h.get("/api/jobs", DESIGN_KEY).await.status, 200);
+    files.write(&without_research);
+    assert_eq!(reload(&h, Some(ADMIN_TOKEN)).await.status, StatusCode::OK);
+    assert_eq!(h.get("/api/jobs", RESEARCH_KEY).await.status, 401);
+    assert_eq!(h.get("/api/jobs", DESIGN_KEY).await.status, 200);
+
+    let after = scrape().await;
+    assert!(!after.contains("team=\"research\""), "{after}");
+    assert_eq!(
+        sample(&after, "teamgate_requests_total", &design_ok),
+        Some(3.0)
+    );
+    // The refused key is counted as every unauthenticated request is.
+    assert_eq!(
+        sample(
+            &after,
+            "teamgate_requests_total",
+            &[("team", ""), ("status_class", "4xx")]
+        ),
+        Some(1.0)
+    );
+    h.stop().await;
+}
+
 /// A gateway whose config was not read from a file says so.
 #[tokio::test]
 async fn a_gateway_without_a_config_file_answers_that_it_cannot_reload() {

@@ -12,11 +12,12 @@
 //! classes, cache results, quota names from the config. Never a raw path, a
 //! key or an asset id.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use http::{Method, StatusCode};
+use prometheus::core::Collector;
 use prometheus::local::{LocalHistogram, LocalIntCounter};
 use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
@@ -40,6 +41,12 @@ struct LocalHandles {
     requests: LocalIntCounter,
     duration: LocalHistogram,
     cache: Option<LocalIntCounter>,
+    /// The team and upstream whose addresses the entry's [`LabelKey`]
+    /// holds, kept alive by the entry: a config reload drops the old
+    /// config's teams, and a new team the allocator placed where one of
+    /// them was would otherwise find this entry and be counted under the
+    /// old team's name.
+    _owners: (Option<Arc<Team>>, Option<Arc<Upstream>>),
 }
 
 #[derive(Debug, Default)]
@@ -90,7 +97,8 @@ struct RequestShard {
 }
 
 /// Identifies a label set without its strings: teams and upstreams by
-/// address (they live as long as the config), the rest are `'static`.
+/// address (each entry keeps its own alive, see [`LocalHandles`]), the
+/// rest are `'static`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 struct LabelKey {
     team: usize,
@@ -318,9 +326,11 @@ impl Metrics {
             return;
         }
         // First request with this label set in this shard: resolve it once.
+        let owners = (team.cloned(), upstream.cloned());
         let team = team.map_or("", |team| team.name.as_str());
         let upstream = upstream.map_or("", |upstream| upstream.name.as_str());
         let handles = LocalHandles {
+            _owners: owners,
             requests: self
                 .requests
                 .with_label_values(&[team, upstream, route_class, method, status_class, cache])
@@ -403,6 +413,22 @@ impl Metrics {
             .inc();
     }
 
+    /// A reload replaced the config's teams with `teams`: the series of a
+    /// team that is gone leave the exposition (a dashboard would otherwise
+    /// show it frozen at its last figures until a restart), and the label
+    /// sets resolved per shard are let go, with the old config's teams they
+    /// keep alive (each is resolved again on its next request).
+    pub fn teams_replaced(&self, teams: &[Arc<Team>]) {
+        for shard in self.by_thread.iter() {
+            let mut counts = lock(&shard.counts);
+            counts.flush();
+            counts.requests.clear();
+        }
+        let kept: HashSet<&str> = teams.iter().map(|team| team.name.as_str()).collect();
+        remove_series_of_other_teams(&self.requests, &kept);
+        remove_series_of_other_teams(&self.ratelimit_rejections, &kept);
+    }
+
     /// Counts one config reload, applied or refused.
     pub fn config_reloaded(&self, applied: bool) {
         let result = if applied { "success" } else { "failure" };
@@ -424,6 +450,27 @@ impl Metrics {
             .encode(&self.registry.gather(), &mut buffer)
             .expect("text encoding of gathered metrics cannot fail");
         String::from_utf8(buffer).expect("the text format is UTF-8")
+    }
+}
+
+/// Removes from `metric` every series whose `team` is set (a request
+/// refused before it was authenticated has `team=""`) and not in `kept`.
+fn remove_series_of_other_teams(metric: &IntCounterVec, kept: &HashSet<&str>) {
+    for family in metric.collect() {
+        for series in family.get_metric() {
+            let labels: HashMap<&str, &str> = series
+                .get_label()
+                .iter()
+                .map(|pair| (pair.name(), pair.value()))
+                .collect();
+            let gone = labels
+                .get("team")
+                .is_some_and(|team| !team.is_empty() && !kept.contains(team));
+            if gone {
+                // Only fails for labels the metric does not have.
+                let _ = metric.remove(&labels);
+            }
+        }
     }
 }
 
@@ -604,6 +651,54 @@ mod tests {
             value_of(&metrics.render(0, 0), "teamgate_requests_in_flight"),
             0.0
         );
+    }
+
+    /// Label sets are found by the team's and upstream's addresses. A
+    /// reload frees the old config's teams and allocates new ones, and the
+    /// allocator hands a freed team's memory to the next team of its size:
+    /// a new team found at an old one's address must still be counted under
+    /// its own name.
+    #[test]
+    fn a_team_at_a_freed_teams_address_is_counted_under_its_own_name() {
+        let metrics = Metrics::new();
+        let count = |team: &Arc<Team>| {
+            let labels = RequestLabels {
+                team: Some(team),
+                route_class: "asset_list",
+                ..RequestLabels::default()
+            };
+            metrics.request(&labels, &Method::GET, StatusCode::OK, "hit", 0.0002);
+        };
+        let team = |name: &str| Arc::new(Team::new(name, Vec::new(), Default::default()));
+        let removed = team("removed");
+        let address = Arc::as_ptr(&removed);
+        count(&removed);
+        drop(removed);
+        // The allocator is free to place the next teams anywhere; keep them
+        // all alive so that each one takes a new place, until one lands on
+        // the freed team's (or the allocator never gives it out again).
+        let mut added = Vec::new();
+        for n in 0..1000 {
+            let next = team(&format!("added-{n}"));
+            let reused = Arc::as_ptr(&next) == address;
+            added.push(next);
+            if reused {
+                break;
+            }
+        }
+        for team in &added {
+            count(team);
+        }
+        let text = metrics.render(0, 0);
+        let series = |team: &str| {
+            format!(
+                "teamgate_requests_total{{cache=\"hit\",method=\"GET\",route_class=\"asset_list\",status_class=\"2xx\",team=\"{team}\",upstream=\"\"}}"
+            )
+        };
+        assert_eq!(value_of(&text, &series("removed")), 1.0);
+        for team in &added {
+            assert_eq!(value_of(&text, &series(&team.name)), 1.0, "{text}");
+        }
     }
 
     #[test]
