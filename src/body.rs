@@ -36,6 +36,9 @@ pub enum Body {
         head: Option<Bytes>,
         tail: Box<Body>,
     },
+    /// An event stream that ends when a reload revokes the key it was opened
+    /// with (see `proxy::RevocableStream`).
+    Revocable(Box<crate::proxy::RevocableStream>),
 }
 
 impl Body {
@@ -74,6 +77,7 @@ impl http_body::Body for Body {
                 Some(bytes) => Poll::Ready(Some(Ok(Frame::data(bytes)))),
                 None => Pin::new(tail.as_mut()).poll_frame(cx),
             },
+            Body::Revocable(stream) => Pin::new(stream.as_mut()).poll_frame(cx),
         }
     }
 
@@ -84,6 +88,7 @@ impl http_body::Body for Body {
             Body::Full(chunk) => chunk.is_none(),
             Body::Empty => true,
             Body::Chained { head, tail } => head.is_none() && tail.is_end_stream(),
+            Body::Revocable(stream) => stream.is_end_stream(),
         }
     }
 
@@ -103,6 +108,7 @@ impl http_body::Body for Body {
                 }
                 hint
             }
+            Body::Revocable(stream) => stream.size_hint(),
         }
     }
 }

@@ -17,8 +17,9 @@
 //! ([`Published`]): every connection serves its next request with it —
 //! a revoked key is refused on the next request of an open keep-alive
 //! connection — while requests in flight finish with the stack they began
-//! on, except websocket tunnels: one whose key the reload revoked (or moved
-//! to another team, or whose team's upstream key changed) is closed. Cache
+//! on, except websocket tunnels and event streams: one whose key the reload
+//! revoked (or moved to another team, or whose team's upstream key changed)
+//! is closed. A removed team's metric series leave the exposition. Cache
 //! entries are partitioned by upstream credential, so a rotated
 //! credential starts a new partition by itself; the partitions of
 //! credentials no team holds any more are purged, so nothing fetched with a

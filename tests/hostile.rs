@@ -10,7 +10,7 @@ use bytes::Bytes;
 use common::*;
 use futures_util::StreamExt;
 use http::{Method, Request, StatusCode, Version};
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use teamgate::emulator::Emulator;
@@ -379,37 +379,8 @@ async fn server_sent_events_arrive_before_the_stream_ends() {
     ))
     .await;
     let h = Harness::start_in_front_of(emulator, addr, &format!("http://{addr}"), "").await;
-    let job = h
-        .call(
-            Method::POST,
-            "/api/prompt",
-            Some(DESIGN_KEY),
-            Some(serde_json::json!({"prompt": {}})),
-        )
-        .await
-        .json()["prompt_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let request = Request::get(h.url(&format!("/api/v2/jobs/{job}/events")))
-        .header("authorization", format!("Bearer {DESIGN_KEY}"))
-        .body(Full::new(Bytes::new()))
-        .unwrap();
-    let response = h.client.request(request).await.unwrap();
-    assert_eq!(response.headers()["content-type"], "text/event-stream");
-    assert!(
-        response.headers().get("content-encoding").is_none(),
-        "not compressed"
-    );
-    let mut body = response.into_body();
-    let first = tokio::time::timeout(Duration::from_secs(20), body.frame())
-        .await
-        .expect("the first event arrives while the stream is still open")
-        .unwrap()
-        .unwrap()
-        .into_data()
-        .unwrap();
-    assert!(first.starts_with(b"event: status\n"), "{first:?}");
+    let (headers, body) = h.open_job_events(DESIGN_KEY).await;
+    assert!(headers.get("content-encoding").is_none(), "not compressed");
     drop(body);
     h.stop().await;
 }

@@ -480,6 +480,49 @@ async fn a_reload_closes_the_websockets_of_revoked_keys_only() {
     h.stop().await;
 }
 
+/// An event stream (Comfy's job events, open as long as the job runs) opened
+/// with a key a reload revokes ends at once, as an ended stream (its last
+/// chunk), so that an `EventSource` reconnects and is refused; another key's
+/// stream stays open.
+#[tokio::test]
+async fn a_reload_ends_the_event_streams_of_revoked_keys_only() {
+    use http_body_util::BodyExt;
+    use std::time::Duration;
+
+    // One event at once, then a minute before the next: the streams stay open.
+    let (emulator, addr) = serve_emulator(Emulator::with_event_interval(
+        accounts(),
+        Duration::from_secs(60),
+    ))
+    .await;
+    let files = ConfigDir::new("events");
+    let running = text(addr);
+    files.write(&running);
+    let h = Harness::start_from_file(emulator, addr, &files.config()).await;
+    let (_, mut revoked) = h.open_job_events(DESIGN_KEY).await;
+    let (_, mut kept) = h.open_job_events(DESIGN_KEY_2).await;
+
+    files.write(&running.replace(&format!("\"{}\", ", hash(DESIGN_KEY)), ""));
+    assert_eq!(reload(&h, Some(ADMIN_TOKEN)).await.status, StatusCode::OK);
+
+    let ended = tokio::time::timeout(Duration::from_secs(20), revoked.frame())
+        .await
+        .expect("the revoked key's event stream is still open");
+    assert!(
+        ended.is_none(),
+        "ended as a stream ends, not cut: {ended:?}"
+    );
+    assert!(
+        tokio::time::timeout(Duration::from_secs(1), kept.frame())
+            .await
+            .is_err(),
+        "the kept key's event stream is still open, waiting for its next event"
+    );
+    assert_eq!(h.get("/api/jobs", DESIGN_KEY).await.status, 401);
+    drop(kept);
+    h.stop().await;
+}
+
 /// Reloads while requests flow: every request of a key the reloads never
 /// touch is answered 200 — none is dropped, refused or answered by a
 /// half-built stack — on connections opened before, during and after them.

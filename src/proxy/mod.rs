@@ -1,6 +1,7 @@
 //! The upstream side: forwarding through a per-upstream HTTP/1.1 client
 //! (see `client`), with timeouts, and the tunnel for upgraded (websocket)
-//! connections.
+//! connections. Tunnels and event streams watch the served config and end
+//! when a reload revokes the key they were opened with (`Grant`).
 //!
 //! Bodies stream in both directions; nothing here buffers a body. The
 //! response timeout starts once the request body has been fully sent, so a
@@ -243,22 +244,19 @@ async fn forward(
     if response.status().is_server_error() {
         metrics.upstream_error(upstream_name, "5xx");
     }
+    let grant = || Grant::of(record.as_deref(), &route.upstream, &upstreams.serving);
     // The client asked for the upgrade (or `send` would have refused the 101).
     if let (Some(client_upgrade), Some(upstream)) = (client_upgrade, upgraded_upstream) {
-        let grant = record
-            .as_deref()
-            .and_then(RequestRecord::authenticated)
-            .map(|authenticated| Grant {
-                authenticated: authenticated.clone(),
-                upstream: Arc::clone(&route.upstream),
-                serving: upstreams.serving.clone(),
-            });
         tokio::spawn(tunnel(
             client_upgrade,
             upstream,
             limits.websocket_idle,
-            grant,
+            grant(),
         ));
+    } else if is_event_stream(&response)
+        && let Some(grant) = grant()
+    {
+        response = response.map(|body| RevocableStream::wrap(body, grant));
     }
     let is_switch = response.status() == StatusCode::SWITCHING_PROTOCOLS;
     strip_hop_by_hop(response.headers_mut(), is_switch);
@@ -302,6 +300,21 @@ struct Grant {
 }
 
 impl Grant {
+    /// The grant of an authenticated request to `upstream`; `None` for a
+    /// request let through without a key (public reads).
+    fn of(
+        record: Option<&RequestRecord>,
+        upstream: &Arc<Upstream>,
+        serving: &tokio::sync::watch::Receiver<Arc<Config>>,
+    ) -> Option<Grant> {
+        let authenticated = record?.authenticated()?;
+        Some(Grant {
+            authenticated: authenticated.clone(),
+            upstream: Arc::clone(upstream),
+            serving: serving.clone(),
+        })
+    }
+
     /// Returns once a reload has revoked the grant: the key is gone or now
     /// another team's, or the team's credential for the upstream changed.
     async fn revoked(mut self) {
@@ -355,6 +368,88 @@ async fn tunnel(
                 None => std::future::pending().await,
             }
         } => tracing::info!("tunnel closed: a config reload revoked the key it was opened with"),
+    }
+}
+
+/// Whether the answer is a server-sent event stream (Comfy's
+/// `GET /api/v2/jobs/{id}/events`), which stays open as long as its job runs.
+fn is_event_stream(response: &Response<Body>) -> bool {
+    response
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|value| {
+            value
+                .as_bytes()
+                .get(..b"text/event-stream".len())
+                .is_some_and(|start| start.eq_ignore_ascii_case(b"text/event-stream"))
+        })
+}
+
+/// An event stream's body, ended as soon as a reload revokes the key it was
+/// opened with. It ends as the upstream would end it (the last chunk, the
+/// connection kept): an `EventSource` then reconnects, and the reconnection
+/// is refused with the gateway's `401`. The upstream connection is closed.
+pub struct RevocableStream {
+    inner: Body,
+    /// Boxed: a `Grant::revoked` future; `Sync`, as every `Body` is.
+    revoked: Pin<Box<dyn Future<Output = ()> + Send + Sync>>,
+    ended: bool,
+}
+
+impl RevocableStream {
+    fn wrap(inner: Body, grant: Grant) -> Body {
+        Body::Revocable(Box::new(RevocableStream {
+            inner,
+            revoked: Box::pin(grant.revoked()),
+            ended: false,
+        }))
+    }
+}
+
+impl std::fmt::Debug for RevocableStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RevocableStream")
+            .field("inner", &self.inner)
+            .field("ended", &self.ended)
+            .finish_non_exhaustive()
+    }
+}
+
+impl http_body::Body for RevocableStream {
+    type Data = bytes::Bytes;
+    type Error = crate::body::BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, crate::body::BoxError>>> {
+        if self.ended {
+            return Poll::Ready(None);
+        }
+        // Polled first, so a stream waiting for its next event is woken
+        // (and ended) by the reload itself.
+        if self.revoked.as_mut().poll(cx).is_ready() {
+            self.ended = true;
+            // Dropped now: the upstream connection closes at once.
+            self.inner = Body::Empty;
+            tracing::info!(
+                "event stream ended: a config reload revoked the key it was opened with"
+            );
+            return Poll::Ready(None);
+        }
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ended || self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        if self.ended {
+            http_body::SizeHint::with_exact(0)
+        } else {
+            self.inner.size_hint()
+        }
     }
 }
 

@@ -288,6 +288,39 @@ impl Harness {
         format!("http://{}{path_and_query}", self.gateway)
     }
 
+    /// Submits a job with `key` and opens its event stream (v2
+    /// `GET /api/v2/jobs/{id}/events`, `text/event-stream`): the answer's
+    /// head, and its body once the first event (the job's status) has
+    /// arrived — within 20 s, while the stream is still open.
+    pub async fn open_job_events(&self, key: &str) -> (HeaderMap, hyper::body::Incoming) {
+        let submitted = self
+            .call(
+                Method::POST,
+                "/api/prompt",
+                Some(key),
+                Some(serde_json::json!({"prompt": {}})),
+            )
+            .await;
+        let job = submitted.json()["prompt_id"].as_str().unwrap().to_owned();
+        let request = Request::get(self.url(&format!("/api/v2/jobs/{job}/events")))
+            .header("authorization", format!("Bearer {key}"))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let response = self.client.request(request).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(response.headers()["content-type"], "text/event-stream");
+        let (head, mut body) = response.into_parts();
+        let first = tokio::time::timeout(std::time::Duration::from_secs(20), body.frame())
+            .await
+            .expect("the first event arrives while the stream is still open")
+            .unwrap()
+            .unwrap()
+            .into_data()
+            .unwrap();
+        assert!(first.starts_with(b"event: status\n"), "{first:?}");
+        (head.headers, body)
+    }
+
     pub async fn send(&self, request: Request<Full<Bytes>>) -> Answer {
         let response = self
             .client
