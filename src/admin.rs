@@ -177,7 +177,7 @@ async fn reload<B>(live: &Arc<Live>, request: &Request<B>) -> Response<Body> {
             StatusCode::CONFLICT,
             json!({
                 "code": "restart_required",
-                "message": "only [teams] changes apply on reload; the running config stays",
+                "message": "only [teams] and [admin] changes apply on reload; the running config stays",
                 "keys": keys,
             }),
         ),

@@ -23,8 +23,8 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the gateway with a config file. SIGHUP reads the file again and
-    /// applies its [teams] (keys, upstream credentials, limits); other changes
-    /// need a restart.
+    /// applies its [teams] (keys, upstream credentials, limits) and the admin
+    /// token; other changes need a restart.
     Serve {
         /// The TOML config file.
         #[arg(long, short, env = "TEAMGATE_CONFIG", value_name = "FILE")]

@@ -1,11 +1,12 @@
 //! Config reload: the running gateway reads its config file again (on
-//! `SIGHUP`, or `POST /admin/reload`) and swaps in what changed in `[teams]`.
+//! `SIGHUP`, or `POST /admin/reload`) and swaps in what changed in `[teams]` (and `[admin]`).
 //!
 //! What a reload applies: the teams — client keys added and revoked, teams
 //! added and removed, their upstream credentials (`file:` secrets are read
-//! again, so a rotated key file is picked up) and their limits. Everything
+//! again, so a rotated key file is picked up) and their limits — and the
+//! admin token (the admin API reads it from the served config). Everything
 //! else (listeners, upstreams and their cache rules, the cache's size,
-//! timeouts, logs, traces, the admin token, `[limits]`) is fixed at start: a
+//! timeouts, logs, traces, `[limits]`) is fixed at start: a
 //! file that changes any of it is refused with the keys that need a restart,
 //! and so is a file that does not load; either way the running config stays
 //! and nothing of the new one applies.
@@ -85,7 +86,7 @@ impl std::fmt::Display for ReloadError {
             ),
             ReloadError::NeedsRestart(keys) => write!(
                 f,
-                "only [teams] changes apply on reload; these need a restart: {}",
+                "only [teams] and [admin] changes apply on reload; these need a restart: {}",
                 keys.join(", ")
             ),
         }

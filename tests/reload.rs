@@ -237,6 +237,42 @@ async fn a_rotated_upstream_key_is_used_at_once_and_nothing_cached_with_the_old_
     h.stop().await;
 }
 
+/// The admin token is a secret like the upstream keys: a reload reads its
+/// `file:` again, and the rotated token is the only one the admin API takes;
+/// a reload may also point it elsewhere.
+#[tokio::test]
+async fn a_rotated_admin_token_replaces_the_old_one_at_once() {
+    let (emulator, addr) = emulator().await;
+    let files = ConfigDir::new("admin-token");
+    files.write_file("admin.token", ADMIN_TOKEN);
+    files.write(&text(addr).replace("env:ADMIN_TOKEN", "file:admin.token"));
+    let h = Harness::start_from_file(emulator, addr, &files.config()).await;
+    let teams = async |token: &str| {
+        h.admin_call(Method::GET, "/admin/teams", Some(token))
+            .await
+            .status
+    };
+    assert_eq!(teams(ADMIN_TOKEN).await, StatusCode::OK);
+
+    let rotated = "tg_test_admin_token_rotated_0123456789";
+    files.write_file("admin.token", rotated);
+    let reloaded = reload(&h, Some(ADMIN_TOKEN)).await;
+    assert_eq!(reloaded.status, StatusCode::OK, "{:?}", reloaded.body);
+    assert_eq!(teams(ADMIN_TOKEN).await, StatusCode::UNAUTHORIZED);
+    assert_eq!(teams(rotated).await, StatusCode::OK);
+    assert_eq!(
+        reload(&h, Some(ADMIN_TOKEN)).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+
+    // Back to the environment's token: a new reference, not a restart change.
+    files.write(&text(addr));
+    assert_eq!(reload(&h, Some(rotated)).await.status, StatusCode::OK);
+    assert_eq!(teams(rotated).await, StatusCode::UNAUTHORIZED);
+    assert_eq!(teams(ADMIN_TOKEN).await, StatusCode::OK);
+    h.stop().await;
+}
+
 /// A file that does not load, or that changes a setting only a restart
 /// applies, is refused whole: the answer says why, the failure is counted,
 /// and the running config — keys included — stays as it was.

@@ -51,15 +51,16 @@ pub struct Config {
     pub admin: AdminSettings,
     pub limits: LimitSettings,
     pub traces: TraceSettings,
-    /// The file's settings a reload cannot change: all but `[teams]`, as
-    /// written (see [`Config::restart_changes`]).
+    /// The file's settings a reload cannot change: all but `[teams]` and
+    /// `[admin]`, as written (see [`Config::restart_changes`]).
     restart_settings: toml::Table,
 }
 
 impl Config {
     /// The keys whose settings differ between `self` and `newer` and need a
-    /// restart to take effect: everything outside `[teams]`, compared as the
-    /// files wrote them (dotted keys, sorted; empty when only teams changed).
+    /// restart to take effect: everything outside `[teams]` and `[admin]`,
+    /// compared as the files wrote them (dotted keys, sorted; empty when only
+    /// teams or the admin token changed).
     pub fn restart_changes(&self, newer: &Config) -> Vec<String> {
         let mut changed = Vec::new();
         table_changes(
@@ -586,7 +587,10 @@ pub fn load_str(
     // pass into a `Table` and the structs from it would cost the type
     // errors above their line and column.)
     if let Ok(mut table) = text.parse::<toml::Table>() {
+        // What a reload applies: the teams, and the admin token (the admin
+        // API reads it from the served config at each request).
         table.remove("teams");
+        table.remove("admin");
         config.restart_settings = table;
     }
     if problems.is_empty() {
@@ -1475,7 +1479,8 @@ mod tests {
     }
 
     /// What `Config::restart_changes` reports: every setting outside `[teams]`
-    /// that was added, removed or changed, however deep; nothing for teams.
+    /// and `[admin]` that was added, removed or changed, however deep;
+    /// nothing for teams or the admin token.
     #[test]
     fn only_changes_outside_teams_need_a_restart() {
         let running = for_tests(
@@ -1492,13 +1497,14 @@ mod tests {
             "k1",
             "[server]\nvia = false\n[upstreams.comfy.cache]\nenabled = false\n",
         );
+        // The admin token gone (the admin API off) is no restart change.
         assert_eq!(
             running.restart_changes(&elsewhere),
-            ["admin", "server", "upstreams.comfy.cache.enabled"]
+            ["server", "upstreams.comfy.cache.enabled"]
         );
         assert_eq!(
             elsewhere.restart_changes(&running),
-            ["admin", "server", "upstreams.comfy.cache.enabled"]
+            ["server", "upstreams.comfy.cache.enabled"]
         );
     }
 
