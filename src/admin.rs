@@ -23,7 +23,9 @@ use serde_json::json;
 use subtle::ConstantTimeEq;
 
 use crate::body::Body;
+use crate::cache::policy::Partition;
 use crate::reload::{Live, ReloadError};
+use crate::shared::Invalidation;
 use crate::stack::Shared;
 
 /// Whether the gateway should receive traffic; false once shutdown has begun.
@@ -94,7 +96,7 @@ pub async fn handle<B>(
             );
             response
         }
-        "/admin/cache" if method == Method::DELETE => purge(&state.live.shared(), &request),
+        "/admin/cache" if method == Method::DELETE => purge(&state.live.shared(), &request).await,
         "/admin/reload" if method == Method::POST => reload(&state.live, &request).await,
         "/admin/teams" if is_read => teams(&state.live.shared(), &request),
         "/healthz" | "/readyz" | "/admin/cache" | "/admin/reload" | "/admin/teams" | "/metrics" => {
@@ -218,8 +220,9 @@ fn teams<B>(state: &Shared, request: &Request<B>) -> Response<Body> {
     json_response(StatusCode::OK, json!({ "teams": teams }))
 }
 
-/// `DELETE /admin/cache[?team=T][&upstream=U]`, bearer-authenticated with `admin.token`.
-fn purge<B>(state: &Shared, request: &Request<B>) -> Response<Body> {
+/// `DELETE /admin/cache[?team=T][&upstream=U]`, bearer-authenticated with
+/// `admin.token`; shared with the other instances (`crate::shared`).
+async fn purge<B>(state: &Shared, request: &Request<B>) -> Response<Body> {
     if let Some(refused) = refusal(state, request) {
         return refused;
     }
@@ -240,24 +243,34 @@ fn purge<B>(state: &Shared, request: &Request<B>) -> Response<Body> {
             None => return error(StatusCode::NOT_FOUND, "not_found", "no such team"),
         },
     };
-    let purged = match (team, upstream) {
+    let partitions: Vec<Partition>;
+    let (purged, invalidation) = match (team, upstream) {
         (None, None) => {
             state.cache.purge_all();
-            json!({ "purged": "all" })
+            (json!({ "purged": "all" }), Invalidation::All)
         }
         (None, Some(upstream)) => {
             state.cache.purge_upstream(upstream.index);
-            json!({ "purged": { "upstream": upstream.name } })
+            (
+                json!({ "purged": { "upstream": upstream.name } }),
+                Invalidation::Upstream(upstream.index),
+            )
         }
         (Some(team), only) => {
-            let partitions = team
+            partitions = team
                 .cache_partitions()
                 .filter(|partition| only.is_none_or(|only| partition.upstream() == only.index))
                 .collect();
-            state.cache.purge_partitions(partitions);
-            json!({ "purged": { "team": team.name, "upstream": only.map(|u| u.name.clone()) } })
+            state.cache.purge_partitions(partitions.clone());
+            (
+                json!({ "purged": { "team": team.name, "upstream": only.map(|u| u.name.clone()) } }),
+                Invalidation::Partitions(&partitions),
+            )
         }
     };
+    if let Some(fanout) = &state.fanout {
+        fanout.publish(invalidation).await;
+    }
     tracing::info!(%purged, "cache purged through the admin API");
     json_response(StatusCode::OK, purged)
 }

@@ -41,6 +41,7 @@ pub mod proxy;
 pub mod reload;
 pub mod route;
 pub mod server;
+pub mod shared;
 pub mod stack;
 pub mod telemetry;
 pub mod tls;

@@ -17,6 +17,7 @@ use crate::limit::layer::{ClientQuota, UpstreamBudget};
 use crate::limit::{ClientQuotaLayer, Quotas, UpstreamBudgetLayer};
 use crate::proxy::{Forward, ForwardLimits};
 use crate::route::{Classify, ClassifyLayer, RequestLimits, Router};
+use crate::shared::Fanout;
 use crate::telemetry::metrics::Metrics;
 use crate::telemetry::{Observe, ObserveLayer};
 
@@ -36,19 +37,29 @@ pub struct Shared {
     pub forward: Forward,
     /// Tells what outlives a reload (websocket tunnels) the config served now.
     pub serving: Arc<tokio::sync::watch::Sender<Arc<Config>>>,
+    /// Cache invalidations shared with the other instances (`[shared] redis`).
+    pub fanout: Option<Arc<Fanout>>,
 }
 
 impl Shared {
     /// Fresh state for `config`: empty cache and limiters, zeroed metrics.
+    /// With `[shared] redis`, the cache waits for the subscription to the
+    /// other instances' invalidations (must run inside the tokio runtime).
     pub fn new(config: Arc<Config>) -> Self {
         let metrics = Arc::new(Metrics::new());
         let (serving, now) = tokio::sync::watch::channel(Arc::clone(&config));
+        let cache = Arc::new(Store::new(
+            config.cache.max_bytes,
+            config.cache.max_entry_bytes,
+            Arc::clone(&metrics),
+        ));
+        let fanout =
+            config.shared.redis.as_ref().map(|redis| {
+                Fanout::start(redis, &config, Arc::clone(&cache), Arc::clone(&metrics))
+            });
         Shared {
-            cache: Arc::new(Store::new(
-                config.cache.max_bytes,
-                config.cache.max_entry_bytes,
-                Arc::clone(&metrics),
-            )),
+            cache,
+            fanout,
             quotas: Arc::new(Quotas::new(&config)),
             forward: Forward::new(
                 now,
@@ -76,6 +87,7 @@ impl Shared {
             metrics: Arc::clone(&self.metrics),
             forward: self.forward.clone(),
             serving: Arc::clone(&self.serving),
+            fanout: self.fanout.clone(),
         }
     }
 }
@@ -109,6 +121,7 @@ pub fn build(shared: &Shared) -> GatewayService {
         .layer(CacheLayer::new(
             Arc::clone(&shared.cache),
             Arc::clone(&shared.metrics),
+            shared.fanout.clone(),
         ))
         // After the cache: only misses, fills, pass-through and writes spend the
         // team's upstream budget; coalesced waiters and hits spend nothing.

@@ -69,12 +69,8 @@ async fn reload(h: &Harness, token: Option<&str>) -> Answer {
 }
 
 async fn reloads_counted(h: &Harness, result: &str) -> Option<f64> {
-    let metrics = h.admin_get("/metrics").await;
-    sample(
-        std::str::from_utf8(&metrics.body).unwrap(),
-        "teamgate_config_reloads_total",
-        &[("result", result)],
-    )
+    h.metric("teamgate_config_reloads_total", &[("result", result)])
+        .await
 }
 
 /// `GET /admin/teams` with the admin token → each team's name and client key hashes.
@@ -397,12 +393,8 @@ async fn a_removed_teams_metric_series_leave_the_exposition() {
     assert_eq!(h.get("/api/jobs", RESEARCH_KEY).await.status, 200);
     assert_eq!(h.get("/api/jobs", RESEARCH_KEY).await.status, 429);
     assert_eq!(h.get("/api/jobs", DESIGN_KEY).await.status, 200);
-    let scrape = || async {
-        let metrics = h.admin_get("/metrics").await;
-        String::from_utf8(metrics.body.to_vec()).unwrap()
-    };
     let design_ok = [("team", "design"), ("status_class", "2xx")];
-    let before = scrape().await;
+    let before = h.metrics_text().await;
     assert_eq!(
         sample(&before, "teamgate_requests_total", &design_ok),
         Some(1.0)
@@ -441,7 +433,7 @@ async fn a_removed_teams_metric_series_leave_the_exposition() {
     assert_eq!(h.get("/api/jobs", RESEARCH_KEY).await.status, 401);
     assert_eq!(h.get("/api/jobs", DESIGN_KEY).await.status, 200);
 
-    let after = scrape().await;
+    let after = h.metrics_text().await;
     assert!(!after.contains("team=\"research\""), "{after}");
     assert_eq!(
         sample(&after, "teamgate_requests_total", &design_ok),

@@ -194,7 +194,7 @@ async fn metrics_count_what_happened_with_bounded_labels() {
 async fn every_metric_the_dashboard_queries_is_exported() {
     let h = Harness::start_with_config("", LIMITS).await;
     traffic_mix(&h).await;
-    let text = String::from_utf8(h.admin_get("/metrics").await.body.to_vec()).unwrap();
+    let text = h.metrics_text().await;
     let exported: std::collections::HashSet<&str> = text
         .lines()
         .filter(|line| !line.starts_with('#'))
@@ -295,8 +295,7 @@ async fn an_upstreams_own_cache_status_is_forwarded_not_counted_as_the_gateways(
             "forwarded unchanged"
         );
     }
-    let metrics = h.admin_get("/metrics").await;
-    let text = String::from_utf8(metrics.body.to_vec()).unwrap();
+    let text = h.metrics_text().await;
     let passthrough = [
         ("team", "design"),
         ("route_class", "passthrough"),
@@ -368,8 +367,7 @@ async fn a_cached_answer_keeps_the_upstreams_cache_status_members_before_its_own
         .get_with(list, DESIGN_KEY, &[("cache-control", "no-store")])
         .await;
     assert_eq!(members(&bypass), ["othercdn; hit", "teamgate; fwd=bypass"]);
-    let metrics = h.admin_get("/metrics").await;
-    let text = String::from_utf8(metrics.body.to_vec()).unwrap();
+    let text = h.metrics_text().await;
     let counted = |result: &str| {
         sample(
             &text,

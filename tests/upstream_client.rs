@@ -231,8 +231,7 @@ async fn read_until(
 
 /// A counter of the comfy upstream from the gateway's `/metrics`.
 async fn upstream_counter(h: &Harness, name: &str) -> u64 {
-    let metrics = h.admin_get("/metrics").await;
-    let text = String::from_utf8(metrics.body.to_vec()).unwrap();
+    let text = h.metrics_text().await;
     let prefix = format!("{name}{{upstream=\"comfy\"}} ");
     text.lines()
         .find_map(|line| line.strip_prefix(&prefix))

@@ -44,6 +44,7 @@ use super::store::{CachedResponse, EntryState, Freshness, Join, Outcome, Store};
 use crate::body::Body;
 use crate::error::GatewayError;
 use crate::fields::{EncodedFields, SharedFields};
+use crate::shared::{Fanout, Invalidation};
 use crate::telemetry::metrics::{CACHE_HIT, Metrics, cache_label};
 use crate::telemetry::{RequestId, RequestRecord};
 
@@ -52,11 +53,18 @@ use crate::telemetry::{RequestId, RequestRecord};
 pub struct CacheLayer {
     store: Arc<Store>,
     metrics: Arc<Metrics>,
+    fanout: Option<Arc<Fanout>>,
 }
 
 impl CacheLayer {
-    pub fn new(store: Arc<Store>, metrics: Arc<Metrics>) -> Self {
-        CacheLayer { store, metrics }
+    /// `fanout`: where writes' invalidations are shared with the gateway's
+    /// other instances, if it has any (`crate::shared`).
+    pub fn new(store: Arc<Store>, metrics: Arc<Metrics>, fanout: Option<Arc<Fanout>>) -> Self {
+        CacheLayer {
+            store,
+            metrics,
+            fanout,
+        }
     }
 }
 
@@ -67,6 +75,7 @@ impl<S> Layer<S> for CacheLayer {
         CacheService {
             store: Arc::clone(&self.store),
             metrics: Arc::clone(&self.metrics),
+            fanout: self.fanout.clone(),
             inner,
         }
     }
@@ -77,6 +86,7 @@ impl<S> Layer<S> for CacheLayer {
 pub struct CacheService<S> {
     store: Arc<Store>,
     metrics: Arc<Metrics>,
+    fanout: Option<Arc<Fanout>>,
     inner: S,
 }
 
@@ -138,6 +148,7 @@ where
                     credential,
                 };
                 let metrics = Arc::clone(&self.metrics);
+                let fanout = self.fanout.clone();
                 let upstream_name = Arc::clone(&route.upstream);
                 Either::Right(Either::Right(Box::pin(async move {
                     let request = if from_body.is_empty() {
@@ -155,6 +166,16 @@ where
                             metrics.cache_invalidated(&upstream_name.name, &scope.family);
                         }
                         tracing::debug!(scopes = scopes.len(), "write invalidated cache scopes");
+                        // Also before the client sees it: by then the other
+                        // instances have been sent the invalidation.
+                        if let Some(fanout) = fanout {
+                            fanout
+                                .publish(Invalidation::Scopes {
+                                    partition,
+                                    scopes: &scopes,
+                                })
+                                .await;
+                        }
                     }
                     Ok(response)
                 })))

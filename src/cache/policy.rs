@@ -30,6 +30,17 @@ impl CredentialId {
         id.copy_from_slice(&digest[..16]);
         CredentialId(id)
     }
+
+    /// As hex, for the invalidations instances share (`crate::shared`).
+    pub fn to_hex(self) -> String {
+        hex::encode(self.0)
+    }
+
+    pub fn from_hex(text: &str) -> Option<Self> {
+        let mut id = [0u8; 16];
+        hex::decode_to_slice(text, &mut id).ok()?;
+        Some(CredentialId(id))
+    }
 }
 
 /// Whose entries these are: one team's (by credential), or every team's.

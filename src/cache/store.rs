@@ -352,6 +352,10 @@ pub struct Store {
     max_bytes: u64,
     pub max_entry_bytes: usize,
     metrics: Arc<Metrics>,
+    /// While set, nothing is served from the store and nothing is stored:
+    /// the gateway's instances share invalidations (`crate::shared`) and
+    /// this one is not hearing them.
+    paused: AtomicBool,
 }
 
 impl std::fmt::Debug for Store {
@@ -446,7 +450,24 @@ impl Store {
             max_bytes,
             max_entry_bytes,
             metrics,
+            paused: AtomicBool::new(false),
         }
+    }
+
+    /// Stops serving and storing entries (see `paused`).
+    pub fn pause(&self) {
+        self.paused.store(true, Ordering::SeqCst);
+    }
+
+    /// Purges everything, then serves and stores again: whatever an
+    /// invalidation missed while paused would have hit is gone.
+    pub fn resume_flushed(&self) {
+        self.purge_all();
+        self.paused.store(false, Ordering::SeqCst);
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.paused.load(Ordering::Relaxed)
     }
 
     /// The generations a fill for `scope` in `partition` starts under.
@@ -461,6 +482,9 @@ impl Store {
     /// Looked up in this thread's front first (see the `front` module); either way the
     /// entry's stamp is checked here.
     pub fn get(&self, key: &CacheKey, scope: &Scope) -> Option<Arc<CachedResponse>> {
+        if self.is_paused() {
+            return None;
+        }
         let hash = front::hash(key);
         if let Some(entry) = front::lookup(self.id, hash, key) {
             if self.generations.is_current(key.partition, scope, &entry) {
@@ -488,7 +512,9 @@ impl Store {
         let levels = self.generations.levels(key.partition, scope);
         // Under the generations lock, so no invalidation can slip between check and insert.
         let counters = self.generations.lock();
-        if Generations::stamp_locked(&counters, &levels) != response.stamp {
+        // Checked under the lock too: `resume_flushed` purges (and so bumps
+        // the stamp of every fill before it) before it unpauses.
+        if self.is_paused() || Generations::stamp_locked(&counters, &levels) != response.stamp {
             return false;
         }
         self.generations.mark_current(&counters, &response);

@@ -51,6 +51,8 @@ pub struct Config {
     pub admin: AdminSettings,
     pub limits: LimitSettings,
     pub traces: TraceSettings,
+    /// State shared with the gateway's other instances (`[shared]`).
+    pub shared: SharedSettings,
     /// The file's settings a reload cannot change: all but `[teams]` and
     /// `[admin]`, as written (see [`Config::restart_changes`]).
     restart_settings: toml::Table,
@@ -102,6 +104,30 @@ pub struct CacheSettings {
     /// A response bigger than this streams through uncached.
     pub max_entry_bytes: usize,
 }
+
+/// `[shared]`: what several instances of the gateway share through Redis.
+#[derive(Debug, Clone)]
+pub struct SharedSettings {
+    /// `redis://[user:password@]host[:port][/db]`, from an `env:`/`file:`
+    /// reference (it may hold a password). `None`: this instance shares
+    /// nothing (one instance, or instances that must not cache).
+    pub redis: Option<Secret>,
+    /// The pub/sub channel cache invalidations travel on; instances on the
+    /// same channel share them.
+    pub channel: String,
+}
+
+impl Default for SharedSettings {
+    fn default() -> Self {
+        SharedSettings {
+            redis: None,
+            channel: DEFAULT_SHARED_CHANNEL.to_owned(),
+        }
+    }
+}
+
+/// The channel of `[shared]` when the file names none.
+pub const DEFAULT_SHARED_CHANNEL: &str = "teamgate:cache";
 
 #[derive(Debug, Clone, Default)]
 pub struct AdminSettings {
@@ -364,6 +390,14 @@ struct FileConfig {
     limits: FileLimitSettings,
     #[serde(default)]
     telemetry: FileTelemetry,
+    #[serde(default)]
+    shared: FileShared,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct FileShared {
+    redis: Option<String>,
+    channel: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -1044,6 +1078,27 @@ fn validate(
         sample_ratio,
     };
 
+    // [shared]
+    let shared = SharedSettings {
+        redis: file.shared.redis.as_deref().and_then(|reference| {
+            let resolved = match secrets {
+                Secrets::Resolve => secret::resolve(reference, dir, env).and_then(redis_url),
+                Secrets::FormOnly => secret::check_form(reference),
+            };
+            resolved
+                .map_err(|message| problem("shared.redis", message))
+                .ok()
+        }),
+        channel: match file.shared.channel {
+            Some(channel) if channel.trim().is_empty() => {
+                problem("shared.channel", "must not be empty".into());
+                DEFAULT_SHARED_CHANNEL.to_owned()
+            }
+            Some(channel) => channel,
+            None => DEFAULT_SHARED_CHANNEL.to_owned(),
+        },
+    };
+
     Config {
         origin: origin.to_owned(),
         server,
@@ -1055,7 +1110,19 @@ fn validate(
         admin,
         limits,
         traces,
+        shared,
         restart_settings: toml::Table::new(),
+    }
+}
+
+/// A resolved `shared.redis` that a Redis client can connect with. The
+/// message never repeats the URL: it may hold a password.
+fn redis_url(url: Secret) -> Result<Secret, String> {
+    let plain = url.expose().starts_with("redis://");
+    if plain && redis::Client::open(url.expose()).is_ok() {
+        Ok(url)
+    } else {
+        Err("is not a Redis URL: expected redis://[user:password@]host[:port][/db]".into())
     }
 }
 
@@ -1470,6 +1537,8 @@ mod tests {
         match name {
             "COMFY_KEY_DESIGN" => Some("upstream-design".into()),
             "COMFY_KEY_RESEARCH" => Some("upstream-research".into()),
+            "REDIS_URL" => Some("redis://:s3cret-pass@127.0.0.1:6379/2".into()),
+            "NOT_REDIS" => Some("http://:s3cret-pass@127.0.0.1:6379".into()),
             _ => None,
         }
     }
@@ -1506,6 +1575,39 @@ mod tests {
             elsewhere.restart_changes(&running),
             ["server", "upstreams.comfy.cache.enabled"]
         );
+    }
+
+    /// `[shared] redis` is a secret reference (the URL may hold a password)
+    /// to a `redis://` URL; a problem with it never repeats the URL.
+    #[test]
+    fn the_shared_redis_url_is_a_secret_reference_to_a_redis_url() {
+        let config = load(&format!("{VALID}\n[shared]\nredis = \"env:REDIS_URL\"\n")).unwrap();
+        assert_eq!(
+            config.shared.redis.unwrap().expose(),
+            "redis://:s3cret-pass@127.0.0.1:6379/2"
+        );
+        assert_eq!(config.shared.channel, DEFAULT_SHARED_CHANNEL);
+        assert!(load(VALID).unwrap().shared.redis.is_none());
+        for (line, key) in [
+            ("redis = \"redis://127.0.0.1:6379\"", "shared.redis"),
+            ("redis = \"env:NOT_REDIS\"", "shared.redis"),
+            (
+                "redis = \"env:REDIS_URL\"\nchannel = \" \"",
+                "shared.channel",
+            ),
+        ] {
+            let error = load(&format!("{VALID}\n[shared]\n{line}\n")).unwrap_err();
+            assert_eq!(
+                error
+                    .problems
+                    .iter()
+                    .map(|p| p.key.as_str())
+                    .collect::<Vec<_>>(),
+                [key],
+                "{line}"
+            );
+            assert!(!error.to_string().contains("s3cret-pass"), "{error}");
+        }
     }
 
     fn problem_keys(text: &str) -> Vec<String> {

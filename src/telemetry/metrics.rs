@@ -139,6 +139,8 @@ pub struct Metrics {
     cache_bytes: IntGauge,
     ratelimit_rejections: IntCounterVec,
     config_reloads: IntCounterVec,
+    cache_fanout: IntCounterVec,
+    cache_fanout_subscribed: IntGauge,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -292,6 +294,17 @@ impl Metrics {
                 &["team", "quota"],
             ),
             config_reloads,
+            cache_fanout: counter(
+                &registry,
+                "teamgate_cache_fanout_total",
+                "Cache invalidations shared with the other instances through Redis: published, publish_failed, applied.",
+                &["event"],
+            ),
+            cache_fanout_subscribed: gauge(
+                &registry,
+                "teamgate_cache_fanout_subscribed",
+                "1 while this instance hears the other instances' invalidations ([shared] redis); its cache is paused while 0.",
+            ),
             registry,
         }
     }
@@ -427,6 +440,16 @@ impl Metrics {
         let kept: HashSet<&str> = teams.iter().map(|team| team.name.as_str()).collect();
         remove_series_of_other_teams(&self.requests, &kept);
         remove_series_of_other_teams(&self.ratelimit_rejections, &kept);
+    }
+
+    /// Counts one cache invalidation shared with the other instances:
+    /// `published`, `publish_failed` or `applied` (one of theirs).
+    pub fn cache_fanout(&self, event: &'static str) {
+        self.cache_fanout.with_label_values(&[event]).inc();
+    }
+
+    pub fn cache_fanout_subscribed(&self, subscribed: bool) {
+        self.cache_fanout_subscribed.set(i64::from(subscribed));
     }
 
     /// Counts one config reload, applied or refused.

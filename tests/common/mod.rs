@@ -395,6 +395,16 @@ impl Harness {
         self.admin_call(Method::GET, path, None).await
     }
 
+    /// The `/metrics` exposition.
+    pub async fn metrics_text(&self) -> String {
+        String::from_utf8(self.admin_get("/metrics").await.body.to_vec()).unwrap()
+    }
+
+    /// One series of `/metrics` (see [`sample`]).
+    pub async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        sample(&self.metrics_text().await, name, labels)
+    }
+
     /// `method path` on the admin listener, with `token` as the bearer token.
     pub async fn admin_call(&self, method: Method, path: &str, token: Option<&str>) -> Answer {
         let mut request = Request::builder()

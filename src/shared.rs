@@ -1,0 +1,417 @@
+//! What the gateway's instances share through Redis (`[shared] redis`):
+//! cache invalidations, fanned out over pub/sub.
+//!
+//! Each instance caches in its own memory. A write through one instance
+//! invalidates that instance's entries at once (the cache layer) and is
+//! published on the channel before its answer goes to the client; every
+//! other instance applies it as it arrives (milliseconds). Admin purges
+//! travel the same way. A config reload's purge of dropped credentials does
+//! not: each instance reloads its own file.
+//!
+//! An instance that is not subscribed could miss an invalidation, and then
+//! serve a stale read after a write through another instance — so its cache
+//! is paused (reads go upstream, nothing is stored) from start until the
+//! subscription is up, and again whenever it drops. Each time it comes back,
+//! the local cache is flushed before it serves again: whatever a missed
+//! message would have invalidated is gone too. Redis down therefore costs
+//! the cache, never correctness.
+//!
+//! Messages carry upstream names (indexes are local) and credential ids
+//! (the truncated SHA-256 the cache partitions by), never a key. A message
+//! this instance cannot read (another version, another config's upstream)
+//! flushes its cache: an invalidation it cannot apply precisely is applied
+//! broadly.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use redis::AsyncCommands;
+use redis::aio::MultiplexedConnection;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::cache::Store;
+use crate::cache::policy::{CredentialId, Partition, Scope};
+use crate::config::{Config, Secret};
+use crate::telemetry::metrics::Metrics;
+
+/// How long a connection attempt, and a publish, may take.
+const REDIS_TIMEOUT: Duration = Duration::from_secs(2);
+/// Reconnection backoff: doubles from the first to the last.
+const RETRY_FIRST: Duration = Duration::from_millis(100);
+const RETRY_LAST: Duration = Duration::from_secs(5);
+
+/// A local invalidation, as the cache and the admin API make them.
+#[derive(Debug, Clone, Copy)]
+pub enum Invalidation<'a> {
+    /// A write's scopes, in one team's partition.
+    Scopes {
+        partition: Partition,
+        scopes: &'a [Scope],
+    },
+    All,
+    Upstream(usize),
+    Partitions(&'a [Partition]),
+}
+
+/// One message on the channel.
+#[derive(Debug, PartialEq, Serialize, Deserialize)]
+struct Message {
+    /// The publishing instance: it applied the invalidation itself already.
+    from: String,
+    #[serde(flatten)]
+    event: Event,
+}
+
+#[derive(Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "purge", rename_all = "snake_case")]
+enum Event {
+    Scopes {
+        partition: WirePartition,
+        scopes: Vec<WireScope>,
+    },
+    All,
+    Upstream {
+        upstream: String,
+    },
+    Partitions {
+        partitions: Vec<WirePartition>,
+    },
+}
+
+/// A partition by upstream name; `credential` is `None` for the shared one.
+#[derive(Debug, PartialEq, Serialize, Deserialize)]
+struct WirePartition {
+    upstream: String,
+    credential: Option<String>,
+}
+
+#[derive(Debug, PartialEq, Serialize, Deserialize)]
+struct WireScope {
+    family: String,
+    member: Option<String>,
+}
+
+/// Upstream names by index, as this instance's config has them.
+#[derive(Debug, Clone)]
+struct Upstreams(Vec<String>);
+
+impl Upstreams {
+    fn of(config: &Config) -> Self {
+        Upstreams(config.upstreams.iter().map(|u| u.name.clone()).collect())
+    }
+
+    fn index(&self, name: &str) -> Option<usize> {
+        self.0.iter().position(|known| known == name)
+    }
+
+    fn partition_to_wire(&self, partition: Partition) -> WirePartition {
+        let (upstream, credential) = match partition {
+            Partition::Team {
+                upstream,
+                credential,
+            } => (upstream, Some(credential.to_hex())),
+            Partition::Shared { upstream } => (upstream, None),
+        };
+        WirePartition {
+            upstream: self.0[upstream].clone(),
+            credential,
+        }
+    }
+
+    fn partition_from_wire(&self, wire: &WirePartition) -> Option<Partition> {
+        let upstream = self.index(&wire.upstream)?;
+        Some(match &wire.credential {
+            Some(hex) => Partition::Team {
+                upstream,
+                credential: CredentialId::from_hex(hex)?,
+            },
+            None => Partition::Shared { upstream },
+        })
+    }
+
+    fn to_wire(&self, invalidation: Invalidation<'_>) -> Event {
+        match invalidation {
+            Invalidation::Scopes { partition, scopes } => Event::Scopes {
+                partition: self.partition_to_wire(partition),
+                scopes: scopes
+                    .iter()
+                    .map(|scope| WireScope {
+                        family: scope.family.to_string(),
+                        member: scope.member.as_deref().map(str::to_owned),
+                    })
+                    .collect(),
+            },
+            Invalidation::All => Event::All,
+            Invalidation::Upstream(index) => Event::Upstream {
+                upstream: self.0[index].clone(),
+            },
+            Invalidation::Partitions(partitions) => Event::Partitions {
+                partitions: partitions
+                    .iter()
+                    .map(|partition| self.partition_to_wire(*partition))
+                    .collect(),
+            },
+        }
+    }
+
+    /// Applies `event` to `store`; `false` when it names what this instance
+    /// does not know (the caller then flushes).
+    fn apply(&self, event: &Event, store: &Store) -> bool {
+        match event {
+            Event::Scopes { partition, scopes } => {
+                let Some(partition) = self.partition_from_wire(partition) else {
+                    return false;
+                };
+                let scopes: Vec<Scope> = scopes
+                    .iter()
+                    .map(|scope| Scope {
+                        family: Arc::from(scope.family.as_str()),
+                        member: scope.member.as_deref().map(Box::from),
+                    })
+                    .collect();
+                store.invalidate(partition, &scopes);
+            }
+            Event::All => store.purge_all(),
+            Event::Upstream { upstream } => {
+                let Some(index) = self.index(upstream) else {
+                    return false;
+                };
+                store.purge_upstream(index);
+            }
+            Event::Partitions { partitions } => {
+                let Some(partitions) = partitions
+                    .iter()
+                    .map(|wire| self.partition_from_wire(wire))
+                    .collect::<Option<Vec<_>>>()
+                else {
+                    return false;
+                };
+                store.purge_partitions(partitions);
+            }
+        }
+        true
+    }
+}
+
+/// This instance's end of the channel: publishes its invalidations; a task
+/// of its own applies the others' (see the module docs).
+pub struct Fanout {
+    instance: String,
+    channel: String,
+    upstreams: Upstreams,
+    /// The connection to publish on, while subscribed.
+    publisher: watch::Receiver<Option<MultiplexedConnection>>,
+    metrics: Arc<Metrics>,
+    subscriber: tokio::task::AbortHandle,
+}
+
+/// Without the connection: its details are the Redis URL's, which may hold a password.
+impl std::fmt::Debug for Fanout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fanout")
+            .field("instance", &self.instance)
+            .field("channel", &self.channel)
+            .field("subscribed", &self.publisher.borrow().is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for Fanout {
+    fn drop(&mut self) {
+        self.subscriber.abort();
+    }
+}
+
+impl Fanout {
+    /// Pauses `store` and starts the task that subscribes (and resumes it).
+    /// Must run inside the tokio runtime.
+    pub fn start(
+        redis: &Secret,
+        config: &Config,
+        store: Arc<Store>,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Fanout> {
+        store.pause();
+        metrics.cache_fanout_subscribed(false);
+        let instance = hex::encode(rand::random::<[u8; 8]>());
+        let (publisher_tx, publisher) = watch::channel(None);
+        let subscriber = Subscriber {
+            // Validated when the config was loaded.
+            client: redis::Client::open(redis.expose()).expect("a valid Redis URL"),
+            channel: config.shared.channel.clone(),
+            instance: instance.clone(),
+            upstreams: Upstreams::of(config),
+            store,
+            metrics: Arc::clone(&metrics),
+            publisher: publisher_tx,
+        };
+        let task = tokio::spawn(subscriber.run());
+        Arc::new(Fanout {
+            instance,
+            channel: config.shared.channel.clone(),
+            upstreams: Upstreams::of(config),
+            publisher,
+            metrics,
+            subscriber: task.abort_handle(),
+        })
+    }
+
+    /// Publishes an invalidation this instance applied itself. A failure is
+    /// logged and counted: the local invalidation stands, and the other
+    /// instances drop the entries when they expire.
+    pub async fn publish(&self, invalidation: Invalidation<'_>) {
+        let message = Message {
+            from: self.instance.clone(),
+            event: self.upstreams.to_wire(invalidation),
+        };
+        let payload = serde_json::to_vec(&message).expect("messages serialize");
+        let connection = self.publisher.borrow().clone();
+        let outcome = match connection {
+            None => Err("not connected to Redis".to_owned()),
+            Some(mut connection) => {
+                match tokio::time::timeout(
+                    REDIS_TIMEOUT,
+                    connection.publish::<_, _, i64>(&self.channel, payload),
+                )
+                .await
+                {
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err(error)) => Err(error.to_string()),
+                    Err(_) => Err("timed out".to_owned()),
+                }
+            }
+        };
+        match outcome {
+            Ok(()) => self.metrics.cache_fanout("published"),
+            Err(error) => {
+                self.metrics.cache_fanout("publish_failed");
+                tracing::warn!(%error, "cache invalidation not shared with the other instances");
+            }
+        }
+    }
+}
+
+/// The task that hears the other instances.
+struct Subscriber {
+    client: redis::Client,
+    channel: String,
+    instance: String,
+    upstreams: Upstreams,
+    store: Arc<Store>,
+    metrics: Arc<Metrics>,
+    publisher: watch::Sender<Option<MultiplexedConnection>>,
+}
+
+impl Subscriber {
+    async fn run(self) {
+        let mut retry = RETRY_FIRST;
+        let mut said_down = false;
+        loop {
+            match self.connect().await {
+                Ok((mut messages, connection)) => {
+                    self.publisher.send_replace(Some(connection));
+                    self.store.resume_flushed();
+                    self.metrics.cache_fanout_subscribed(true);
+                    tracing::info!(channel = %self.channel, "cache invalidations shared through Redis: subscribed, local cache flushed");
+                    retry = RETRY_FIRST;
+                    while let Some(message) = messages.next().await {
+                        self.receive(message.get_payload_bytes());
+                    }
+                    self.store.pause();
+                    self.publisher.send_replace(None);
+                    self.metrics.cache_fanout_subscribed(false);
+                    tracing::warn!(channel = %self.channel, "lost the Redis subscription: the cache is paused until it is back");
+                    said_down = true;
+                }
+                Err(error) if !said_down => {
+                    tracing::warn!(%error, "cannot subscribe to Redis: the cache is paused until it can");
+                    said_down = true;
+                }
+                Err(error) => tracing::debug!(%error, "cannot subscribe to Redis yet"),
+            }
+            tokio::time::sleep(retry).await;
+            retry = (retry * 2).min(RETRY_LAST);
+        }
+    }
+
+    /// A subscription to the channel and a connection to publish on.
+    async fn connect(&self) -> Result<(redis::aio::PubSubStream, MultiplexedConnection), String> {
+        let attempt = async {
+            let mut pubsub = self.client.get_async_pubsub().await?;
+            pubsub.subscribe(&self.channel).await?;
+            let connection = self.client.get_multiplexed_async_connection().await?;
+            Ok::<_, redis::RedisError>((pubsub.into_on_message(), connection))
+        };
+        match tokio::time::timeout(REDIS_TIMEOUT, attempt).await {
+            Ok(Ok(connected)) => Ok(connected),
+            Ok(Err(error)) => Err(error.to_string()),
+            Err(_) => Err("timed out".to_owned()),
+        }
+    }
+
+    fn receive(&self, payload: &[u8]) {
+        let applied = match serde_json::from_slice::<Message>(payload) {
+            Ok(message) if message.from == self.instance => return,
+            Ok(message) => self.upstreams.apply(&message.event, &self.store),
+            Err(_) => false,
+        };
+        if !applied {
+            tracing::warn!(
+                "an invalidation from another instance could not be read: the whole cache is flushed"
+            );
+            self.store.purge_all();
+        }
+        self.metrics.cache_fanout("applied");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_name_upstreams_and_credentials_and_read_back_the_same() {
+        let upstreams = Upstreams(vec!["comfy".into(), "scenario".into()]);
+        let team = Partition::Team {
+            upstream: 1,
+            credential: CredentialId::of("the team's upstream key"),
+        };
+        let scopes = [
+            Scope {
+                family: Arc::from("assets"),
+                member: None,
+            },
+            Scope {
+                family: Arc::from("asset"),
+                member: Some(Box::from("a1")),
+            },
+        ];
+        let message = Message {
+            from: "i1".into(),
+            event: upstreams.to_wire(Invalidation::Scopes {
+                partition: team,
+                scopes: &scopes,
+            }),
+        };
+        let text = serde_json::to_string(&message).unwrap();
+        assert!(text.contains("\"upstream\":\"scenario\""), "{text}");
+        assert!(!text.contains("the team's upstream key"), "{text}");
+        assert_eq!(serde_json::from_str::<Message>(&text).unwrap(), message);
+        let Event::Scopes { partition, .. } = &message.event else {
+            panic!()
+        };
+        assert_eq!(upstreams.partition_from_wire(partition), Some(team));
+        let shared = Partition::Shared { upstream: 0 };
+        assert_eq!(
+            upstreams.partition_from_wire(&upstreams.partition_to_wire(shared)),
+            Some(shared)
+        );
+        let unknown = WirePartition {
+            upstream: "elsewhere".into(),
+            credential: None,
+        };
+        assert_eq!(upstreams.partition_from_wire(&unknown), None);
+    }
+}

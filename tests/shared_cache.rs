@@ -1,0 +1,240 @@
+//! Several instances sharing cache invalidations through a real Redis
+//! (`[shared] redis`, src/shared.rs): a write or an admin purge through one
+//! instance reaches the others' caches; an instance that cannot hear the
+//! others does not serve from its cache, and flushes it when it can again.
+//! Needs `redis-server` on the PATH (`.ci/run` installs it).
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use http::Method;
+
+/// A `redis-server` of the test's own on 127.0.0.1, stopped when dropped;
+/// `url_file` holds its URL, for a `file:` reference.
+struct Redis {
+    port: u16,
+    server: Option<Child>,
+    dir: PathBuf,
+}
+
+impl Redis {
+    /// A port no one listens on yet, and the URL file for it.
+    fn reserve(test: &str) -> Redis {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dir =
+            std::env::temp_dir().join(format!("teamgate-shared-{test}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("redis.url"), format!("redis://127.0.0.1:{port}/")).unwrap();
+        Redis {
+            port,
+            server: None,
+            dir,
+        }
+    }
+
+    fn started(test: &str) -> Redis {
+        let mut redis = Redis::reserve(test);
+        redis.start();
+        redis
+    }
+
+    /// Starts the server on the reserved port and waits until it answers.
+    fn start(&mut self) {
+        let server = Command::new("redis-server")
+            .args(["--port", &self.port.to_string()])
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server on the PATH (apt-get install redis-server; .ci/run does)");
+        self.server = Some(server);
+        for _ in 0..500 {
+            if let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", self.port)) {
+                use std::io::{Read, Write};
+                let mut pong = [0u8; 7];
+                if stream.write_all(b"PING\r\n").is_ok()
+                    && stream.read_exact(&mut pong).is_ok()
+                    && &pong == b"+PONG\r\n"
+                {
+                    return;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("redis-server did not start on port {}", self.port);
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut server) = self.server.take() {
+            let _ = server.kill();
+            let _ = server.wait();
+        }
+    }
+
+    fn url_file(&self) -> PathBuf {
+        self.dir.join("redis.url")
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A gateway in front of `emulator` that shares invalidations through `redis`.
+async fn instance(
+    emulator: &teamgate::emulator::Emulator,
+    addr: SocketAddr,
+    redis: &Redis,
+) -> Harness {
+    let shared = format!(
+        "[admin]\ntoken = \"env:ADMIN_TOKEN\"\n[shared]\nredis = \"file:{}\"\n",
+        redis.url_file().display()
+    );
+    let text = config_text(&format!("http://{addr}"), "", &shared);
+    Harness::start_with_text(emulator.clone(), addr, &text).await
+}
+
+/// `teamgate_cache_fanout_total{event}` of `h`.
+async fn fanout_events(h: &Harness, event: &str) -> Option<f64> {
+    h.metric("teamgate_cache_fanout_total", &[("event", event)])
+        .await
+}
+
+async fn subscribed(h: &Harness) -> Option<f64> {
+    h.metric("teamgate_cache_fanout_subscribed", &[]).await
+}
+
+fn is_hit(answer: &Answer) -> bool {
+    answer.cache_status().starts_with("teamgate; hit")
+}
+
+/// Waits (20 s at most) until `h` reports `value` for its subscription.
+async fn until_subscribed(h: &Harness, value: f64) {
+    for _ in 0..2000 {
+        if subscribed(h).await == Some(value) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("teamgate_cache_fanout_subscribed never became {value}");
+}
+
+const LIST: &str = "/api/assets?limit=50";
+
+fn lists(answer: &Answer, name: &str) -> bool {
+    answer.json()["assets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|asset| asset["name"] == name)
+}
+
+/// Reads `LIST` through `h` until it is not served from the cache (5 s at
+/// most: the invalidation travels through Redis), and returns that answer.
+async fn until_not_a_hit(h: &Harness) -> Answer {
+    for _ in 0..500 {
+        let answer = h.get(LIST, DESIGN_KEY).await;
+        if !is_hit(&answer) {
+            return answer;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("still a cache hit after 5 s");
+}
+
+#[tokio::test]
+async fn writes_and_purges_through_one_instance_reach_the_others_cache() {
+    let redis = Redis::started("fanout");
+    let (emulator, addr) = serve_emulator(test_emulator()).await;
+    let a = instance(&emulator, addr, &redis).await;
+    let b = instance(&emulator, addr, &redis).await;
+    until_subscribed(&a, 1.0).await;
+    until_subscribed(&b, 1.0).await;
+
+    assert!(!lists(&b.get(LIST, DESIGN_KEY).await, "made-on-a.png"));
+    assert!(is_hit(&b.get(LIST, DESIGN_KEY).await));
+
+    // A write through A: B's cached list is invalidated.
+    assert!(
+        a.create_asset(DESIGN_KEY, "made-on-a.png")
+            .await
+            .status
+            .is_success()
+    );
+    let after_write = until_not_a_hit(&b).await;
+    assert!(
+        lists(&after_write, "made-on-a.png"),
+        "B reads the asset A wrote"
+    );
+
+    // A purge through A's admin API: B's cache is purged too.
+    assert!(is_hit(&b.get(LIST, DESIGN_KEY).await));
+    let purged = a
+        .admin_call(
+            Method::DELETE,
+            "/admin/cache?team=design",
+            Some(ADMIN_TOKEN),
+        )
+        .await;
+    assert_eq!(purged.status, 200);
+    until_not_a_hit(&b).await;
+
+    assert_eq!(fanout_events(&a, "published").await, Some(2.0));
+    assert_eq!(fanout_events(&b, "applied").await, Some(2.0));
+    assert_eq!(
+        fanout_events(&a, "applied").await,
+        None,
+        "A skips its own messages"
+    );
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn an_instance_that_cannot_hear_the_others_serves_nothing_from_its_cache() {
+    let mut redis = Redis::reserve("paused");
+    let (emulator, addr) = serve_emulator(test_emulator()).await;
+    let h = instance(&emulator, addr, &redis).await;
+
+    // No Redis yet: every read goes upstream, nothing is stored.
+    let upstream_reads = || emulator.count(Method::GET, "/api/assets");
+    for _ in 0..3 {
+        let answer = h.get(LIST, DESIGN_KEY).await;
+        assert_eq!(answer.status, 200);
+        assert!(!is_hit(&answer), "{}", answer.cache_status());
+    }
+    assert_eq!(upstream_reads(), 3);
+    assert_eq!(subscribed(&h).await, Some(0.0));
+
+    // Redis comes up: the instance subscribes and caches again.
+    redis.start();
+    until_subscribed(&h, 1.0).await;
+    h.get(LIST, DESIGN_KEY).await;
+    assert!(is_hit(&h.get(LIST, DESIGN_KEY).await));
+
+    // Redis goes away: the cached entry is not served any more.
+    redis.stop();
+    until_subscribed(&h, 0.0).await;
+    let answer = h.get(LIST, DESIGN_KEY).await;
+    assert_eq!(answer.status, 200);
+    assert!(!is_hit(&answer), "{}", answer.cache_status());
+
+    // And back: what was cached before the outage is flushed, not served.
+    redis.start();
+    until_subscribed(&h, 1.0).await;
+    let reads_before = upstream_reads();
+    assert!(!is_hit(&h.get(LIST, DESIGN_KEY).await));
+    assert_eq!(upstream_reads(), reads_before + 1);
+    h.stop().await;
+}
