@@ -264,7 +264,10 @@ async fn purge<B>(state: &Shared, request: &Request<B>) -> Response<Body> {
             state.cache.purge_partitions(partitions.clone());
             (
                 json!({ "purged": { "team": team.name, "upstream": only.map(|u| u.name.clone()) } }),
-                Invalidation::Partitions(&partitions),
+                Invalidation::Partitions {
+                    partitions: &partitions,
+                    team: &team.name,
+                },
             )
         }
     };

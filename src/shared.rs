@@ -16,8 +16,11 @@
 //! message would have invalidated is gone too. Redis down therefore costs
 //! the cache, never correctness.
 //!
-//! Messages carry upstream names (indexes are local) and credential ids
-//! (the truncated SHA-256 the cache partitions by), never a key. A message
+//! Messages carry upstream names (indexes are local), credential ids (the
+//! truncated SHA-256 the cache partitions by) and the team's name, never a
+//! key. A receiver invalidates the credential's partition and also its own
+//! partition for that team: while a rotated upstream key rolls out, two
+//! instances may key one team's entries by different credentials. A message
 //! this instance cannot read (another version, another config's upstream)
 //! flushes its cache: an invalidation it cannot apply precisely is applied
 //! broadly.
@@ -49,10 +52,15 @@ pub enum Invalidation<'a> {
     Scopes {
         partition: Partition,
         scopes: &'a [Scope],
+        team: &'a str,
     },
     All,
     Upstream(usize),
-    Partitions(&'a [Partition]),
+    /// One team's partitions (an admin purge by team).
+    Partitions {
+        partitions: &'a [Partition],
+        team: &'a str,
+    },
 }
 
 /// One message on the channel.
@@ -70,6 +78,7 @@ enum Event {
     Scopes {
         partition: WirePartition,
         scopes: Vec<WireScope>,
+        team: String,
     },
     All,
     Upstream {
@@ -77,6 +86,7 @@ enum Event {
     },
     Partitions {
         partitions: Vec<WirePartition>,
+        team: String,
     },
 }
 
@@ -133,7 +143,12 @@ impl Upstreams {
 
     fn to_wire(&self, invalidation: Invalidation<'_>) -> Event {
         match invalidation {
-            Invalidation::Scopes { partition, scopes } => Event::Scopes {
+            Invalidation::Scopes {
+                partition,
+                scopes,
+                team,
+            } => Event::Scopes {
+                team: team.to_owned(),
                 partition: self.partition_to_wire(partition),
                 scopes: scopes
                     .iter()
@@ -147,7 +162,8 @@ impl Upstreams {
             Invalidation::Upstream(index) => Event::Upstream {
                 upstream: self.0[index].clone(),
             },
-            Invalidation::Partitions(partitions) => Event::Partitions {
+            Invalidation::Partitions { partitions, team } => Event::Partitions {
+                team: team.to_owned(),
                 partitions: partitions
                     .iter()
                     .map(|partition| self.partition_to_wire(*partition))
@@ -156,11 +172,16 @@ impl Upstreams {
         }
     }
 
-    /// Applies `event` to `store`; `false` when it names what this instance
-    /// does not know (the caller then flushes).
-    fn apply(&self, event: &Event, store: &Store) -> bool {
+    /// Applies `event` to `store`, `config` being the one this instance
+    /// serves; `false` when it names what this instance does not know (the
+    /// caller then flushes).
+    fn apply(&self, event: &Event, store: &Store, config: &Config) -> bool {
         match event {
-            Event::Scopes { partition, scopes } => {
+            Event::Scopes {
+                partition,
+                scopes,
+                team,
+            } => {
                 let Some(partition) = self.partition_from_wire(partition) else {
                     return false;
                 };
@@ -172,6 +193,11 @@ impl Upstreams {
                     })
                     .collect();
                 store.invalidate(partition, &scopes);
+                if let Some(own) = team_partition(config, team, partition.upstream())
+                    && own != partition
+                {
+                    store.invalidate(own, &scopes);
+                }
             }
             Event::All => store.purge_all(),
             Event::Upstream { upstream } => {
@@ -180,19 +206,35 @@ impl Upstreams {
                 };
                 store.purge_upstream(index);
             }
-            Event::Partitions { partitions } => {
-                let Some(partitions) = partitions
+            Event::Partitions { partitions, team } => {
+                let Some(mut partitions) = partitions
                     .iter()
                     .map(|wire| self.partition_from_wire(wire))
                     .collect::<Option<Vec<_>>>()
                 else {
                     return false;
                 };
+                let upstreams: Vec<usize> = partitions.iter().map(|p| p.upstream()).collect();
+                for upstream in upstreams {
+                    if let Some(own) = team_partition(config, team, upstream)
+                        && !partitions.contains(&own)
+                    {
+                        partitions.push(own);
+                    }
+                }
                 store.purge_partitions(partitions);
             }
         }
         true
     }
+}
+
+/// The partition this instance keeps the team `name`'s entries from
+/// `upstream` in, if it has that team.
+fn team_partition(config: &Config, name: &str, upstream: usize) -> Option<Partition> {
+    let team = config.teams.iter().find(|team| team.name == name)?;
+    team.cache_partitions()
+        .find(|partition| partition.upstream() == upstream)
 }
 
 /// This instance's end of the channel: publishes its invalidations; a task
@@ -227,9 +269,11 @@ impl Drop for Fanout {
 impl Fanout {
     /// Pauses `store` and starts the task that subscribes (and resumes it).
     /// Must run inside the tokio runtime.
+    /// `serving`: the config this instance serves (teams change on reload).
     pub fn start(
         redis: &Secret,
         config: &Config,
+        serving: watch::Receiver<Arc<Config>>,
         store: Arc<Store>,
         metrics: Arc<Metrics>,
     ) -> Arc<Fanout> {
@@ -243,6 +287,7 @@ impl Fanout {
             channel: config.shared.channel.clone(),
             instance: instance.clone(),
             upstreams: Upstreams::of(config),
+            serving,
             store,
             metrics: Arc::clone(&metrics),
             publisher: publisher_tx,
@@ -299,6 +344,7 @@ struct Subscriber {
     channel: String,
     instance: String,
     upstreams: Upstreams,
+    serving: watch::Receiver<Arc<Config>>,
     store: Arc<Store>,
     metrics: Arc<Metrics>,
     publisher: watch::Sender<Option<MultiplexedConnection>>,
@@ -354,7 +400,10 @@ impl Subscriber {
     fn receive(&self, payload: &[u8]) {
         let applied = match serde_json::from_slice::<Message>(payload) {
             Ok(message) if message.from == self.instance => return,
-            Ok(message) => self.upstreams.apply(&message.event, &self.store),
+            Ok(message) => {
+                let config = Arc::clone(&self.serving.borrow());
+                self.upstreams.apply(&message.event, &self.store, &config)
+            }
             Err(_) => false,
         };
         if !applied {
@@ -393,6 +442,7 @@ mod tests {
             event: upstreams.to_wire(Invalidation::Scopes {
                 partition: team,
                 scopes: &scopes,
+                team: "design",
             }),
         };
         let text = serde_json::to_string(&message).unwrap();

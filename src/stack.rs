@@ -53,10 +53,15 @@ impl Shared {
             config.cache.max_entry_bytes,
             Arc::clone(&metrics),
         ));
-        let fanout =
-            config.shared.redis.as_ref().map(|redis| {
-                Fanout::start(redis, &config, Arc::clone(&cache), Arc::clone(&metrics))
-            });
+        let fanout = config.shared.redis.as_ref().map(|redis| {
+            Fanout::start(
+                redis,
+                &config,
+                now.clone(),
+                Arc::clone(&cache),
+                Arc::clone(&metrics),
+            )
+        });
         Shared {
             cache,
             fanout,

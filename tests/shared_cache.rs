@@ -97,11 +97,21 @@ async fn instance(
     addr: SocketAddr,
     redis: &Redis,
 ) -> Harness {
+    instance_with(emulator, addr, redis, |text| text).await
+}
+
+/// [`instance`], its config text edited by `edit` first.
+async fn instance_with(
+    emulator: &teamgate::emulator::Emulator,
+    addr: SocketAddr,
+    redis: &Redis,
+    edit: impl FnOnce(String) -> String,
+) -> Harness {
     let shared = format!(
         "[admin]\ntoken = \"env:ADMIN_TOKEN\"\n[shared]\nredis = \"file:{}\"\n",
         redis.url_file().display()
     );
-    let text = config_text(&format!("http://{addr}"), "", &shared);
+    let text = edit(config_text(&format!("http://{addr}"), "", &shared));
     Harness::start_with_text(emulator.clone(), addr, &text).await
 }
 
@@ -194,9 +204,43 @@ async fn writes_and_purges_through_one_instance_reach_the_others_cache() {
     assert_eq!(fanout_events(&b, "applied").await, Some(2.0));
     assert_eq!(
         fanout_events(&a, "applied").await,
-        None,
+        Some(0.0),
         "A skips its own messages"
     );
+    assert_eq!(fanout_events(&a, "publish_failed").await, Some(0.0));
+    a.stop().await;
+    b.stop().await;
+}
+
+/// While a rotated upstream key rolls out, two instances key one team's
+/// entries by different credentials: a write through one still reaches the
+/// other's entries of that team.
+#[tokio::test]
+async fn a_write_reaches_an_instance_that_keys_the_team_by_another_credential() {
+    let redis = Redis::started("rotation");
+    let (emulator, addr) = serve_emulator(test_emulator()).await;
+    let a = instance(&emulator, addr, &redis).await;
+    let b = instance_with(&emulator, addr, &redis, |text| {
+        let design = "[teams.design]\nupstream_keys = { comfy = \"env:DESIGN_COMFY_KEY\" }";
+        assert!(text.contains(design));
+        text.replace(
+            design,
+            "[teams.design]\nupstream_keys = { comfy = \"env:RESEARCH_COMFY_KEY\" }",
+        )
+    })
+    .await;
+    until_subscribed(&a, 1.0).await;
+    until_subscribed(&b, 1.0).await;
+    b.get(LIST, DESIGN_KEY).await;
+    assert!(is_hit(&b.get(LIST, DESIGN_KEY).await));
+
+    assert!(
+        a.create_asset(DESIGN_KEY, "rotated.png")
+            .await
+            .status
+            .is_success()
+    );
+    until_not_a_hit(&b).await;
     a.stop().await;
     b.stop().await;
 }
@@ -216,6 +260,14 @@ async fn an_instance_that_cannot_hear_the_others_serves_nothing_from_its_cache()
     }
     assert_eq!(upstream_reads(), 3);
     assert_eq!(subscribed(&h).await, Some(0.0));
+    // A write is still answered; the invalidation it could not share is counted.
+    assert!(
+        h.create_asset(DESIGN_KEY, "while-down.png")
+            .await
+            .status
+            .is_success()
+    );
+    assert_eq!(fanout_events(&h, "publish_failed").await, Some(1.0));
 
     // Redis comes up: the instance subscribes and caches again.
     redis.start();

@@ -137,9 +137,11 @@ where
         let public_read = record.is_public_read();
         match cache_route {
             CacheRoute::Write { scopes, from_body } => {
-                let Some(credential) = credential else {
+                let (Some(credential), Some(authenticated)) = (credential, record.authenticated())
+                else {
                     return Either::Left(self.inner.call(request));
                 };
+                let team = Arc::clone(&authenticated.team);
                 let (mut scopes, from_body) = (scopes.clone(), from_body.clone());
                 let store = Arc::clone(&self.store);
                 let inner = self.take_ready_inner();
@@ -173,6 +175,7 @@ where
                                 .publish(Invalidation::Scopes {
                                     partition,
                                     scopes: &scopes,
+                                    team: &team.name,
                                 })
                                 .await;
                         }

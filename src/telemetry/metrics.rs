@@ -211,6 +211,15 @@ impl Metrics {
         for result in ["success", "failure"] {
             config_reloads.with_label_values(&[result]);
         }
+        let cache_fanout = counter(
+            &registry,
+            "teamgate_cache_fanout_total",
+            "Cache invalidations shared with the other instances through Redis: published, publish_failed, applied.",
+            &["event"],
+        );
+        for event in ["published", "publish_failed", "applied"] {
+            cache_fanout.with_label_values(&[event]);
+        }
         Metrics {
             by_thread: Sharded::new(shards::count(), RequestShard::default),
             requests: counter(
@@ -294,12 +303,7 @@ impl Metrics {
                 &["team", "quota"],
             ),
             config_reloads,
-            cache_fanout: counter(
-                &registry,
-                "teamgate_cache_fanout_total",
-                "Cache invalidations shared with the other instances through Redis: published, publish_failed, applied.",
-                &["event"],
-            ),
+            cache_fanout,
             cache_fanout_subscribed: gauge(
                 &registry,
                 "teamgate_cache_fanout_subscribed",
