@@ -11,7 +11,8 @@
 //! An instance that is not subscribed could miss an invalidation, and then
 //! serve a stale read after a write through another instance — so its cache
 //! is paused (reads go upstream, nothing is stored) from start until the
-//! subscription is up, and again whenever it drops. Each time it comes back,
+//! subscription is up, and again whenever it drops or stops answering its
+//! heartbeat (within `HEARTBEAT` + `REDIS_TIMEOUT`). Each time it comes back,
 //! the local cache is flushed before it serves again: whatever a missed
 //! message would have invalidated is gone too. Redis down therefore costs
 //! the cache, never correctness.
@@ -39,8 +40,12 @@ use crate::cache::policy::{CredentialId, Partition, Scope};
 use crate::config::{Config, Secret};
 use crate::telemetry::metrics::Metrics;
 
-/// How long a connection attempt, and a publish, may take.
+/// How long a connection attempt, a publish and a heartbeat may take.
 const REDIS_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often the subscription is pinged: a connection that went silent
+/// without closing (a stopped server, a network partition) would otherwise
+/// look subscribed while it hears nothing.
+const HEARTBEAT: Duration = Duration::from_secs(2);
 /// Reconnection backoff: doubles from the first to the last.
 const RETRY_FIRST: Duration = Duration::from_millis(100);
 const RETRY_LAST: Duration = Duration::from_secs(5);
@@ -267,9 +272,9 @@ impl Drop for Fanout {
 }
 
 impl Fanout {
-    /// Pauses `store` and starts the task that subscribes (and resumes it).
-    /// Must run inside the tokio runtime.
-    /// `serving`: the config this instance serves (teams change on reload).
+    /// Pauses `store` and starts the task that subscribes (and resumes it);
+    /// `serving` is the config this instance serves (its teams change on
+    /// reload). Must run inside the tokio runtime.
     pub fn start(
         redis: &Secret,
         config: &Config,
@@ -356,19 +361,31 @@ impl Subscriber {
         let mut said_down = false;
         loop {
             match self.connect().await {
-                Ok((mut messages, connection)) => {
+                Ok((mut subscription, mut messages, connection)) => {
                     self.publisher.send_replace(Some(connection));
                     self.store.resume_flushed();
                     self.metrics.cache_fanout_subscribed(true);
                     tracing::info!(channel = %self.channel, "cache invalidations shared through Redis: subscribed, local cache flushed");
                     retry = RETRY_FIRST;
-                    while let Some(message) = messages.next().await {
-                        self.receive(message.get_payload_bytes());
+                    let mut heartbeat = tokio::time::interval(HEARTBEAT);
+                    loop {
+                        tokio::select! {
+                            message = messages.next() => match message {
+                                Some(message) => self.receive(message.get_payload_bytes()),
+                                None => break,
+                            },
+                            _ = heartbeat.tick() => {
+                                let ping = subscription.ping::<redis::Value>();
+                                if !matches!(tokio::time::timeout(REDIS_TIMEOUT, ping).await, Ok(Ok(_))) {
+                                    break;
+                                }
+                            }
+                        }
                     }
                     self.store.pause();
                     self.publisher.send_replace(None);
                     self.metrics.cache_fanout_subscribed(false);
-                    tracing::warn!(channel = %self.channel, "lost the Redis subscription: the cache is paused until it is back");
+                    tracing::warn!(channel = %self.channel, "lost the Redis subscription (closed, or silent past its heartbeat): the cache is paused until it is back");
                     said_down = true;
                 }
                 Err(error) if !said_down => {
@@ -382,13 +399,23 @@ impl Subscriber {
         }
     }
 
-    /// A subscription to the channel and a connection to publish on.
-    async fn connect(&self) -> Result<(redis::aio::PubSubStream, MultiplexedConnection), String> {
+    /// A subscription to the channel (its command side, for the heartbeat,
+    /// and its messages) and a connection to publish on.
+    async fn connect(
+        &self,
+    ) -> Result<
+        (
+            redis::aio::PubSubSink,
+            redis::aio::PubSubStream,
+            MultiplexedConnection,
+        ),
+        String,
+    > {
         let attempt = async {
-            let mut pubsub = self.client.get_async_pubsub().await?;
-            pubsub.subscribe(&self.channel).await?;
+            let (mut subscription, messages) = self.client.get_async_pubsub().await?.split();
+            subscription.subscribe(&self.channel).await?;
             let connection = self.client.get_multiplexed_async_connection().await?;
-            Ok::<_, redis::RedisError>((pubsub.into_on_message(), connection))
+            Ok::<_, redis::RedisError>((subscription, messages, connection))
         };
         match tokio::time::timeout(REDIS_TIMEOUT, attempt).await {
             Ok(Ok(connected)) => Ok(connected),

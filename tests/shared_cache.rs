@@ -79,6 +79,16 @@ impl Redis {
         }
     }
 
+    /// Sends `signal` (`STOP`, `CONT`) to the server.
+    fn signal(&self, signal: &str) {
+        let pid = self.server.as_ref().expect("started").id();
+        let sent = Command::new("kill")
+            .args([format!("-{signal}"), pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+    }
+
     fn url_file(&self) -> PathBuf {
         self.dir.join("redis.url")
     }
@@ -288,5 +298,29 @@ async fn an_instance_that_cannot_hear_the_others_serves_nothing_from_its_cache()
     let reads_before = upstream_reads();
     assert!(!is_hit(&h.get(LIST, DESIGN_KEY).await));
     assert_eq!(upstream_reads(), reads_before + 1);
+    h.stop().await;
+}
+
+/// A Redis that stops answering without closing its connections (stopped,
+/// or cut off by the network) is noticed by the heartbeat: the cache pauses
+/// until the subscription is back, and is flushed then.
+#[tokio::test]
+async fn a_silent_redis_pauses_the_cache_until_it_answers_again() {
+    let redis = Redis::started("silent");
+    let (emulator, addr) = serve_emulator(test_emulator()).await;
+    let h = instance(&emulator, addr, &redis).await;
+    until_subscribed(&h, 1.0).await;
+    h.get(LIST, DESIGN_KEY).await;
+    assert!(is_hit(&h.get(LIST, DESIGN_KEY).await));
+
+    redis.signal("STOP");
+    until_subscribed(&h, 0.0).await;
+    assert!(!is_hit(&h.get(LIST, DESIGN_KEY).await));
+
+    redis.signal("CONT");
+    until_subscribed(&h, 1.0).await;
+    let reads_before = emulator.count(Method::GET, "/api/assets");
+    assert!(!is_hit(&h.get(LIST, DESIGN_KEY).await), "flushed when back");
+    assert_eq!(emulator.count(Method::GET, "/api/assets"), reads_before + 1);
     h.stop().await;
 }
