@@ -467,7 +467,9 @@ impl Store {
     }
 
     pub fn is_paused(&self) -> bool {
-        self.paused.load(Ordering::Relaxed)
+        // Acquire, paired with `resume_flushed`'s store: a lookup that sees
+        // the store unpaused sees the purge before it too. (A plain load on x86.)
+        self.paused.load(Ordering::Acquire)
     }
 
     /// The generations a fill for `scope` in `partition` starts under.
