@@ -3,9 +3,13 @@
 //!
 //! Each instance caches in its own memory. A write through one instance
 //! invalidates that instance's entries at once (the cache layer) and is
-//! published on the channel before its answer goes to the client; every
-//! other instance applies it as it arrives (milliseconds). Admin purges
-//! travel the same way. A config reload's purge of dropped credentials does
+//! published on the channel; every other instance applies it and confirms
+//! on the acknowledgement channel (`<channel>:acks`), and the write's answer
+//! goes to the client once every instance that received it has confirmed
+//! (at most `REDIS_TIMEOUT` later: an instance that does not confirm is
+//! logged and counted, `unconfirmed`). So a read through any instance after
+//! the write's answer misses what the write changed. Admin purges travel
+//! the same way. A config reload's purge of dropped credentials does
 //! not: each instance reloads its own file.
 //!
 //! An instance that is not subscribed could miss an invalidation, and then
@@ -73,8 +77,86 @@ pub enum Invalidation<'a> {
 struct Message {
     /// The publishing instance: it applied the invalidation itself already.
     from: String,
+    /// What the receivers' acknowledgements name.
+    id: u64,
     #[serde(flatten)]
     event: Event,
+}
+
+/// One message on the acknowledgement channel: `to`'s message `id` is applied.
+#[derive(Debug, PartialEq, Serialize, Deserialize)]
+struct Ack {
+    to: String,
+    id: u64,
+}
+
+/// Acknowledgements this instance waits for, by message id.
+#[derive(Debug, Default)]
+struct Pending {
+    waits: std::sync::Mutex<std::collections::HashMap<u64, Wait>>,
+}
+
+#[derive(Debug)]
+struct Wait {
+    acked: usize,
+    /// Known once `PUBLISH` has answered how many received the message
+    /// (an acknowledgement may come before that).
+    expected: Option<usize>,
+    done: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Wait {
+    fn settle(&mut self) {
+        if self.expected.is_some_and(|expected| self.acked >= expected)
+            && let Some(done) = self.done.take()
+        {
+            let _ = done.send(());
+        }
+    }
+}
+
+impl Pending {
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<u64, Wait>> {
+        self.waits
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn open(&self, id: u64) -> tokio::sync::oneshot::Receiver<()> {
+        let (done, settled) = tokio::sync::oneshot::channel();
+        self.lock().insert(
+            id,
+            Wait {
+                acked: 0,
+                expected: None,
+                done: Some(done),
+            },
+        );
+        settled
+    }
+
+    fn expect(&self, id: u64, expected: usize) {
+        if let Some(wait) = self.lock().get_mut(&id) {
+            wait.expected = Some(expected);
+            wait.settle();
+        }
+    }
+
+    fn acknowledged(&self, id: u64) {
+        if let Some(wait) = self.lock().get_mut(&id) {
+            wait.acked += 1;
+            wait.settle();
+        }
+    }
+
+    fn close(&self, id: u64) {
+        self.lock().remove(&id);
+    }
+}
+
+/// The acknowledgement channel of `channel`.
+fn acks_channel(channel: &str) -> String {
+    format!("{channel}:acks")
 }
 
 #[derive(Debug, PartialEq, Serialize, Deserialize)]
@@ -250,6 +332,7 @@ pub struct Fanout {
     upstreams: Upstreams,
     /// The connection to publish on, while subscribed.
     publisher: watch::Receiver<Option<MultiplexedConnection>>,
+    pending: Arc<Pending>,
     metrics: Arc<Metrics>,
     subscriber: tokio::task::AbortHandle,
 }
@@ -286,7 +369,9 @@ impl Fanout {
         metrics.cache_fanout_subscribed(false);
         let instance = hex::encode(rand::random::<[u8; 8]>());
         let (publisher_tx, publisher) = watch::channel(None);
+        let pending = Arc::new(Pending::default());
         let subscriber = Subscriber {
+            pending: Arc::clone(&pending),
             // Validated when the config was loaded.
             client: redis::Client::open(redis.expose()).expect("a valid Redis URL"),
             channel: config.shared.channel.clone(),
@@ -303,38 +388,51 @@ impl Fanout {
             channel: config.shared.channel.clone(),
             upstreams: Upstreams::of(config),
             publisher,
+            pending,
             metrics,
             subscriber: task.abort_handle(),
         })
     }
 
-    /// Publishes an invalidation this instance applied itself. A failure is
-    /// logged and counted: the local invalidation stands, and the other
-    /// instances drop the entries when they expire.
+    /// Publishes an invalidation this instance applied itself, and returns
+    /// once every other instance that received it has applied it (or
+    /// `REDIS_TIMEOUT` has passed). A failure is logged and counted: the
+    /// local invalidation stands, and the other instances drop the entries
+    /// when they expire.
     pub async fn publish(&self, invalidation: Invalidation<'_>) {
+        let id = rand::random::<u64>();
         let message = Message {
             from: self.instance.clone(),
+            id,
             event: self.upstreams.to_wire(invalidation),
         };
         let payload = serde_json::to_vec(&message).expect("messages serialize");
         let connection = self.publisher.borrow().clone();
-        let outcome = match connection {
-            None => Err("not connected to Redis".to_owned()),
-            Some(mut connection) => {
-                match tokio::time::timeout(
-                    REDIS_TIMEOUT,
-                    connection.publish::<_, _, i64>(&self.channel, payload),
-                )
-                .await
-                {
-                    Ok(Ok(_)) => Ok(()),
-                    Ok(Err(error)) => Err(error.to_string()),
-                    Err(_) => Err("timed out".to_owned()),
-                }
-            }
-        };
+        let settled = self.pending.open(id);
+        let outcome = async {
+            let mut connection = connection.ok_or("not connected to Redis")?;
+            let receivers = tokio::time::timeout(
+                REDIS_TIMEOUT,
+                connection.publish::<_, _, usize>(&self.channel, payload),
+            )
+            .await
+            .map_err(|_| "timed out".to_owned())?
+            .map_err(|error| error.to_string())?;
+            // This instance is subscribed too (there is no connection to
+            // publish on otherwise), and confirms nothing to itself.
+            self.pending.expect(id, receivers.saturating_sub(1));
+            Ok::<_, String>(tokio::time::timeout(REDIS_TIMEOUT, settled).await.is_ok())
+        }
+        .await;
+        self.pending.close(id);
         match outcome {
-            Ok(()) => self.metrics.cache_fanout("published"),
+            Ok(true) => self.metrics.cache_fanout("published"),
+            Ok(false) => {
+                self.metrics.cache_fanout("unconfirmed");
+                tracing::warn!(
+                    "a cache invalidation was not confirmed by every instance in time: one may serve stale reads until it expires or reconnects"
+                );
+            }
             Err(error) => {
                 self.metrics.cache_fanout("publish_failed");
                 tracing::warn!(%error, "cache invalidation not shared with the other instances");
@@ -353,6 +451,7 @@ struct Subscriber {
     store: Arc<Store>,
     metrics: Arc<Metrics>,
     publisher: watch::Sender<Option<MultiplexedConnection>>,
+    pending: Arc<Pending>,
 }
 
 impl Subscriber {
@@ -371,7 +470,7 @@ impl Subscriber {
                     loop {
                         tokio::select! {
                             message = messages.next() => match message {
-                                Some(message) => self.receive(message.get_payload_bytes()),
+                                Some(message) => self.receive(message.get_channel_name(), message.get_payload_bytes()).await,
                                 None => break,
                             },
                             _ = heartbeat.tick() => {
@@ -413,7 +512,9 @@ impl Subscriber {
     > {
         let attempt = async {
             let (mut subscription, messages) = self.client.get_async_pubsub().await?.split();
-            subscription.subscribe(&self.channel).await?;
+            subscription
+                .subscribe(&[self.channel.clone(), acks_channel(&self.channel)])
+                .await?;
             let connection = self.client.get_multiplexed_async_connection().await?;
             Ok::<_, redis::RedisError>((subscription, messages, connection))
         };
@@ -424,14 +525,23 @@ impl Subscriber {
         }
     }
 
-    fn receive(&self, payload: &[u8]) {
-        let applied = match serde_json::from_slice::<Message>(payload) {
-            Ok(message) if message.from == self.instance => return,
-            Ok(message) => {
+    async fn receive(&self, channel: &str, payload: &[u8]) {
+        if channel != self.channel {
+            if let Ok(ack) = serde_json::from_slice::<Ack>(payload)
+                && ack.to == self.instance
+            {
+                self.pending.acknowledged(ack.id);
+            }
+            return;
+        }
+        let message = serde_json::from_slice::<Message>(payload).ok();
+        let applied = match &message {
+            Some(message) if message.from == self.instance => return,
+            Some(message) => {
                 let config = Arc::clone(&self.serving.borrow());
                 self.upstreams.apply(&message.event, &self.store, &config)
             }
-            Err(_) => false,
+            None => false,
         };
         if !applied {
             tracing::warn!(
@@ -440,6 +550,23 @@ impl Subscriber {
             self.store.purge_all();
         }
         self.metrics.cache_fanout("applied");
+        let (Some(message), Some(mut connection)) = (message, self.publisher.borrow().clone())
+        else {
+            return;
+        };
+        let ack = Ack {
+            to: message.from,
+            id: message.id,
+        };
+        let payload = serde_json::to_vec(&ack).expect("acks serialize");
+        let sent = tokio::time::timeout(
+            REDIS_TIMEOUT,
+            connection.publish::<_, _, usize>(acks_channel(&self.channel), payload),
+        )
+        .await;
+        if !matches!(sent, Ok(Ok(_))) {
+            tracing::debug!("could not confirm an invalidation to the instance that published it");
+        }
     }
 }
 
@@ -466,6 +593,7 @@ mod tests {
         ];
         let message = Message {
             from: "i1".into(),
+            id: 7,
             event: upstreams.to_wire(Invalidation::Scopes {
                 partition: team,
                 scopes: &scopes,

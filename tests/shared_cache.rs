@@ -160,19 +160,6 @@ fn lists(answer: &Answer, name: &str) -> bool {
         .any(|asset| asset["name"] == name)
 }
 
-/// Reads `LIST` through `h` until it is not served from the cache (5 s at
-/// most: the invalidation travels through Redis), and returns that answer.
-async fn until_not_a_hit(h: &Harness) -> Answer {
-    for _ in 0..500 {
-        let answer = h.get(LIST, DESIGN_KEY).await;
-        if !is_hit(&answer) {
-            return answer;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("still a cache hit after 5 s");
-}
-
 #[tokio::test]
 async fn writes_and_purges_through_one_instance_reach_the_others_cache() {
     let redis = Redis::started("fanout");
@@ -192,7 +179,9 @@ async fn writes_and_purges_through_one_instance_reach_the_others_cache() {
             .status
             .is_success()
     );
-    let after_write = until_not_a_hit(&b).await;
+    // The write's answer came once B had applied it: B's very next read misses.
+    let after_write = b.get(LIST, DESIGN_KEY).await;
+    assert!(!is_hit(&after_write), "{}", after_write.cache_status());
     assert!(
         lists(&after_write, "made-on-a.png"),
         "B reads the asset A wrote"
@@ -208,7 +197,7 @@ async fn writes_and_purges_through_one_instance_reach_the_others_cache() {
         )
         .await;
     assert_eq!(purged.status, 200);
-    until_not_a_hit(&b).await;
+    assert!(!is_hit(&b.get(LIST, DESIGN_KEY).await));
 
     assert_eq!(fanout_events(&a, "published").await, Some(2.0));
     assert_eq!(fanout_events(&b, "applied").await, Some(2.0));
@@ -218,6 +207,7 @@ async fn writes_and_purges_through_one_instance_reach_the_others_cache() {
         "A skips its own messages"
     );
     assert_eq!(fanout_events(&a, "publish_failed").await, Some(0.0));
+    assert_eq!(fanout_events(&a, "unconfirmed").await, Some(0.0));
     a.stop().await;
     b.stop().await;
 }
@@ -250,7 +240,7 @@ async fn a_write_reaches_an_instance_that_keys_the_team_by_another_credential() 
             .status
             .is_success()
     );
-    until_not_a_hit(&b).await;
+    assert!(!is_hit(&b.get(LIST, DESIGN_KEY).await));
     a.stop().await;
     b.stop().await;
 }
@@ -322,5 +312,76 @@ async fn a_silent_redis_pauses_the_cache_until_it_answers_again() {
     let reads_before = emulator.count(Method::GET, "/api/assets");
     assert!(!is_hit(&h.get(LIST, DESIGN_KEY).await), "flushed when back");
     assert_eq!(emulator.count(Method::GET, "/api/assets"), reads_before + 1);
+    h.stop().await;
+}
+
+/// Another instance, played by the test on a raw Redis connection: it takes
+/// its time (300 ms) before it confirms each invalidation — or never does.
+/// Returns a flag set just before each confirmation is sent.
+async fn slow_instance(
+    redis: &Redis,
+    confirms: bool,
+) -> std::sync::Arc<std::sync::atomic::AtomicBool> {
+    use futures_util::StreamExt;
+    let confirmed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let client = redis::Client::open(format!("redis://127.0.0.1:{}/", redis.port)).unwrap();
+    let mut subscription = client.get_async_pubsub().await.unwrap();
+    subscription.subscribe("teamgate:cache").await.unwrap();
+    let mut acks = client.get_multiplexed_async_connection().await.unwrap();
+    let flag = std::sync::Arc::clone(&confirmed);
+    tokio::spawn(async move {
+        let mut messages = subscription.into_on_message();
+        while let Some(message) = messages.next().await {
+            let message: serde_json::Value =
+                serde_json::from_slice(message.get_payload_bytes()).unwrap();
+            if !confirms {
+                continue;
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            flag.store(true, std::sync::atomic::Ordering::SeqCst);
+            let ack = serde_json::json!({ "to": message["from"], "id": message["id"] });
+            redis::AsyncCommands::publish::<_, _, usize>(
+                &mut acks,
+                "teamgate:cache:acks",
+                ack.to_string(),
+            )
+            .await
+            .unwrap();
+        }
+    });
+    confirmed
+}
+
+/// A write's answer waits until every instance that received its
+/// invalidation has confirmed applying it; one that never confirms holds it
+/// up at most 2 s, and is counted.
+#[tokio::test]
+async fn a_write_is_answered_once_every_instance_has_applied_it() {
+    let redis = Redis::started("acks");
+    let (emulator, addr) = serve_emulator(test_emulator()).await;
+    let h = instance(&emulator, addr, &redis).await;
+    until_subscribed(&h, 1.0).await;
+
+    let confirmed = slow_instance(&redis, true).await;
+    assert!(
+        h.create_asset(DESIGN_KEY, "confirmed.png")
+            .await
+            .status
+            .is_success()
+    );
+    assert!(
+        confirmed.load(std::sync::atomic::Ordering::SeqCst),
+        "answered before the other instance confirmed"
+    );
+    assert_eq!(fanout_events(&h, "published").await, Some(1.0));
+
+    let _silent = slow_instance(&redis, false).await;
+    assert!(
+        h.create_asset(DESIGN_KEY, "unconfirmed.png")
+            .await
+            .status
+            .is_success()
+    );
+    assert_eq!(fanout_events(&h, "unconfirmed").await, Some(1.0));
     h.stop().await;
 }

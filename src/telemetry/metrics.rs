@@ -214,10 +214,10 @@ impl Metrics {
         let cache_fanout = counter(
             &registry,
             "teamgate_cache_fanout_total",
-            "Cache invalidations shared with the other instances through Redis: published, publish_failed, applied.",
+            "Cache invalidations shared with the other instances through Redis: published (and confirmed by every instance), unconfirmed, publish_failed, applied (one of theirs).",
             &["event"],
         );
-        for event in ["published", "publish_failed", "applied"] {
+        for event in ["published", "unconfirmed", "publish_failed", "applied"] {
             cache_fanout.with_label_values(&[event]);
         }
         Metrics {
@@ -447,7 +447,8 @@ impl Metrics {
     }
 
     /// Counts one cache invalidation shared with the other instances:
-    /// `published`, `publish_failed` or `applied` (one of theirs).
+    /// `published` (and confirmed by every instance), `unconfirmed`,
+    /// `publish_failed`, or `applied` (one of theirs).
     pub fn cache_fanout(&self, event: &'static str) {
         self.cache_fanout.with_label_values(&[event]).inc();
     }
