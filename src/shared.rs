@@ -19,7 +19,10 @@
 //! heartbeat (within `HEARTBEAT` + `REDIS_TIMEOUT`). Each time it comes back,
 //! the local cache is flushed before it serves again: whatever a missed
 //! message would have invalidated is gone too. Redis down therefore costs
-//! the cache, never correctness.
+//! the cache rather than serving stale reads. What is logged and counted
+//! instead of prevented: a publish that fails while the other instances are
+//! still subscribed (they keep the entries until these expire), and the
+//! heartbeat's window before a silent server counts as gone.
 //!
 //! Messages carry upstream names (indexes are local), credential ids (the
 //! truncated SHA-256 the cache partitions by) and the team's name, never a
