@@ -169,13 +169,15 @@ impl Live {
             purged_partitions: gone.len(),
         };
         let stack = stack::build(&new);
+        let config = Arc::clone(&new.config);
         {
             // Under the lock, so the admin API never sees a config the
             // requests are not yet served by.
             let mut shared = self.shared.lock().unwrap_or_else(PoisonError::into_inner);
             self.stack.publish(stack);
-            // Open websocket tunnels check their keys against it.
-            new.serving.send_replace(Arc::clone(&new.config));
+            // Open websocket tunnels and event streams check their keys
+            // against it, and the cache fan-out its teams.
+            new.serving.send_replace(Arc::clone(&config));
             *shared = new;
         }
         // After the publish: no request that starts from now on can fill them.
@@ -184,7 +186,7 @@ impl Live {
         if !gone.is_empty() {
             old.cache.purge_partitions(gone);
         }
-        old.metrics.teams_replaced(&self.shared().config.teams);
+        old.metrics.teams_replaced(&config.teams);
         Ok(reloaded)
     }
 }

@@ -44,8 +44,9 @@ use tokio::sync::watch;
 
 use crate::cache::Store;
 use crate::cache::policy::{CredentialId, Partition, Scope};
-use crate::config::{Config, Secret};
+use crate::config::{Config, Secret, Upstream};
 use crate::telemetry::metrics::Metrics;
+use crate::telemetry::shards::lock;
 
 /// How long a connection attempt, a publish and a heartbeat may take.
 const REDIS_TIMEOUT: Duration = Duration::from_secs(2);
@@ -119,15 +120,9 @@ impl Wait {
 }
 
 impl Pending {
-    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<u64, Wait>> {
-        self.waits
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
     fn open(&self, id: u64) -> tokio::sync::oneshot::Receiver<()> {
         let (done, settled) = tokio::sync::oneshot::channel();
-        self.lock().insert(
+        lock(&self.waits).insert(
             id,
             Wait {
                 acked: 0,
@@ -139,27 +134,36 @@ impl Pending {
     }
 
     fn expect(&self, id: u64, expected: usize) {
-        if let Some(wait) = self.lock().get_mut(&id) {
+        if let Some(wait) = lock(&self.waits).get_mut(&id) {
             wait.expected = Some(expected);
             wait.settle();
         }
     }
 
     fn acknowledged(&self, id: u64) {
-        if let Some(wait) = self.lock().get_mut(&id) {
+        if let Some(wait) = lock(&self.waits).get_mut(&id) {
             wait.acked += 1;
             wait.settle();
         }
     }
 
     fn close(&self, id: u64) {
-        self.lock().remove(&id);
+        lock(&self.waits).remove(&id);
     }
 }
 
 /// The acknowledgement channel of `channel`.
 fn acks_channel(channel: &str) -> String {
     format!("{channel}:acks")
+}
+
+/// `request`, given `REDIS_TIMEOUT`; either failure as a message for the log.
+async fn within<T>(request: impl Future<Output = redis::RedisResult<T>>) -> Result<T, String> {
+    match tokio::time::timeout(REDIS_TIMEOUT, request).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(error)) => Err(error.to_string()),
+        Err(_) => Err("timed out".to_owned()),
+    }
 }
 
 #[derive(Debug, PartialEq, Serialize, Deserialize)]
@@ -193,130 +197,124 @@ struct WireScope {
     member: Option<String>,
 }
 
-/// Upstream names by index, as this instance's config has them.
-#[derive(Debug, Clone)]
-struct Upstreams(Vec<String>);
+/// The index of the upstream named `name` among `upstreams` (the config's;
+/// indexes are local, names are what instances share, and a reload changes
+/// neither).
+fn upstream_index(upstreams: &[Arc<Upstream>], name: &str) -> Option<usize> {
+    upstreams.iter().position(|upstream| upstream.name == name)
+}
 
-impl Upstreams {
-    fn of(config: &Config) -> Self {
-        Upstreams(config.upstreams.iter().map(|u| u.name.clone()).collect())
-    }
-
-    fn index(&self, name: &str) -> Option<usize> {
-        self.0.iter().position(|known| known == name)
-    }
-
-    fn partition_to_wire(&self, partition: Partition) -> WirePartition {
-        let (upstream, credential) = match partition {
-            Partition::Team {
-                upstream,
-                credential,
-            } => (upstream, Some(credential.to_hex())),
-            Partition::Shared { upstream } => (upstream, None),
-        };
-        WirePartition {
-            upstream: self.0[upstream].clone(),
+fn partition_to_wire(upstreams: &[Arc<Upstream>], partition: Partition) -> WirePartition {
+    let (upstream, credential) = match partition {
+        Partition::Team {
+            upstream,
             credential,
+        } => (upstream, Some(credential.to_hex())),
+        Partition::Shared { upstream } => (upstream, None),
+    };
+    WirePartition {
+        upstream: upstreams[upstream].name.clone(),
+        credential,
+    }
+}
+
+fn partition_from_wire(upstreams: &[Arc<Upstream>], wire: &WirePartition) -> Option<Partition> {
+    let upstream = upstream_index(upstreams, &wire.upstream)?;
+    Some(match &wire.credential {
+        Some(hex) => Partition::Team {
+            upstream,
+            credential: CredentialId::from_hex(hex)?,
+        },
+        None => Partition::Shared { upstream },
+    })
+}
+
+fn to_wire(upstreams: &[Arc<Upstream>], invalidation: Invalidation<'_>) -> Event {
+    match invalidation {
+        Invalidation::Scopes {
+            partition,
+            scopes,
+            team,
+        } => Event::Scopes {
+            team: team.to_owned(),
+            partition: partition_to_wire(upstreams, partition),
+            scopes: scopes
+                .iter()
+                .map(|scope| WireScope {
+                    family: scope.family.to_string(),
+                    member: scope.member.as_deref().map(str::to_owned),
+                })
+                .collect(),
+        },
+        Invalidation::All => Event::All,
+        Invalidation::Upstream(index) => Event::Upstream {
+            upstream: upstreams[index].name.clone(),
+        },
+        Invalidation::Partitions { partitions, team } => Event::Partitions {
+            team: team.to_owned(),
+            partitions: partitions
+                .iter()
+                .map(|partition| partition_to_wire(upstreams, *partition))
+                .collect(),
+        },
+    }
+}
+
+/// Applies `event` to `store`, `config` being the one this instance serves;
+/// `false` when it names what this instance does not know (the caller then
+/// flushes).
+fn apply(event: &Event, store: &Store, config: &Config) -> bool {
+    let upstreams = &config.upstreams;
+    match event {
+        Event::Scopes {
+            partition,
+            scopes,
+            team,
+        } => {
+            let Some(partition) = partition_from_wire(upstreams, partition) else {
+                return false;
+            };
+            let scopes: Vec<Scope> = scopes
+                .iter()
+                .map(|scope| Scope {
+                    family: Arc::from(scope.family.as_str()),
+                    member: scope.member.as_deref().map(Box::from),
+                })
+                .collect();
+            store.invalidate(partition, &scopes);
+            if let Some(own) = team_partition(config, team, partition.upstream())
+                && own != partition
+            {
+                store.invalidate(own, &scopes);
+            }
         }
-    }
-
-    fn partition_from_wire(&self, wire: &WirePartition) -> Option<Partition> {
-        let upstream = self.index(&wire.upstream)?;
-        Some(match &wire.credential {
-            Some(hex) => Partition::Team {
-                upstream,
-                credential: CredentialId::from_hex(hex)?,
-            },
-            None => Partition::Shared { upstream },
-        })
-    }
-
-    fn to_wire(&self, invalidation: Invalidation<'_>) -> Event {
-        match invalidation {
-            Invalidation::Scopes {
-                partition,
-                scopes,
-                team,
-            } => Event::Scopes {
-                team: team.to_owned(),
-                partition: self.partition_to_wire(partition),
-                scopes: scopes
-                    .iter()
-                    .map(|scope| WireScope {
-                        family: scope.family.to_string(),
-                        member: scope.member.as_deref().map(str::to_owned),
-                    })
-                    .collect(),
-            },
-            Invalidation::All => Event::All,
-            Invalidation::Upstream(index) => Event::Upstream {
-                upstream: self.0[index].clone(),
-            },
-            Invalidation::Partitions { partitions, team } => Event::Partitions {
-                team: team.to_owned(),
-                partitions: partitions
-                    .iter()
-                    .map(|partition| self.partition_to_wire(*partition))
-                    .collect(),
-            },
+        Event::All => store.purge_all(),
+        Event::Upstream { upstream } => {
+            let Some(index) = upstream_index(upstreams, upstream) else {
+                return false;
+            };
+            store.purge_upstream(index);
         }
-    }
-
-    /// Applies `event` to `store`, `config` being the one this instance
-    /// serves; `false` when it names what this instance does not know (the
-    /// caller then flushes).
-    fn apply(&self, event: &Event, store: &Store, config: &Config) -> bool {
-        match event {
-            Event::Scopes {
-                partition,
-                scopes,
-                team,
-            } => {
-                let Some(partition) = self.partition_from_wire(partition) else {
-                    return false;
-                };
-                let scopes: Vec<Scope> = scopes
-                    .iter()
-                    .map(|scope| Scope {
-                        family: Arc::from(scope.family.as_str()),
-                        member: scope.member.as_deref().map(Box::from),
-                    })
-                    .collect();
-                store.invalidate(partition, &scopes);
-                if let Some(own) = team_partition(config, team, partition.upstream())
-                    && own != partition
+        Event::Partitions { partitions, team } => {
+            let Some(mut partitions) = partitions
+                .iter()
+                .map(|wire| partition_from_wire(upstreams, wire))
+                .collect::<Option<Vec<_>>>()
+            else {
+                return false;
+            };
+            let named: Vec<usize> = partitions.iter().map(|p| p.upstream()).collect();
+            for upstream in named {
+                if let Some(own) = team_partition(config, team, upstream)
+                    && !partitions.contains(&own)
                 {
-                    store.invalidate(own, &scopes);
+                    partitions.push(own);
                 }
             }
-            Event::All => store.purge_all(),
-            Event::Upstream { upstream } => {
-                let Some(index) = self.index(upstream) else {
-                    return false;
-                };
-                store.purge_upstream(index);
-            }
-            Event::Partitions { partitions, team } => {
-                let Some(mut partitions) = partitions
-                    .iter()
-                    .map(|wire| self.partition_from_wire(wire))
-                    .collect::<Option<Vec<_>>>()
-                else {
-                    return false;
-                };
-                let upstreams: Vec<usize> = partitions.iter().map(|p| p.upstream()).collect();
-                for upstream in upstreams {
-                    if let Some(own) = team_partition(config, team, upstream)
-                        && !partitions.contains(&own)
-                    {
-                        partitions.push(own);
-                    }
-                }
-                store.purge_partitions(partitions);
-            }
+            store.purge_partitions(partitions);
         }
-        true
     }
+    true
 }
 
 /// The partition this instance keeps the team `name`'s entries from
@@ -332,7 +330,8 @@ fn team_partition(config: &Config, name: &str, upstream: usize) -> Option<Partit
 pub struct Fanout {
     instance: String,
     channel: String,
-    upstreams: Upstreams,
+    /// The config served now: messages name its upstreams.
+    serving: watch::Receiver<Arc<Config>>,
     /// The connection to publish on, while subscribed.
     publisher: watch::Receiver<Option<MultiplexedConnection>>,
     pending: Arc<Pending>,
@@ -363,11 +362,12 @@ impl Fanout {
     /// reload). Must run inside the tokio runtime.
     pub fn start(
         redis: &Secret,
-        config: &Config,
         serving: watch::Receiver<Arc<Config>>,
         store: Arc<Store>,
         metrics: Arc<Metrics>,
     ) -> Arc<Fanout> {
+        // `[shared]` is fixed at start: a reload that changes it is refused.
+        let channel = serving.borrow().shared.channel.clone();
         store.pause();
         metrics.cache_fanout_subscribed(false);
         let instance = hex::encode(rand::random::<[u8; 8]>());
@@ -377,10 +377,9 @@ impl Fanout {
             pending: Arc::clone(&pending),
             // Validated when the config was loaded.
             client: redis::Client::open(redis.expose()).expect("a valid Redis URL"),
-            channel: config.shared.channel.clone(),
+            channel: channel.clone(),
             instance: instance.clone(),
-            upstreams: Upstreams::of(config),
-            serving,
+            serving: serving.clone(),
             store,
             metrics: Arc::clone(&metrics),
             publisher: publisher_tx,
@@ -388,8 +387,8 @@ impl Fanout {
         let task = tokio::spawn(subscriber.run());
         Arc::new(Fanout {
             instance,
-            channel: config.shared.channel.clone(),
-            upstreams: Upstreams::of(config),
+            channel,
+            serving,
             publisher,
             pending,
             metrics,
@@ -407,20 +406,15 @@ impl Fanout {
         let message = Message {
             from: self.instance.clone(),
             id,
-            event: self.upstreams.to_wire(invalidation),
+            event: to_wire(&self.serving.borrow().upstreams, invalidation),
         };
         let payload = serde_json::to_vec(&message).expect("messages serialize");
         let connection = self.publisher.borrow().clone();
         let settled = self.pending.open(id);
         let outcome = async {
             let mut connection = connection.ok_or("not connected to Redis")?;
-            let receivers = tokio::time::timeout(
-                REDIS_TIMEOUT,
-                connection.publish::<_, _, usize>(&self.channel, payload),
-            )
-            .await
-            .map_err(|_| "timed out".to_owned())?
-            .map_err(|error| error.to_string())?;
+            let receivers =
+                within(connection.publish::<_, _, usize>(&self.channel, payload)).await?;
             // This instance is subscribed too (there is no connection to
             // publish on otherwise), and confirms nothing to itself.
             self.pending.expect(id, receivers.saturating_sub(1));
@@ -449,7 +443,6 @@ struct Subscriber {
     client: redis::Client,
     channel: String,
     instance: String,
-    upstreams: Upstreams,
     serving: watch::Receiver<Arc<Config>>,
     store: Arc<Store>,
     metrics: Arc<Metrics>,
@@ -513,19 +506,15 @@ impl Subscriber {
         ),
         String,
     > {
-        let attempt = async {
+        within(async {
             let (mut subscription, messages) = self.client.get_async_pubsub().await?.split();
             subscription
                 .subscribe(&[self.channel.clone(), acks_channel(&self.channel)])
                 .await?;
             let connection = self.client.get_multiplexed_async_connection().await?;
-            Ok::<_, redis::RedisError>((subscription, messages, connection))
-        };
-        match tokio::time::timeout(REDIS_TIMEOUT, attempt).await {
-            Ok(Ok(connected)) => Ok(connected),
-            Ok(Err(error)) => Err(error.to_string()),
-            Err(_) => Err("timed out".to_owned()),
-        }
+            Ok((subscription, messages, connection))
+        })
+        .await
     }
 
     async fn receive(&self, channel: &str, payload: &[u8]) {
@@ -542,7 +531,7 @@ impl Subscriber {
             Some(message) if message.from == self.instance => return,
             Some(message) => {
                 let config = Arc::clone(&self.serving.borrow());
-                self.upstreams.apply(&message.event, &self.store, &config)
+                apply(&message.event, &self.store, &config)
             }
             None => false,
         };
@@ -562,13 +551,10 @@ impl Subscriber {
             id: message.id,
         };
         let payload = serde_json::to_vec(&ack).expect("acks serialize");
-        let sent = tokio::time::timeout(
-            REDIS_TIMEOUT,
-            connection.publish::<_, _, usize>(acks_channel(&self.channel), payload),
-        )
-        .await;
-        if !matches!(sent, Ok(Ok(_))) {
-            tracing::debug!("could not confirm an invalidation to the instance that published it");
+        let sent =
+            within(connection.publish::<_, _, usize>(acks_channel(&self.channel), payload)).await;
+        if let Err(error) = sent {
+            tracing::debug!(%error, "could not confirm an invalidation to the instance that published it");
         }
     }
 }
@@ -579,7 +565,17 @@ mod tests {
 
     #[test]
     fn messages_name_upstreams_and_credentials_and_read_back_the_same() {
-        let upstreams = Upstreams(vec!["comfy".into(), "scenario".into()]);
+        let config = crate::config::load_str(
+            "[upstreams.comfy]\nbase_url = \"http://127.0.0.1:9\"\n\
+             [upstreams.scenario]\nbase_url = \"http://127.0.0.1:9/v1\"\npreset = \"scenario\"\nmount = \"/scenario\"\n",
+            "t.toml",
+            None,
+            &|_| None,
+            crate::config::Secrets::Resolve,
+        )
+        .unwrap();
+        let upstreams = &config.upstreams;
+        assert_eq!(upstreams[1].name, "scenario");
         let team = Partition::Team {
             upstream: 1,
             credential: CredentialId::of("the team's upstream key"),
@@ -597,11 +593,14 @@ mod tests {
         let message = Message {
             from: "i1".into(),
             id: 7,
-            event: upstreams.to_wire(Invalidation::Scopes {
-                partition: team,
-                scopes: &scopes,
-                team: "design",
-            }),
+            event: to_wire(
+                upstreams,
+                Invalidation::Scopes {
+                    partition: team,
+                    scopes: &scopes,
+                    team: "design",
+                },
+            ),
         };
         let text = serde_json::to_string(&message).unwrap();
         assert!(text.contains("\"upstream\":\"scenario\""), "{text}");
@@ -610,16 +609,16 @@ mod tests {
         let Event::Scopes { partition, .. } = &message.event else {
             panic!()
         };
-        assert_eq!(upstreams.partition_from_wire(partition), Some(team));
+        assert_eq!(partition_from_wire(upstreams, partition), Some(team));
         let shared = Partition::Shared { upstream: 0 };
         assert_eq!(
-            upstreams.partition_from_wire(&upstreams.partition_to_wire(shared)),
+            partition_from_wire(upstreams, &partition_to_wire(upstreams, shared)),
             Some(shared)
         );
         let unknown = WirePartition {
             upstream: "elsewhere".into(),
             credential: None,
         };
-        assert_eq!(upstreams.partition_from_wire(&unknown), None);
+        assert_eq!(partition_from_wire(upstreams, &unknown), None);
     }
 }

@@ -54,13 +54,7 @@ impl Shared {
             Arc::clone(&metrics),
         ));
         let fanout = config.shared.redis.as_ref().map(|redis| {
-            Fanout::start(
-                redis,
-                &config,
-                now.clone(),
-                Arc::clone(&cache),
-                Arc::clone(&metrics),
-            )
+            Fanout::start(redis, now.clone(), Arc::clone(&cache), Arc::clone(&metrics))
         });
         Shared {
             cache,

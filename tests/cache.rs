@@ -17,14 +17,6 @@ use teamgate::emulator::{Fault, FaultAction};
 
 const LIST: &str = "/api/assets?limit=20&include_tags=input";
 
-fn listed(answer: &Answer, name: &str) -> bool {
-    answer.json()["assets"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .any(|asset| asset["name"] == name)
-}
-
 async fn cache_stats(h: &Harness) -> serde_json::Value {
     h.admin_get("/admin/cache").await.json()
 }
@@ -77,11 +69,11 @@ async fn two_teams_never_share_an_entry_for_the_same_url() {
         "teamgate; fwd=miss; stored",
         "no cross-team hit"
     );
-    assert!(listed(&design, "design-only.png"));
-    assert!(!listed(&research, "design-only.png"));
+    assert!(design.lists("design-only.png"));
+    assert!(!research.lists("design-only.png"));
     // Both are now cached, each for its own team.
-    assert!(!listed(&h.get(LIST, RESEARCH_KEY).await, "design-only.png"));
-    assert!(listed(&h.get(LIST, DESIGN_KEY).await, "design-only.png"));
+    assert!(!h.get(LIST, RESEARCH_KEY).await.lists("design-only.png"));
+    assert!(h.get(LIST, DESIGN_KEY).await.lists("design-only.png"));
     assert_eq!(h.emulator.count(Method::GET, "/api/assets"), 2);
     let keys: Vec<_> = h
         .emulator
@@ -129,13 +121,13 @@ async fn the_key_holds_the_exact_query_and_the_representation() {
 #[tokio::test]
 async fn after_from_hash_the_next_list_shows_the_new_asset() {
     let h = Harness::start().await;
-    assert!(!listed(&h.get(LIST, DESIGN_KEY).await, "fresh.png"));
+    assert!(!h.get(LIST, DESIGN_KEY).await.lists("fresh.png"));
     assert!(h.get(LIST, DESIGN_KEY).await.cache_status().contains("hit"));
     let created = h.create_asset(DESIGN_KEY, "fresh.png").await;
     assert_eq!(created.status, StatusCode::CREATED);
     let after = h.get(LIST, DESIGN_KEY).await;
     assert_eq!(after.cache_status(), "teamgate; fwd=miss; stored");
-    assert!(listed(&after, "fresh.png"));
+    assert!(after.lists("fresh.png"));
     // Tags were touched too (the `tags` scope).
     h.get("/api/tags", DESIGN_KEY).await;
     h.call(
@@ -363,7 +355,7 @@ async fn a_fill_racing_a_write_is_not_stored_and_not_joined() {
     // A read after the write must not join the early fill: it fetches anew.
     let late = h.get(LIST, DESIGN_KEY).await;
     assert!(
-        listed(&late, "raced.png"),
+        late.lists("raced.png"),
         "the read after the write sees the write"
     );
     assert_eq!(h.emulator.count(Method::GET, "/api/assets"), 2);
@@ -382,7 +374,7 @@ async fn a_fill_racing_a_write_is_not_stored_and_not_joined() {
         "{}",
         after.cache_status()
     );
-    assert!(listed(&after, "raced.png"));
+    assert!(after.lists("raced.png"));
     assert_eq!(h.emulator.count(Method::GET, "/api/assets"), 2);
     h.stop().await;
 }

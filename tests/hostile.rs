@@ -13,7 +13,6 @@ use http::{Method, Request, StatusCode, Version};
 use http_body_util::Full;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use teamgate::emulator::Emulator;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -373,11 +372,7 @@ async fn an_idle_websocket_tunnel_is_closed() {
 #[tokio::test]
 async fn server_sent_events_arrive_before_the_stream_ends() {
     // One event, then a minute before the next: a buffering gateway would hold the first.
-    let (emulator, addr) = serve_emulator(Emulator::with_event_interval(
-        accounts(),
-        Duration::from_secs(60),
-    ))
-    .await;
+    let (emulator, addr) = serve_slow_events_emulator().await;
     let h = Harness::start_in_front_of(emulator, addr, &format!("http://{addr}"), "").await;
     let (headers, body) = h.open_job_events(DESIGN_KEY).await;
     assert!(headers.get("content-encoding").is_none(), "not compressed");

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use common::*;
 use http::Method;
+use teamgate::emulator::Emulator;
 
 /// A `redis-server` of the test's own on 127.0.0.1, stopped when dropped;
 /// `url_file` holds its URL, for a `file:` reference.
@@ -102,17 +103,13 @@ impl Drop for Redis {
 }
 
 /// A gateway in front of `emulator` that shares invalidations through `redis`.
-async fn instance(
-    emulator: &teamgate::emulator::Emulator,
-    addr: SocketAddr,
-    redis: &Redis,
-) -> Harness {
+async fn instance(emulator: &Emulator, addr: SocketAddr, redis: &Redis) -> Harness {
     instance_with(emulator, addr, redis, |text| text).await
 }
 
 /// [`instance`], its config text edited by `edit` first.
 async fn instance_with(
-    emulator: &teamgate::emulator::Emulator,
+    emulator: &Emulator,
     addr: SocketAddr,
     redis: &Redis,
     edit: impl FnOnce(String) -> String,
@@ -135,10 +132,6 @@ async fn subscribed(h: &Harness) -> Option<f64> {
     h.metric("teamgate_cache_fanout_subscribed", &[]).await
 }
 
-fn is_hit(answer: &Answer) -> bool {
-    answer.cache_status().starts_with("teamgate; hit")
-}
-
 /// Waits (20 s at most) until `h` reports `value` for its subscription.
 async fn until_subscribed(h: &Harness, value: f64) {
     for _ in 0..2000 {
@@ -152,12 +145,22 @@ async fn until_subscribed(h: &Harness, value: f64) {
 
 const LIST: &str = "/api/assets?limit=50";
 
-fn lists(answer: &Answer, name: &str) -> bool {
-    answer.json()["assets"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .any(|asset| asset["name"] == name)
+/// Reads `LIST` through `h` until it is cached there: the second read is a hit.
+async fn cache_list(h: &Harness) {
+    h.get(LIST, DESIGN_KEY).await;
+    let again = h.get(LIST, DESIGN_KEY).await;
+    assert!(again.is_hit(), "{}", again.cache_status());
+}
+
+/// Reads `LIST` through `h`, and checks it was answered from the upstream,
+/// not from `h`'s cache.
+async fn read_goes_upstream(h: &Harness, emulator: &Emulator) -> Answer {
+    let reads_before = emulator.count(Method::GET, "/api/assets");
+    let answer = h.get(LIST, DESIGN_KEY).await;
+    assert_eq!(answer.status, 200);
+    assert!(!answer.is_hit(), "{}", answer.cache_status());
+    assert_eq!(emulator.count(Method::GET, "/api/assets"), reads_before + 1);
+    answer
 }
 
 #[tokio::test]
@@ -169,8 +172,8 @@ async fn writes_and_purges_through_one_instance_reach_the_others_cache() {
     until_subscribed(&a, 1.0).await;
     until_subscribed(&b, 1.0).await;
 
-    assert!(!lists(&b.get(LIST, DESIGN_KEY).await, "made-on-a.png"));
-    assert!(is_hit(&b.get(LIST, DESIGN_KEY).await));
+    assert!(!b.get(LIST, DESIGN_KEY).await.lists("made-on-a.png"));
+    assert!(b.get(LIST, DESIGN_KEY).await.is_hit());
 
     // A write through A: B's cached list is invalidated.
     assert!(
@@ -180,15 +183,14 @@ async fn writes_and_purges_through_one_instance_reach_the_others_cache() {
             .is_success()
     );
     // The write's answer came once B had applied it: B's very next read misses.
-    let after_write = b.get(LIST, DESIGN_KEY).await;
-    assert!(!is_hit(&after_write), "{}", after_write.cache_status());
+    let after_write = read_goes_upstream(&b, &emulator).await;
     assert!(
-        lists(&after_write, "made-on-a.png"),
+        after_write.lists("made-on-a.png"),
         "B reads the asset A wrote"
     );
 
     // A purge through A's admin API: B's cache is purged too.
-    assert!(is_hit(&b.get(LIST, DESIGN_KEY).await));
+    assert!(b.get(LIST, DESIGN_KEY).await.is_hit());
     let purged = a
         .admin_call(
             Method::DELETE,
@@ -197,7 +199,7 @@ async fn writes_and_purges_through_one_instance_reach_the_others_cache() {
         )
         .await;
     assert_eq!(purged.status, 200);
-    assert!(!is_hit(&b.get(LIST, DESIGN_KEY).await));
+    read_goes_upstream(&b, &emulator).await;
 
     assert_eq!(fanout_events(&a, "published").await, Some(2.0));
     assert_eq!(fanout_events(&b, "applied").await, Some(2.0));
@@ -231,8 +233,7 @@ async fn a_write_reaches_an_instance_that_keys_the_team_by_another_credential() 
     .await;
     until_subscribed(&a, 1.0).await;
     until_subscribed(&b, 1.0).await;
-    b.get(LIST, DESIGN_KEY).await;
-    assert!(is_hit(&b.get(LIST, DESIGN_KEY).await));
+    cache_list(&b).await;
 
     assert!(
         a.create_asset(DESIGN_KEY, "rotated.png")
@@ -240,7 +241,7 @@ async fn a_write_reaches_an_instance_that_keys_the_team_by_another_credential() 
             .status
             .is_success()
     );
-    assert!(!is_hit(&b.get(LIST, DESIGN_KEY).await));
+    read_goes_upstream(&b, &emulator).await;
     a.stop().await;
     b.stop().await;
 }
@@ -252,13 +253,9 @@ async fn an_instance_that_cannot_hear_the_others_serves_nothing_from_its_cache()
     let h = instance(&emulator, addr, &redis).await;
 
     // No Redis yet: every read goes upstream, nothing is stored.
-    let upstream_reads = || emulator.count(Method::GET, "/api/assets");
     for _ in 0..3 {
-        let answer = h.get(LIST, DESIGN_KEY).await;
-        assert_eq!(answer.status, 200);
-        assert!(!is_hit(&answer), "{}", answer.cache_status());
+        read_goes_upstream(&h, &emulator).await;
     }
-    assert_eq!(upstream_reads(), 3);
     assert_eq!(subscribed(&h).await, Some(0.0));
     // A write is still answered; the invalidation it could not share is counted.
     assert!(
@@ -272,22 +269,17 @@ async fn an_instance_that_cannot_hear_the_others_serves_nothing_from_its_cache()
     // Redis comes up: the instance subscribes and caches again.
     redis.start();
     until_subscribed(&h, 1.0).await;
-    h.get(LIST, DESIGN_KEY).await;
-    assert!(is_hit(&h.get(LIST, DESIGN_KEY).await));
+    cache_list(&h).await;
 
     // Redis goes away: the cached entry is not served any more.
     redis.stop();
     until_subscribed(&h, 0.0).await;
-    let answer = h.get(LIST, DESIGN_KEY).await;
-    assert_eq!(answer.status, 200);
-    assert!(!is_hit(&answer), "{}", answer.cache_status());
+    read_goes_upstream(&h, &emulator).await;
 
     // And back: what was cached before the outage is flushed, not served.
     redis.start();
     until_subscribed(&h, 1.0).await;
-    let reads_before = upstream_reads();
-    assert!(!is_hit(&h.get(LIST, DESIGN_KEY).await));
-    assert_eq!(upstream_reads(), reads_before + 1);
+    read_goes_upstream(&h, &emulator).await;
     h.stop().await;
 }
 
@@ -300,18 +292,16 @@ async fn a_silent_redis_pauses_the_cache_until_it_answers_again() {
     let (emulator, addr) = serve_emulator(test_emulator()).await;
     let h = instance(&emulator, addr, &redis).await;
     until_subscribed(&h, 1.0).await;
-    h.get(LIST, DESIGN_KEY).await;
-    assert!(is_hit(&h.get(LIST, DESIGN_KEY).await));
+    cache_list(&h).await;
 
     redis.signal("STOP");
     until_subscribed(&h, 0.0).await;
-    assert!(!is_hit(&h.get(LIST, DESIGN_KEY).await));
+    read_goes_upstream(&h, &emulator).await;
 
+    // Back: flushed, so the entry cached before is not served.
     redis.signal("CONT");
     until_subscribed(&h, 1.0).await;
-    let reads_before = emulator.count(Method::GET, "/api/assets");
-    assert!(!is_hit(&h.get(LIST, DESIGN_KEY).await), "flushed when back");
-    assert_eq!(emulator.count(Method::GET, "/api/assets"), reads_before + 1);
+    read_goes_upstream(&h, &emulator).await;
     h.stop().await;
 }
 

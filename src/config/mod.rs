@@ -565,6 +565,22 @@ pub enum Secrets {
     FormOnly,
 }
 
+impl Secrets {
+    /// The secret `reference` (`env:NAME`, `file:PATH`) names — or, with
+    /// [`Secrets::FormOnly`], a placeholder once the reference is well-formed.
+    fn read(
+        self,
+        reference: &str,
+        dir: Option<&Path>,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Secret, String> {
+        match self {
+            Secrets::Resolve => secret::resolve(reference, dir, env),
+            Secrets::FormOnly => secret::check_form(reference),
+        }
+    }
+}
+
 /// The process environment, for [`load_file`].
 pub fn process_env(name: &str) -> Option<String> {
     std::env::var(name).ok()
@@ -902,10 +918,7 @@ fn validate(
                 );
                 continue;
             };
-            let resolve = |reference: &str| match secrets {
-                Secrets::Resolve => secret::resolve(reference, dir, env),
-                Secrets::FormOnly => secret::check_form(reference),
-            };
+            let resolve = |reference: &str| secrets.read(reference, dir, env);
             let resolved = match (reference, upstream.preset.credential) {
                 (FileCredential::Token(reference), CredentialKind::Token) => resolve(reference),
                 (FileCredential::Pair { key, secret }, CredentialKind::KeyAndSecret) => {
@@ -987,11 +1000,8 @@ fn validate(
     // [admin]
     let admin = AdminSettings {
         token: file.admin.token.as_deref().and_then(|reference| {
-            let resolved = match secrets {
-                Secrets::Resolve => secret::resolve(reference, dir, env),
-                Secrets::FormOnly => secret::check_form(reference),
-            };
-            resolved
+            secrets
+                .read(reference, dir, env)
                 .and_then(secret::header_safe)
                 .map_err(|message| problem("admin.token", message))
                 .ok()
@@ -1081,11 +1091,13 @@ fn validate(
     // [shared]
     let shared = SharedSettings {
         redis: file.shared.redis.as_deref().and_then(|reference| {
-            let resolved = match secrets {
-                Secrets::Resolve => secret::resolve(reference, dir, env).and_then(redis_url),
-                Secrets::FormOnly => secret::check_form(reference),
-            };
-            resolved
+            secrets
+                .read(reference, dir, env)
+                // A placeholder (`Secrets::FormOnly`) is no URL to check.
+                .and_then(|url| match secrets {
+                    Secrets::Resolve => redis_url(url),
+                    Secrets::FormOnly => Ok(url),
+                })
                 .map_err(|message| problem("shared.redis", message))
                 .ok()
         }),

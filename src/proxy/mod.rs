@@ -54,8 +54,9 @@ pub struct Forward {
 struct Upstreams {
     clients: Box<[Client]>,
     metrics: Arc<Metrics>,
-    /// The config the gateway serves by now: a websocket tunnel watches it,
-    /// to end when a reload revokes the key it was opened with.
+    /// The config the gateway serves by now: websocket tunnels and event
+    /// streams watch it, to end when a reload revokes the key they were
+    /// opened with.
     serving: tokio::sync::watch::Receiver<Arc<Config>>,
 }
 
@@ -291,8 +292,9 @@ async fn first_frame(mut body: Body, wait: Duration) -> Result<Body, GatewayErro
     }
 }
 
-/// What a tunnel was opened as: the team and key that authenticated it and
-/// the upstream it reaches, checked again whenever a reload changes the config.
+/// What a tunnel or an event stream was opened as: the team and key that
+/// authenticated it and the upstream it reaches, checked again whenever a
+/// reload changes the config.
 struct Grant {
     authenticated: Authenticated,
     upstream: Arc<Upstream>,
@@ -318,6 +320,9 @@ impl Grant {
     /// Returns once a reload has revoked the grant: the key is gone or now
     /// another team's, or the team's credential for the upstream changed.
     async fn revoked(mut self) {
+        // `serving` is cloned from a receiver that never marks a config
+        // seen, so after any reload the first `changed` returns at once: a
+        // reload between the request's authentication and here is checked too.
         while self.serving.changed().await.is_ok() {
             let config = Arc::clone(&self.serving.borrow_and_update());
             if !self.authenticated.still_granted(&config, &self.upstream) {

@@ -151,6 +151,22 @@ fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntC
     metric
 }
 
+/// A counter with one label, its series for each of `values` there from the
+/// start: dashboards and alerts see a 0, not nothing.
+fn counter_of_each(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    label: &str,
+    values: &[&str],
+) -> IntCounterVec {
+    let metric = counter(registry, name, help, &[label]);
+    for value in values {
+        metric.with_label_values(&[*value]);
+    }
+    metric
+}
+
 fn histogram(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> HistogramVec {
     let metric = HistogramVec::new(
         HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()),
@@ -201,25 +217,20 @@ impl Metrics {
                 .expect("registered once");
             metric
         };
-        let config_reloads = counter(
+        let config_reloads = counter_of_each(
             &registry,
             "teamgate_config_reloads_total",
             "Config reloads, by result.",
-            &["result"],
+            "result",
+            &["success", "failure"],
         );
-        // Both series from the start, so dashboards and alerts see a 0, not nothing.
-        for result in ["success", "failure"] {
-            config_reloads.with_label_values(&[result]);
-        }
-        let cache_fanout = counter(
+        let cache_fanout = counter_of_each(
             &registry,
             "teamgate_cache_fanout_total",
             "Cache invalidations shared with the other instances through Redis: published (and confirmed by every instance), unconfirmed, publish_failed, applied (one of theirs).",
-            &["event"],
+            "event",
+            &["published", "unconfirmed", "publish_failed", "applied"],
         );
-        for event in ["published", "unconfirmed", "publish_failed", "applied"] {
-            cache_fanout.with_label_values(&[event]);
-        }
         Metrics {
             by_thread: Sharded::new(shards::count(), RequestShard::default),
             requests: counter(

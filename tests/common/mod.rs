@@ -116,6 +116,20 @@ impl Answer {
             .map_or("", |value| value.to_str().unwrap())
     }
 
+    /// Whether the gateway answered from its cache.
+    pub fn is_hit(&self) -> bool {
+        self.cache_status().starts_with("teamgate; hit")
+    }
+
+    /// Whether this asset list (`{"assets": [...]}`) has an asset named `name`.
+    pub fn lists(&self, name: &str) -> bool {
+        self.json()["assets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|asset| asset["name"] == name)
+    }
+
     pub fn json(&self) -> serde_json::Value {
         serde_json::from_slice(&self.body)
             .unwrap_or_else(|_| panic!("not JSON: {}", String::from_utf8_lossy(&self.body)))
@@ -153,6 +167,16 @@ pub fn accounts() -> Vec<Account> {
 /// The emulator every harness starts with: the test accounts, events every 50 ms.
 pub fn test_emulator() -> Emulator {
     Emulator::with_event_interval(accounts(), std::time::Duration::from_millis(50))
+}
+
+/// An emulator whose event streams send their first event at once and the
+/// next a minute later: a stream opened on it stays open through a test.
+pub async fn serve_slow_events_emulator() -> (Emulator, SocketAddr) {
+    serve_emulator(Emulator::with_event_interval(
+        accounts(),
+        std::time::Duration::from_secs(60),
+    ))
+    .await
 }
 
 /// Serves `emulator` on 127.0.0.1:0; its address.
