@@ -1,5 +1,6 @@
 //! What the gateway's instances share through Redis (`[shared] redis`):
-//! cache invalidations, fanned out over pub/sub.
+//! cache invalidations, fanned out over pub/sub. (Their quotas are
+//! reconciled through Redis too: see [`crate::limit::shared`].)
 //!
 //! Each instance caches in its own memory. A write through one instance
 //! invalidates that instance's entries at once (the cache layer) and is
@@ -158,7 +159,9 @@ fn acks_channel(channel: &str) -> String {
 }
 
 /// `request`, given `REDIS_TIMEOUT`; either failure as a message for the log.
-async fn within<T>(request: impl Future<Output = redis::RedisResult<T>>) -> Result<T, String> {
+pub(crate) async fn within<T>(
+    request: impl Future<Output = redis::RedisResult<T>>,
+) -> Result<T, String> {
     match tokio::time::timeout(REDIS_TIMEOUT, request).await {
         Ok(Ok(value)) => Ok(value),
         Ok(Err(error)) => Err(error.to_string()),

@@ -14,7 +14,8 @@ use crate::auth::inject::{InjectCredentials, InjectCredentialsLayer};
 use crate::cache::{CacheLayer, CacheService, Store};
 use crate::config::Config;
 use crate::limit::layer::{ClientQuota, UpstreamBudget};
-use crate::limit::{ClientQuotaLayer, Quotas, UpstreamBudgetLayer};
+use crate::limit::shared::{QuotaSync, SharedQuotas};
+use crate::limit::{Backend, ClientQuotaLayer, Quotas, UpstreamBudgetLayer};
 use crate::proxy::{Forward, ForwardLimits};
 use crate::route::{Classify, ClassifyLayer, RequestLimits, Router};
 use crate::shared::Fanout;
@@ -39,12 +40,15 @@ pub struct Shared {
     pub serving: Arc<tokio::sync::watch::Sender<Arc<Config>>>,
     /// Cache invalidations shared with the other instances (`[shared] redis`).
     pub fanout: Option<Arc<Fanout>>,
+    /// The task that shares the quotas with the other instances (`[shared] redis`).
+    pub quota_sync: Option<Arc<QuotaSync>>,
 }
 
 impl Shared {
     /// Fresh state for `config`: empty cache and limiters, zeroed metrics.
     /// With `[shared] redis`, the cache waits for the subscription to the
-    /// other instances' invalidations (must run inside the tokio runtime).
+    /// other instances' invalidations, and the quotas are reconciled with
+    /// theirs (must run inside the tokio runtime).
     pub fn new(config: Arc<Config>) -> Self {
         let metrics = Arc::new(Metrics::new());
         let (serving, now) = tokio::sync::watch::channel(Arc::clone(&config));
@@ -56,10 +60,24 @@ impl Shared {
         let fanout = config.shared.redis.as_ref().map(|redis| {
             Fanout::start(redis, now.clone(), Arc::clone(&cache), Arc::clone(&metrics))
         });
+        let (backend, quota_sync) = match &config.shared.redis {
+            Some(redis) => {
+                let shared = SharedQuotas::new(&config.shared.channel);
+                let sync = QuotaSync::start(
+                    redis,
+                    config.shared.quota_sync,
+                    Arc::clone(&shared),
+                    Arc::clone(&metrics),
+                );
+                (Backend::Shared(shared), Some(Arc::new(sync)))
+            }
+            None => (Backend::Local, None),
+        };
         Shared {
             cache,
             fanout,
-            quotas: Arc::new(Quotas::new(&config)),
+            quota_sync,
+            quotas: Arc::new(Quotas::with_backend(&config, backend)),
             forward: Forward::new(
                 now,
                 Arc::clone(&metrics),
@@ -87,6 +105,7 @@ impl Shared {
             forward: self.forward.clone(),
             serving: Arc::clone(&self.serving),
             fanout: self.fanout.clone(),
+            quota_sync: self.quota_sync.clone(),
         }
     }
 }

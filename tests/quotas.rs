@@ -15,13 +15,6 @@ use serde_json::json;
 use teamgate::emulator::{Fault, FaultAction};
 use tokio::sync::Semaphore;
 
-fn header<'a>(answer: &'a Answer, name: &str) -> &'a str {
-    answer
-        .headers
-        .get(name)
-        .map_or("", |value| value.to_str().unwrap())
-}
-
 #[tokio::test]
 async fn a_burst_of_exactly_the_configured_size_is_admitted_then_429() {
     let limits = "[teams.design.limits]\nclient = { rate = \"1/h\", burst = 3 }\n";
@@ -29,23 +22,21 @@ async fn a_burst_of_exactly_the_configured_size_is_admitted_then_429() {
     for remaining in [2, 1, 0] {
         let answer = h.get("/api/jobs", DESIGN_KEY).await;
         assert_eq!(answer.status, StatusCode::OK);
-        assert_eq!(
-            header(&answer, "ratelimit-policy"),
-            "\"client\";q=3;w=10800"
+        assert_eq!(answer.header("ratelimit-policy"), "\"client\";q=3;w=10800");
+        assert!(
+            answer
+                .header("ratelimit")
+                .starts_with(&format!("\"client\";r={remaining};t="))
         );
-        assert!(header(&answer, "ratelimit").starts_with(&format!("\"client\";r={remaining};t=")));
     }
     let refused = h.get("/api/jobs", DESIGN_KEY).await;
     assert_eq!(refused.status, StatusCode::TOO_MANY_REQUESTS);
     // The next permit comes one interval (1 h) after the first was taken.
-    let retry: u64 = header(&refused, "retry-after").parse().unwrap();
+    let retry: u64 = refused.header("retry-after").parse().unwrap();
     assert!((3595..=3600).contains(&retry), "Retry-After {retry}");
+    assert_eq!(refused.header("ratelimit-policy"), "\"client\";q=3;w=10800");
     assert_eq!(
-        header(&refused, "ratelimit-policy"),
-        "\"client\";q=3;w=10800"
-    );
-    assert_eq!(
-        header(&refused, "ratelimit"),
+        refused.header("ratelimit"),
         format!("\"client\";r=0;t={retry}")
     );
     let body = refused.json();
@@ -107,13 +98,13 @@ async fn route_quotas_apply_to_their_route_only() {
     let second = prompt().await;
     assert_eq!(second.status, StatusCode::OK);
     assert_eq!(
-        header(&second, "ratelimit"),
+        second.header("ratelimit"),
         "\"POST /api/prompt\";r=0;t=7200"
     );
     let third = prompt().await;
     assert_eq!(third.status, StatusCode::TOO_MANY_REQUESTS);
     assert_eq!(
-        header(&third, "ratelimit-policy"),
+        third.header("ratelimit-policy"),
         "\"POST /api/prompt\";q=2;w=7200"
     );
     for _ in 0..3 {
@@ -157,7 +148,7 @@ async fn a_route_quota_cannot_be_escaped_by_spelling_its_path_another_way() {
     let slashed = prompt("/api/prompt/").await;
     assert_ne!(slashed.status, StatusCode::TOO_MANY_REQUESTS);
     assert_eq!(
-        header(&slashed, "ratelimit"),
+        slashed.header("ratelimit"),
         "\"POST /api/prompt\";r=0;t=7200",
         "the slashed path spent the route's quota"
     );
@@ -198,10 +189,7 @@ upstream = { rate = "1/h", burst = 1 }
     // The upstream budget is spent: another miss is refused by it…
     let other = h.get("/api/assets?limit=6", DESIGN_KEY).await;
     assert_eq!(other.status, StatusCode::TOO_MANY_REQUESTS);
-    assert_eq!(
-        header(&other, "ratelimit-policy"),
-        "\"upstream\";q=1;w=3600"
-    );
+    assert_eq!(other.header("ratelimit-policy"), "\"upstream\";q=1;w=3600");
     // …while cached reads keep flowing.
     for _ in 0..3 {
         let hit = h.get(list, DESIGN_KEY).await;
@@ -211,10 +199,7 @@ upstream = { rate = "1/h", burst = 1 }
     // Five requests so far: the client quota is spent, hits included.
     let refused = h.get(list, DESIGN_KEY).await;
     assert_eq!(refused.status, StatusCode::TOO_MANY_REQUESTS);
-    assert_eq!(
-        header(&refused, "ratelimit-policy"),
-        "\"client\";q=5;w=18000"
-    );
+    assert_eq!(refused.header("ratelimit-policy"), "\"client\";q=5;w=18000");
     assert_eq!(h.emulator.count(Method::GET, "/api/assets"), 1);
     h.stop().await;
 }
@@ -229,10 +214,10 @@ upstream = { rate = "1/h", burst = 3 }
     let h = Harness::start_with_config("", limits).await;
     let answer = h.get("/api/jobs", DESIGN_KEY).await;
     assert_eq!(
-        header(&answer, "ratelimit-policy"),
+        answer.header("ratelimit-policy"),
         "\"upstream\";q=3;w=10800"
     );
-    assert!(header(&answer, "ratelimit").starts_with("\"upstream\";r=2;"));
+    assert!(answer.header("ratelimit").starts_with("\"upstream\";r=2;"));
     h.stop().await;
 }
 
@@ -291,7 +276,7 @@ async fn an_upstream_429_passes_through_and_pauses_the_team_budget() {
     );
     let throttled = h.get("/api/jobs", DESIGN_KEY).await;
     assert_eq!(throttled.status, StatusCode::TOO_MANY_REQUESTS);
-    assert_eq!(header(&throttled, "retry-after"), "2");
+    assert_eq!(throttled.header("retry-after"), "2");
     assert_eq!(
         throttled.json()["message"],
         "too many requests for this API key",
@@ -305,7 +290,7 @@ async fn an_upstream_429_passes_through_and_pauses_the_team_budget() {
         "RATE_LIMITED",
         "answered by the gateway"
     );
-    let retry: u64 = header(&paused, "retry-after").parse().unwrap();
+    let retry: u64 = paused.header("retry-after").parse().unwrap();
     assert!((1..=2).contains(&retry), "{retry}");
     assert_eq!(
         h.emulator.count(Method::GET, "/api/jobs"),

@@ -5,6 +5,7 @@
 mod common;
 
 use common::log_capture::LogCapture;
+use common::redis_server::Redis;
 use common::*;
 use futures_util::StreamExt;
 use http::{Method, StatusCode};
@@ -67,6 +68,38 @@ async fn no_key_appears_in_any_log_line() {
     assert!(tokio_tungstenite::connect_async(bad_ws).await.is_err());
     h.stop().await;
 
+    // `[shared] redis` with a password Redis refuses: the instance says it
+    // cannot share its cache invalidations and quotas, never the URL's password.
+    let redis_password = "wr0ng-redis-pa55word";
+    let mut redis = Redis::reserve("secrets");
+    redis.start_with(&["--requirepass", "the-right-one"]);
+    let url_file = redis.url_file().with_file_name("wrong-password.url");
+    let url = redis
+        .url()
+        .replace("redis://", &format!("redis://:{redis_password}@"));
+    std::fs::write(&url_file, url).unwrap();
+    let (emulator, addr) = serve_emulator(test_emulator()).await;
+    let shared = format!(
+        "[shared]\nredis = \"file:{}\"\nquota_sync = \"20ms\"\n[teams.design.limits]\nclient = {{ rate = \"10/s\" }}\n",
+        url_file.display()
+    );
+    let text = config_text(&format!("http://{addr}"), "", &shared);
+    let shared_instance = Harness::start_with_text(emulator, addr, &text).await;
+    for _ in 0..2000 {
+        let failed = shared_instance
+            .metric("teamgate_quota_sync_total", &[("outcome", "failed")])
+            .await;
+        if failed >= Some(2.0) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        shared_instance.get("/api/jobs", DESIGN_KEY).await.status,
+        StatusCode::OK
+    );
+    shared_instance.stop().await;
+
     let logs = capture.text();
     assert!(
         logs.contains("served"),
@@ -93,12 +126,23 @@ async fn no_key_appears_in_any_log_line() {
     ] {
         assert!(access.contains(field), "`{field}` in {access}");
     }
+    for refused in [
+        "cannot share quotas through Redis",
+        "cannot subscribe to Redis",
+    ] {
+        let line = logs
+            .lines()
+            .find(|line| line.contains(refused))
+            .unwrap_or_else(|| panic!("`{refused}` logged: {logs}"));
+        assert!(line.contains("authentication failed"), "says why: {line}");
+    }
     for secret in [
         DESIGN_KEY,
         RESEARCH_KEY,
         wrong_key,
         DESIGN_UPSTREAM_KEY,
         RESEARCH_UPSTREAM_KEY,
+        redis_password,
     ] {
         assert!(!logs.contains(secret), "{secret} leaked into the logs");
     }

@@ -7,100 +7,12 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use common::redis_server::Redis;
 use common::*;
 use http::Method;
 use teamgate::emulator::Emulator;
-
-/// A `redis-server` of the test's own on 127.0.0.1, stopped when dropped;
-/// `url_file` holds its URL, for a `file:` reference.
-struct Redis {
-    port: u16,
-    server: Option<Child>,
-    dir: PathBuf,
-}
-
-impl Redis {
-    /// A port no one listens on yet, and the URL file for it.
-    fn reserve(test: &str) -> Redis {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let dir =
-            std::env::temp_dir().join(format!("teamgate-shared-{test}-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("redis.url"), format!("redis://127.0.0.1:{port}/")).unwrap();
-        Redis {
-            port,
-            server: None,
-            dir,
-        }
-    }
-
-    fn started(test: &str) -> Redis {
-        let mut redis = Redis::reserve(test);
-        redis.start();
-        redis
-    }
-
-    /// Starts the server on the reserved port and waits until it answers.
-    fn start(&mut self) {
-        let server = Command::new("redis-server")
-            .args(["--port", &self.port.to_string()])
-            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("redis-server on the PATH (apt-get install redis-server; .ci/run does)");
-        self.server = Some(server);
-        for _ in 0..500 {
-            if let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", self.port)) {
-                use std::io::{Read, Write};
-                let mut pong = [0u8; 7];
-                if stream.write_all(b"PING\r\n").is_ok()
-                    && stream.read_exact(&mut pong).is_ok()
-                    && &pong == b"+PONG\r\n"
-                {
-                    return;
-                }
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        panic!("redis-server did not start on port {}", self.port);
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut server) = self.server.take() {
-            let _ = server.kill();
-            let _ = server.wait();
-        }
-    }
-
-    /// Sends `signal` (`STOP`, `CONT`) to the server.
-    fn signal(&self, signal: &str) {
-        let pid = self.server.as_ref().expect("started").id();
-        let sent = Command::new("kill")
-            .args([format!("-{signal}"), pid.to_string()])
-            .status()
-            .unwrap();
-        assert!(sent.success());
-    }
-
-    fn url_file(&self) -> PathBuf {
-        self.dir.join("redis.url")
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        self.stop();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
 
 /// A gateway in front of `emulator` that shares invalidations through `redis`.
 async fn instance(emulator: &Emulator, addr: SocketAddr, redis: &Redis) -> Harness {
@@ -314,7 +226,7 @@ async fn slow_instance(
 ) -> std::sync::Arc<std::sync::atomic::AtomicBool> {
     use futures_util::StreamExt;
     let confirmed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let client = redis::Client::open(format!("redis://127.0.0.1:{}/", redis.port)).unwrap();
+    let client = redis::Client::open(redis.url()).unwrap();
     let mut subscription = client.get_async_pubsub().await.unwrap();
     subscription.subscribe("teamgate:cache").await.unwrap();
     let mut acks = client.get_multiplexed_async_connection().await.unwrap();

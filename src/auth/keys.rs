@@ -46,6 +46,14 @@ impl KeyDigest {
         format!("{HASH_ALGORITHM}:{}", hex::encode(self.0))
     }
 
+    /// The key's name in state shared with other instances (its per-key
+    /// quota's bucket in Redis): the first 96 bits of the hash — unique
+    /// among any number of keys a team could hold, and no more a way to the
+    /// key than the stored hash is.
+    pub fn shared_id(self) -> [u8; 12] {
+        self.0[..12].try_into().expect("12 of 32 bytes")
+    }
+
     /// A short, non-secret label for logs: the first 8 hex digits of the hash.
     pub fn fingerprint(self) -> Fingerprint {
         let mut digits = [0u8; 8];

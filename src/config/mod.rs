@@ -113,8 +113,12 @@ pub struct SharedSettings {
     /// nothing (one instance, or instances that must not cache).
     pub redis: Option<Secret>,
     /// The pub/sub channel cache invalidations travel on; instances on the
-    /// same channel share them.
+    /// same channel share them, and their quotas (the Redis keys of the
+    /// shared buckets start with it).
     pub channel: String,
+    /// How often each instance reports what its quotas admitted and reads
+    /// back what the others' did (see `limit::shared`).
+    pub quota_sync: Duration,
 }
 
 impl Default for SharedSettings {
@@ -122,9 +126,13 @@ impl Default for SharedSettings {
         SharedSettings {
             redis: None,
             channel: DEFAULT_SHARED_CHANNEL.to_owned(),
+            quota_sync: DEFAULT_QUOTA_SYNC,
         }
     }
 }
+
+/// `shared.quota_sync` when the file names none.
+pub const DEFAULT_QUOTA_SYNC: Duration = Duration::from_millis(100);
 
 /// The channel of `[shared]` when the file names none.
 pub const DEFAULT_SHARED_CHANNEL: &str = "teamgate:cache";
@@ -398,6 +406,7 @@ struct FileConfig {
 struct FileShared {
     redis: Option<String>,
     channel: Option<String>,
+    quota_sync: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -1109,7 +1118,19 @@ fn validate(
             Some(channel) => channel,
             None => DEFAULT_SHARED_CHANNEL.to_owned(),
         },
+        quota_sync: duration_or(
+            file.shared.quota_sync.as_deref(),
+            DEFAULT_QUOTA_SYNC,
+            "shared.quota_sync",
+            &mut problem,
+        ),
     };
+    if !(Duration::from_millis(10)..=Duration::from_secs(10)).contains(&shared.quota_sync) {
+        problem(
+            "shared.quota_sync",
+            "must be between 10ms and 10s: the instances together may admit what each could alone in this time".into(),
+        );
+    }
 
     Config {
         origin: origin.to_owned(),
@@ -1599,13 +1620,27 @@ mod tests {
             "redis://:s3cret-pass@127.0.0.1:6379/2"
         );
         assert_eq!(config.shared.channel, DEFAULT_SHARED_CHANNEL);
+        assert_eq!(config.shared.quota_sync, DEFAULT_QUOTA_SYNC);
         assert!(load(VALID).unwrap().shared.redis.is_none());
+        let config = load(&format!(
+            "{VALID}\n[shared]\nredis = \"env:REDIS_URL\"\nquota_sync = \"250ms\"\n"
+        ))
+        .unwrap();
+        assert_eq!(config.shared.quota_sync, Duration::from_millis(250));
         for (line, key) in [
             ("redis = \"redis://127.0.0.1:6379\"", "shared.redis"),
             ("redis = \"env:NOT_REDIS\"", "shared.redis"),
             (
                 "redis = \"env:REDIS_URL\"\nchannel = \" \"",
                 "shared.channel",
+            ),
+            (
+                "redis = \"env:REDIS_URL\"\nquota_sync = \"5ms\"",
+                "shared.quota_sync",
+            ),
+            (
+                "redis = \"env:REDIS_URL\"\nquota_sync = \"1m\"",
+                "shared.quota_sync",
             ),
         ] {
             let error = load(&format!("{VALID}\n[shared]\n{line}\n")).unwrap_err();

@@ -2,6 +2,7 @@
 //! upstream budget that protects a team's shared upstream key.
 //!
 //! - [`quota`]: rate specs, the [`quota::RateLimit`] interface, the governor backend.
+//! - [`shared`]: the backend of instances that share their quotas through Redis.
 //! - [`Quotas`]: the limiter state for every team, built from the config and
 //!   rebuilt on reload without resetting the teams whose limits did not change.
 //! - [`layer`]: [`layer::ClientQuotaLayer`] (every request, cache hits
@@ -9,6 +10,7 @@
 
 pub mod layer;
 pub mod quota;
+pub mod shared;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -20,6 +22,36 @@ use tokio::time::Instant;
 use crate::config::{Config, LimitSettings, RouteQuota, UpstreamLimits};
 pub use layer::{ClientQuotaLayer, UpstreamBudgetLayer};
 use quota::{GovernorLimit, QuotaSpec, RateLimit};
+use shared::SharedQuotas;
+
+/// Where the quotas' buckets live.
+#[derive(Debug, Clone, Default)]
+pub enum Backend {
+    /// In this instance's memory (governor).
+    #[default]
+    Local,
+    /// In this instance's memory, reconciled with the other instances'
+    /// through Redis (`[shared] redis`).
+    Shared(Arc<SharedQuotas>),
+}
+
+impl Backend {
+    /// `team`'s quota named `name` in `RateLimit` headers; `bucket` names
+    /// it among the team's quotas (unique, unlike `name`).
+    fn single(&self, team: &str, bucket: &str, name: &str, spec: QuotaSpec) -> Arc<dyn RateLimit> {
+        match self {
+            Backend::Local => Arc::new(GovernorLimit::single(name, spec)),
+            Backend::Shared(shared) => shared.limit(team, bucket, name, spec, false),
+        }
+    }
+
+    fn per_key(&self, team: &str, name: &str, spec: QuotaSpec) -> Arc<dyn RateLimit> {
+        match self {
+            Backend::Local => Arc::new(GovernorLimit::per_key(name, spec)),
+            Backend::Shared(shared) => shared.limit(team, name, name, spec, true),
+        }
+    }
+}
 
 /// One quota and the spec it was built from (to reuse it across reloads).
 #[derive(Debug, Clone)]
@@ -46,12 +78,10 @@ pub struct UpstreamBudget {
 }
 
 impl UpstreamBudget {
-    fn new(limits: &UpstreamLimits) -> Self {
+    fn new(limits: &UpstreamLimits, rate: impl FnOnce(QuotaSpec) -> Arc<dyn RateLimit>) -> Self {
         UpstreamBudget {
             limits: limits.clone(),
-            rate: limits.rate.map(|spec| {
-                Arc::new(GovernorLimit::single("upstream", spec)) as Arc<dyn RateLimit>
-            }),
+            rate: limits.rate.map(rate),
             in_flight: limits
                 .max_in_flight
                 .map(|max| Arc::new(Semaphore::new(max as usize))),
@@ -91,41 +121,50 @@ pub struct TeamQuotas {
 pub struct Quotas {
     teams: HashMap<String, Arc<TeamQuotas>, foldhash::fast::RandomState>,
     pub settings: LimitSettings,
+    backend: Backend,
 }
 
 impl Quotas {
+    /// In-memory quotas for `config`.
     pub fn new(config: &Config) -> Self {
-        Self::build(config, None)
+        Self::build(config, None, Backend::Local)
+    }
+
+    /// Quotas for `config` whose buckets live in `backend`.
+    pub fn with_backend(config: &Config, backend: Backend) -> Self {
+        Self::build(config, None, backend)
     }
 
     /// The quotas for a reloaded config: a team whose limits did not change
     /// keeps its limiter state (a drained bucket stays drained).
     pub fn rebuild(&self, config: &Config) -> Self {
-        Self::build(config, Some(self))
+        Self::build(config, Some(self), self.backend.clone())
     }
 
-    fn build(config: &Config, previous: Option<&Quotas>) -> Self {
+    fn build(config: &Config, previous: Option<&Quotas>, backend: Backend) -> Self {
         let mut teams = HashMap::default();
         for team in &config.teams {
             let old = previous.and_then(|quotas| quotas.teams.get(&team.name));
-            let reuse = |old: Option<&Built>, spec: QuotaSpec, make: &dyn Fn() -> GovernorLimit| {
-                match old {
-                    Some(built) if built.spec == spec => built.clone(),
-                    _ => Built {
-                        spec,
-                        limit: Arc::new(make()),
-                    },
-                }
-            };
+            let reuse =
+                |old: Option<&Built>, spec: QuotaSpec, make: &dyn Fn() -> Arc<dyn RateLimit>| {
+                    match old {
+                        Some(built) if built.spec == spec => built.clone(),
+                        _ => Built {
+                            spec,
+                            limit: make(),
+                        },
+                    }
+                };
             let limits = &team.limits;
+            let name = team.name.as_str();
             let client = limits.client.map(|spec| {
                 reuse(old.and_then(|o| o.client.as_ref()), spec, &|| {
-                    GovernorLimit::single("client", spec)
+                    backend.single(name, "client", "client", spec)
                 })
             });
             let per_key = limits.per_key.map(|spec| {
                 reuse(old.and_then(|o| o.per_key.as_ref()), spec, &|| {
-                    GovernorLimit::per_key("per_key", spec)
+                    backend.per_key(name, "per_key", spec)
                 })
             });
             let routes = limits
@@ -137,7 +176,8 @@ impl Quotas {
                         .map(|r| Arc::clone(&r.limit));
                     RouteLimit {
                         limit: kept.unwrap_or_else(|| {
-                            Arc::new(GovernorLimit::single(&rule.label, rule.spec))
+                            let bucket = format!("route:{}", rule.label);
+                            backend.single(name, &bucket, &rule.label, rule.spec)
                         }),
                         rule: rule.clone(),
                     }
@@ -149,7 +189,10 @@ impl Quotas {
                 .map(
                     |upstream| match old.and_then(|o| o.upstream.get(upstream.index)) {
                         Some(budget) if budget.limits == limits.upstream => Arc::clone(budget),
-                        _ => Arc::new(UpstreamBudget::new(&limits.upstream)),
+                        _ => Arc::new(UpstreamBudget::new(&limits.upstream, |spec| {
+                            let bucket = format!("upstream:{}", upstream.name);
+                            backend.single(name, &bucket, "upstream", spec)
+                        })),
                     },
                 )
                 .collect();
@@ -166,6 +209,7 @@ impl Quotas {
         Quotas {
             teams,
             settings: config.limits,
+            backend,
         }
     }
 

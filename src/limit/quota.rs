@@ -1,8 +1,8 @@
 //! Quotas: rate specs, the limiter interface, and its in-process backend.
 //!
-//! [`RateLimit`] is the interface a quota is checked through. The one backend
-//! here is [`GovernorLimit`] (GCRA, in memory); a shared backend (Redis, for
-//! several instances) only has to implement the same two methods.
+//! [`RateLimit`] is the interface a quota is checked through. The backend of
+//! one instance is [`GovernorLimit`] (GCRA, in memory); that of several
+//! instances sharing their quotas is [`super::shared::SharedLimit`].
 //!
 //! Time comes from tokio's clock ([`TokioClock`]), so tests can pause time and
 //! advance it to the exact moment a `Retry-After` names.
@@ -252,10 +252,11 @@ pub fn state_header(name: &str, remaining: u32, reset_secs: u64) -> HeaderValue 
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn spec(rate: &str, burst: u32) -> QuotaSpec {
+    /// `rate` with `burst`.
+    pub(crate) fn spec(rate: &str, burst: u32) -> QuotaSpec {
         QuotaSpec {
             rate: parse_rate(rate).unwrap(),
             burst,

@@ -141,6 +141,7 @@ pub struct Metrics {
     config_reloads: IntCounterVec,
     cache_fanout: IntCounterVec,
     cache_fanout_subscribed: IntGauge,
+    quota_sync: IntCounterVec,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -231,6 +232,13 @@ impl Metrics {
             "event",
             &["published", "unconfirmed", "publish_failed", "applied"],
         );
+        let quota_sync = counter_of_each(
+            &registry,
+            "teamgate_quota_sync_total",
+            "Rounds of sharing quotas with the other instances through Redis ([shared] redis), by outcome: ok, failed (each instance enforces its quotas alone meanwhile).",
+            "outcome",
+            &["ok", "failed"],
+        );
         Metrics {
             by_thread: Sharded::new(shards::count(), RequestShard::default),
             requests: counter(
@@ -315,6 +323,7 @@ impl Metrics {
             ),
             config_reloads,
             cache_fanout,
+            quota_sync,
             cache_fanout_subscribed: gauge(
                 &registry,
                 "teamgate_cache_fanout_subscribed",
@@ -462,6 +471,11 @@ impl Metrics {
     /// `publish_failed`, or `applied` (one of theirs).
     pub fn cache_fanout(&self, event: &'static str) {
         self.cache_fanout.with_label_values(&[event]).inc();
+    }
+
+    /// Counts one round of sharing quotas: `ok` or `failed`.
+    pub fn quota_sync(&self, outcome: &'static str) {
+        self.quota_sync.with_label_values(&[outcome]).inc();
     }
 
     pub fn cache_fanout_subscribed(&self, subscribed: bool) {

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod log_capture;
+pub mod redis_server;
 pub mod wire;
 
 use std::net::SocketAddr;
@@ -40,6 +41,11 @@ pub const SCN_SECRET_RESEARCH: &str = "scn-research-5ecret";
 
 pub fn hash(key: &str) -> String {
     teamgate::auth::keys::KeyDigest::of_key(key).to_stored()
+}
+
+/// The SHA-256 of `key`, in hex (the stored form without its `sha256:`).
+pub fn hex_sha256(key: &str) -> String {
+    hash(key)["sha256:".len()..].to_owned()
 }
 
 /// The config every harness runs; `upstream_extra` lands in `[upstreams.comfy]`.
@@ -128,6 +134,13 @@ impl Answer {
             .unwrap()
             .iter()
             .any(|asset| asset["name"] == name)
+    }
+
+    /// The header field `name`'s (first) value, or "" when absent.
+    pub fn header(&self, name: &str) -> &str {
+        self.headers
+            .get(name)
+            .map_or("", |value| value.to_str().unwrap())
     }
 
     pub fn json(&self) -> serde_json::Value {
