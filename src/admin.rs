@@ -1,4 +1,5 @@
-//! The admin listener: health, readiness, and the cache admin API.
+//! The admin listener: health, readiness, metrics, the cache admin API,
+//! reloads, the teams served and managed keys.
 //!
 //! It listens on its own address (loopback by default) so probes and admin
 //! calls never share a port with client traffic.
@@ -10,7 +11,9 @@
 //! | `GET /metrics` | Prometheus text format |
 //! | `GET /admin/cache` | entries, bytes and bounds of the cache |
 //! | `DELETE /admin/cache[?team=T][&upstream=U]` | purge all, one team's, one upstream's (bearer `admin.token`) |
-//! | `GET /admin/teams` | the teams served now: client key hashes, upstreams with a credential (bearer `admin.token`) |
+//! | `GET /admin/teams` | the teams served now: client key hashes (managed ones with their records), upstreams with a credential (bearer `admin.token`) |
+//! | `POST /admin/teams/{team}/keys` | make a managed key (`[shared] redis`; bearer `admin.token`; see [`crate::auth::managed`]) |
+//! | `DELETE /admin/teams/{team}/keys/{hash}` | revoke a managed key, on every instance (bearer `admin.token`) |
 //! | `POST /admin/reload` | read the config file again and apply its teams (bearer `admin.token`; see [`crate::reload`]) |
 
 use std::convert::Infallible;
@@ -66,12 +69,25 @@ fn error(status: StatusCode, code: &str, message: &str) -> Response<Body> {
 }
 
 /// Answers one admin request.
-pub async fn handle<B>(
-    state: AdminState,
-    request: Request<B>,
-) -> Result<Response<Body>, Infallible> {
+pub async fn handle<B>(state: AdminState, request: Request<B>) -> Result<Response<Body>, Infallible>
+where
+    B: http_body::Body,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let method = request.method().clone();
     let is_read = method == Method::GET || method == Method::HEAD;
+    if let Some((team, hash)) = key_path(request.uri().path()) {
+        let (team, hash) = (team.to_owned(), hash.map(str::to_owned));
+        return Ok(match (method, hash) {
+            (Method::POST, None) => add_key(&state.live, &team, request).await,
+            (Method::DELETE, Some(hash)) => revoke_key(&state.live, &team, &hash, &request).await,
+            _ => error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "POST /admin/teams/{team}/keys makes a key, DELETE /admin/teams/{team}/keys/{hash} revokes one",
+            ),
+        });
+    }
     Ok(match request.uri().path() {
         // The process is up and answering: no dependency is checked on purpose.
         "/healthz" if is_read => json_response(StatusCode::OK, json!({ "status": "ok" })),
@@ -109,7 +125,7 @@ pub async fn handle<B>(
         _ => error(
             StatusCode::NOT_FOUND,
             "not_found",
-            "admin endpoints: /healthz, /readyz, /metrics, /admin/cache, /admin/reload, /admin/teams",
+            "admin endpoints: /healthz, /readyz, /metrics, /admin/cache, /admin/reload, /admin/teams, /admin/teams/{team}/keys",
         ),
     })
 }
@@ -208,16 +224,239 @@ fn teams<B>(state: &Shared, request: &Request<B>) -> Response<Body> {
         .map(|team| {
             let mut client_keys = keys.remove(team.name.as_str()).unwrap_or_default();
             client_keys.sort_unstable();
+            let mut managed_keys: Vec<_> = config
+                .managed_keys
+                .iter()
+                .filter(|(_, key)| key.team == team.name)
+                .map(|(digest, key)| {
+                    json!({ "hash": digest.to_stored(), "label": key.label, "created": key.created })
+                })
+                .collect();
+            managed_keys.sort_unstable_by(|a, b| a["hash"].as_str().cmp(&b["hash"].as_str()));
             let upstreams: Vec<&str> = config
                 .upstreams
                 .iter()
                 .filter(|upstream| team.credential_for(upstream).is_some())
                 .map(|upstream| upstream.name.as_str())
                 .collect();
-            json!({ "name": team.name, "client_keys": client_keys, "upstreams": upstreams })
+            json!({
+                "name": team.name,
+                "client_keys": client_keys,
+                "managed_keys": managed_keys,
+                "upstreams": upstreams,
+            })
         })
         .collect();
     json_response(StatusCode::OK, json!({ "teams": teams }))
+}
+
+/// `/admin/teams/{team}/keys[/{hash}]`: the team, and the hash if there is one.
+fn key_path(path: &str) -> Option<(&str, Option<&str>)> {
+    let (team, rest) = path.strip_prefix("/admin/teams/")?.split_once('/')?;
+    match rest.strip_prefix("keys")? {
+        "" => Some((team, None)),
+        hash => {
+            let hash = hash.strip_prefix('/')?;
+            (!hash.is_empty() && !hash.contains('/')).then_some((team, Some(hash)))
+        }
+    }
+}
+
+/// What a managed-key request needs: the admin token, `[shared] redis`,
+/// and the team in the served config; or the answer refusing it.
+fn managed_key_refusal<B>(
+    state: &Shared,
+    team: &str,
+    request: &Request<B>,
+) -> Result<Arc<crate::shared::Fanout>, Box<Response<Body>>> {
+    if let Some(refused) = refusal(state, request) {
+        return Err(Box::new(refused));
+    }
+    let Some(fanout) = &state.fanout else {
+        return Err(Box::new(error(
+            StatusCode::CONFLICT,
+            "keys_not_shared",
+            "keys are managed in the config file (teams.<team>.client_keys, then reload); set [shared] redis to manage them through the admin API",
+        )));
+    };
+    if !state.config.teams.iter().any(|t| t.name == team) {
+        return Err(Box::new(error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "no such team",
+        )));
+    }
+    Ok(Arc::clone(fanout))
+}
+
+fn redis_unavailable(failure: &str) -> Response<Body> {
+    tracing::warn!(error = %failure, "a managed-key change could not be made: Redis");
+    error_response_redis()
+}
+
+fn error_response_redis() -> Response<Body> {
+    error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "redis_unavailable",
+        "the key store (Redis) cannot be reached from this instance; nothing changed",
+    )
+}
+
+/// `POST /admin/teams/{team}/keys`, optionally with `{"label": "…"}`:
+/// makes a managed key of `team` and answers it — the only time it is
+/// shown — once every instance serves it.
+async fn add_key<B>(live: &Arc<Live>, team: &str, request: Request<B>) -> Response<Body>
+where
+    B: http_body::Body,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    use http_body_util::BodyExt;
+    let state = live.shared();
+    let fanout = match managed_key_refusal(&state, team, &request) {
+        Ok(fanout) => fanout,
+        Err(refused) => return *refused,
+    };
+    let Ok(body) = http_body_util::Limited::new(request.into_body(), 4096)
+        .collect()
+        .await
+    else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "a body of at most 4 KiB: {\"label\": \"…\"}",
+        );
+    };
+    let body = body.to_bytes();
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct NewKey {
+        label: Option<String>,
+    }
+    let new = if body.is_empty() {
+        NewKey { label: None }
+    } else {
+        match serde_json::from_slice::<NewKey>(&body) {
+            Ok(new) => new,
+            Err(_) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "bad_request",
+                    "the body is {\"label\": \"…\"} or empty",
+                );
+            }
+        }
+    };
+    let key = crate::auth::keys::generate_key();
+    let digest = crate::auth::keys::KeyDigest::of_key(&key);
+    let record = crate::auth::managed::ManagedKey {
+        team: team.to_owned(),
+        label: new.label,
+        created: now_rfc3339(),
+    };
+    let Some(mut connection) = fanout.connection() else {
+        return error_response_redis();
+    };
+    match crate::auth::managed::add(&mut connection, fanout.channel(), digest, &record).await {
+        Ok(true) => {}
+        Ok(false) => {
+            // 192 random bits: a collision means something else is wrong.
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal_error",
+                "the new key's hash is taken; nothing changed",
+            );
+        }
+        Err(failure) => return redis_unavailable(&failure),
+    }
+    let confirmed = announce_key_change(&fanout).await;
+    tracing::info!(team, key = %digest.fingerprint(), confirmed, "managed key made");
+    json_response(
+        StatusCode::CREATED,
+        json!({
+            "key": key,
+            "hash": digest.to_stored(),
+            "team": team,
+            "label": record.label,
+            "created": record.created,
+            "confirmed_by_every_instance": confirmed,
+        }),
+    )
+}
+
+/// `DELETE /admin/teams/{team}/keys/{hash}`: revokes a managed key of
+/// `team` and answers once every instance refuses it (or says which may not).
+async fn revoke_key<B>(
+    live: &Arc<Live>,
+    team: &str,
+    hash: &str,
+    request: &Request<B>,
+) -> Response<Body> {
+    let state = live.shared();
+    let fanout = match managed_key_refusal(&state, team, request) {
+        Ok(fanout) => fanout,
+        Err(refused) => return *refused,
+    };
+    let Ok(digest) = crate::auth::keys::KeyDigest::parse(hash) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "a key is named by its hash: sha256:<64 hex digits>",
+        );
+    };
+    let managed = state.config.managed_keys.iter().any(|(d, _)| *d == digest);
+    if !managed
+        && state
+            .config
+            .keys
+            .owner(&digest)
+            .is_some_and(|owner| owner.name == team)
+    {
+        return error(
+            StatusCode::CONFLICT,
+            "key_in_config_file",
+            "this key is listed in the config file: remove it there and reload",
+        );
+    }
+    let Some(mut connection) = fanout.connection() else {
+        return error_response_redis();
+    };
+    match crate::auth::managed::remove(&mut connection, fanout.channel(), digest, team).await {
+        Ok(Some(_)) => {}
+        Ok(None) => {
+            return error(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "no such managed key of this team",
+            );
+        }
+        Err(failure) => return redis_unavailable(&failure),
+    }
+    let confirmed = announce_key_change(&fanout).await;
+    tracing::info!(team, key = %digest.fingerprint(), confirmed, "managed key revoked");
+    json_response(
+        StatusCode::OK,
+        json!({ "revoked": digest.to_stored(), "team": team, "confirmed_by_every_instance": confirmed }),
+    )
+}
+
+/// After a change in Redis: serves it here and announces it to the other
+/// instances; whether every one confirmed it serves it. A change not
+/// announced is in Redis all the same: an instance that missed it reads it
+/// when it next hears of a change, or when it reconnects.
+async fn announce_key_change(fanout: &crate::shared::Fanout) -> bool {
+    match fanout.managed_keys_changed().await {
+        Ok(confirmed) => confirmed,
+        Err(failure) => {
+            tracing::warn!(error = %failure, "a managed-key change was made in Redis but not announced to the other instances");
+            false
+        }
+    }
+}
+
+fn now_rfc3339() -> String {
+    time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .expect("the time formats")
 }
 
 /// `DELETE /admin/cache[?team=T][&upstream=U]`, bearer-authenticated with

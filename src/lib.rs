@@ -60,6 +60,27 @@ use crate::admin::Readiness;
 use crate::auth::inject::ClientAddr;
 use crate::config::Config;
 
+/// With `[shared] redis`: serves the managed keys each time the instance
+/// reads them (`auth::managed`), and says so to the fan-out, which waits for
+/// it before confirming a change to the other instances.
+fn serve_managed_keys(live: &Arc<reload::Live>) -> Option<tokio::task::JoinHandle<()>> {
+    let fanout = live.shared().fanout?;
+    let live = Arc::clone(live);
+    let mut read = fanout.managed_keys();
+    Some(tokio::spawn(async move {
+        loop {
+            let keys = read.borrow_and_update().clone();
+            if keys.version > 0 {
+                live.serve_managed_keys(keys.keys).await;
+                fanout.managed_keys_served(keys.version);
+            }
+            if read.changed().await.is_err() {
+                return;
+            }
+        }
+    }))
+}
+
 /// The sockets the gateway serves on. The caller binds them (port 0 in tests).
 #[derive(Debug)]
 pub struct Listeners {
@@ -120,6 +141,7 @@ async fn serve(
     } else {
         None
     };
+    let managed_keys = serve_managed_keys(&live);
     // Idle per-key limiter state is dropped periodically, so it stays bounded.
     let sweeper = {
         let live = Arc::clone(&live);
@@ -220,6 +242,9 @@ async fn serve(
     sweeper.abort();
     if let Some(hangups) = hangups {
         hangups.abort();
+    }
+    if let Some(managed_keys) = managed_keys {
+        managed_keys.abort();
     }
     if let Some(watcher) = tls_watcher {
         watcher.abort();

@@ -30,10 +30,12 @@ use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
 
+use crate::auth::managed::ManagedKeyList;
 use crate::cache::policy::Partition;
 use crate::config::{self, Config, ConfigError, Problem, Secrets};
 use crate::connection::Published;
 use crate::stack::{self, GatewayService, Shared};
+use crate::telemetry::shards::lock;
 
 /// The file a running gateway's config was read from, and the environment
 /// its overrides and `env:` secrets come from.
@@ -50,8 +52,19 @@ pub struct Live {
     stack: Arc<Published<GatewayService>>,
     shared: Mutex<Shared>,
     source: Option<ConfigFile>,
+    /// What the served config is made of.
+    given: Mutex<Given>,
     /// One reload at a time: each one builds on the state the last left.
     reloading: tokio::sync::Mutex<()>,
+}
+
+/// The config as its file (or the caller) gave it, and the managed keys
+/// read from Redis: the config served is the one with the other added
+/// ([`Config::with_managed_keys`]).
+#[derive(Debug)]
+struct Given {
+    config: Arc<Config>,
+    managed: Arc<ManagedKeyList>,
 }
 
 /// What a reload applied.
@@ -108,6 +121,10 @@ impl Live {
     pub fn new(shared: Shared, source: Option<ConfigFile>) -> Self {
         Live {
             stack: Arc::new(Published::new(stack::build(&shared))),
+            given: Mutex::new(Given {
+                config: Arc::clone(&shared.config),
+                managed: Arc::default(),
+            }),
             shared: Mutex::new(shared),
             source,
             reloading: tokio::sync::Mutex::new(()),
@@ -161,7 +178,36 @@ impl Live {
         if !needs_restart.is_empty() {
             return Err(ReloadError::NeedsRestart(needs_restart));
         }
-        let new = old.reloaded(Arc::new(loaded));
+        let loaded = Arc::new(loaded);
+        let managed = {
+            let mut given = lock(&self.given);
+            given.config = Arc::clone(&loaded);
+            Arc::clone(&given.managed)
+        };
+        Ok(self.serve(&old, loaded.with_managed_keys(&managed)))
+    }
+
+    /// Serves `keys` as the managed keys (those read from Redis; none while
+    /// this instance does not hear the others), with the config last given.
+    pub async fn serve_managed_keys(&self, keys: Arc<ManagedKeyList>) {
+        let _one_at_a_time = self.reloading.lock().await;
+        let config = {
+            let mut given = lock(&self.given);
+            given.managed = Arc::clone(&keys);
+            Arc::clone(&given.config)
+        };
+        let served = self.serve(&self.shared(), config.with_managed_keys(&keys));
+        tracing::info!(
+            managed_keys = keys.len(),
+            client_keys = served.client_keys,
+            "managed keys served"
+        );
+    }
+
+    /// Publishes a stack built from `config` in place of `old`'s (under
+    /// `reloading`).
+    fn serve(&self, old: &Shared, config: Config) -> Reloaded {
+        let new = old.reloaded(Arc::new(config));
         let gone = credentials_dropped(&old.config, &new.config);
         let reloaded = Reloaded {
             teams: new.config.teams.len(),
@@ -187,7 +233,7 @@ impl Live {
             old.cache.purge_partitions(gone);
         }
         old.metrics.teams_replaced(&config.teams);
-        Ok(reloaded)
+        reloaded
     }
 }
 

@@ -43,6 +43,7 @@ use redis::aio::MultiplexedConnection;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+use crate::auth::managed::{self, ManagedKeyList};
 use crate::cache::Store;
 use crate::cache::policy::{CredentialId, Partition, Scope};
 use crate::config::{Config, Secret, Upstream};
@@ -170,8 +171,10 @@ pub(crate) async fn within<T>(
 }
 
 #[derive(Debug, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "purge", rename_all = "snake_case")]
+#[serde(tag = "event", rename_all = "snake_case")]
 enum Event {
+    /// The managed keys changed (`crate::auth::managed`): read them again.
+    ManagedKeys,
     Scopes {
         partition: WirePartition,
         scopes: Vec<WireScope>,
@@ -292,6 +295,8 @@ fn apply(event: &Event, store: &Store, config: &Config) -> bool {
             }
         }
         Event::All => store.purge_all(),
+        // Not the cache's: `Subscriber::receive` reads the keys again.
+        Event::ManagedKeys => {}
         Event::Upstream { upstream } => {
             let Some(index) = upstream_index(upstreams, upstream) else {
                 return false;
@@ -328,6 +333,56 @@ fn team_partition(config: &Config, name: &str, upstream: usize) -> Option<Partit
         .find(|partition| partition.upstream() == upstream)
 }
 
+/// The managed keys this instance has read (`crate::auth::managed`), for
+/// the gateway to serve: a new version each time they may have changed.
+#[derive(Debug, Clone, Default)]
+pub struct ManagedKeys {
+    pub version: u64,
+    pub keys: Arc<ManagedKeyList>,
+}
+
+/// Hands the managed keys read to the gateway, and hears when it serves them.
+#[derive(Debug)]
+struct KeysHandOver {
+    read: watch::Sender<ManagedKeys>,
+    served: watch::Sender<u64>,
+}
+
+impl KeysHandOver {
+    fn new() -> Self {
+        KeysHandOver {
+            read: watch::channel(ManagedKeys::default()).0,
+            served: watch::channel(0).0,
+        }
+    }
+
+    /// Hands `keys` over, and returns once the gateway serves them (at most
+    /// `REDIS_TIMEOUT` later: it serves them then all the same, a moment on).
+    async fn adopt(&self, keys: ManagedKeyList) {
+        let mut version = 0;
+        self.read.send_modify(|current| {
+            current.version += 1;
+            current.keys = Arc::new(keys);
+            version = current.version;
+        });
+        let mut served = self.served.subscribe();
+        let waited =
+            tokio::time::timeout(REDIS_TIMEOUT, served.wait_for(|served| *served >= version)).await;
+        if waited.is_err() {
+            tracing::warn!("the managed keys read from Redis were not served in time");
+        }
+    }
+}
+
+/// How an announcement to the other instances went.
+#[derive(Debug)]
+enum Announced {
+    /// Every instance that received it confirmed it.
+    Confirmed,
+    Unconfirmed,
+    Failed(String),
+}
+
 /// This instance's end of the channel: publishes its invalidations; a task
 /// of its own applies the others' (see the module docs).
 pub struct Fanout {
@@ -339,6 +394,7 @@ pub struct Fanout {
     publisher: watch::Receiver<Option<MultiplexedConnection>>,
     pending: Arc<Pending>,
     metrics: Arc<Metrics>,
+    keys: Arc<KeysHandOver>,
     subscriber: tokio::task::AbortHandle,
 }
 
@@ -376,8 +432,10 @@ impl Fanout {
         let instance = hex::encode(rand::random::<[u8; 8]>());
         let (publisher_tx, publisher) = watch::channel(None);
         let pending = Arc::new(Pending::default());
+        let keys = Arc::new(KeysHandOver::new());
         let subscriber = Subscriber {
             pending: Arc::clone(&pending),
+            keys: Arc::clone(&keys),
             // Validated when the config was loaded.
             client: redis::Client::open(redis.expose()).expect("a valid Redis URL"),
             channel: channel.clone(),
@@ -395,8 +453,56 @@ impl Fanout {
             publisher,
             pending,
             metrics,
+            keys,
             subscriber: task.abort_handle(),
         })
+    }
+
+    /// The managed keys as this instance reads them: none while it does not
+    /// hear the other instances (it could miss a revocation). Whoever serves
+    /// them says so with [`Self::managed_keys_served`].
+    pub fn managed_keys(&self) -> watch::Receiver<ManagedKeys> {
+        self.keys.read.subscribe()
+    }
+
+    /// The gateway serves the managed keys of `version` (or a later one).
+    pub fn managed_keys_served(&self, version: u64) {
+        self.keys.served.send_if_modified(|served| {
+            let newer = version > *served;
+            if newer {
+                *served = version;
+            }
+            newer
+        });
+    }
+
+    /// The channel, whose name the managed keys' Redis hash starts with.
+    pub fn channel(&self) -> &str {
+        &self.channel
+    }
+
+    /// A connection to Redis, while this instance hears the others.
+    pub fn connection(&self) -> Option<MultiplexedConnection> {
+        self.publisher.borrow().clone()
+    }
+
+    /// After a change to the managed keys in Redis: reads them again, and
+    /// returns once this instance serves them and every other instance has
+    /// confirmed it does (`Ok(false)`: not every one confirmed in time).
+    pub async fn managed_keys_changed(&self) -> Result<bool, String> {
+        let mut connection = self.connection().ok_or("not connected to Redis")?;
+        let keys = managed::read_all(&mut connection, &self.channel).await?;
+        self.keys.adopt(keys).await;
+        match self.announce(Event::ManagedKeys).await {
+            Announced::Confirmed => Ok(true),
+            Announced::Unconfirmed => {
+                tracing::warn!(
+                    "a change to the managed keys was not confirmed by every instance in time"
+                );
+                Ok(false)
+            }
+            Announced::Failed(error) => Err(error),
+        }
     }
 
     /// Publishes an invalidation this instance applied itself, and returns
@@ -405,14 +511,33 @@ impl Fanout {
     /// local invalidation stands, and the other instances drop the entries
     /// when they expire.
     pub async fn publish(&self, invalidation: Invalidation<'_>) {
+        let event = to_wire(&self.serving.borrow().upstreams, invalidation);
+        match self.announce(event).await {
+            Announced::Confirmed => self.metrics.cache_fanout("published"),
+            Announced::Unconfirmed => {
+                self.metrics.cache_fanout("unconfirmed");
+                tracing::warn!(
+                    "a cache invalidation was not confirmed by every instance in time: one may serve stale reads until it expires or reconnects"
+                );
+            }
+            Announced::Failed(error) => {
+                self.metrics.cache_fanout("publish_failed");
+                tracing::warn!(%error, "cache invalidation not shared with the other instances");
+            }
+        }
+    }
+
+    /// Publishes `event` and waits (`REDIS_TIMEOUT` at most) until every
+    /// other instance that received it has confirmed it.
+    async fn announce(&self, event: Event) -> Announced {
         let id = rand::random::<u64>();
         let message = Message {
             from: self.instance.clone(),
             id,
-            event: to_wire(&self.serving.borrow().upstreams, invalidation),
+            event,
         };
         let payload = serde_json::to_vec(&message).expect("messages serialize");
-        let connection = self.publisher.borrow().clone();
+        let connection = self.connection();
         let settled = self.pending.open(id);
         let outcome = async {
             let mut connection = connection.ok_or("not connected to Redis")?;
@@ -426,17 +551,9 @@ impl Fanout {
         .await;
         self.pending.close(id);
         match outcome {
-            Ok(true) => self.metrics.cache_fanout("published"),
-            Ok(false) => {
-                self.metrics.cache_fanout("unconfirmed");
-                tracing::warn!(
-                    "a cache invalidation was not confirmed by every instance in time: one may serve stale reads until it expires or reconnects"
-                );
-            }
-            Err(error) => {
-                self.metrics.cache_fanout("publish_failed");
-                tracing::warn!(%error, "cache invalidation not shared with the other instances");
-            }
+            Ok(true) => Announced::Confirmed,
+            Ok(false) => Announced::Unconfirmed,
+            Err(error) => Announced::Failed(error),
         }
     }
 }
@@ -451,6 +568,7 @@ struct Subscriber {
     metrics: Arc<Metrics>,
     publisher: watch::Sender<Option<MultiplexedConnection>>,
     pending: Arc<Pending>,
+    keys: Arc<KeysHandOver>,
 }
 
 impl Subscriber {
@@ -459,17 +577,22 @@ impl Subscriber {
         let mut said_down = false;
         loop {
             match self.connect().await {
-                Ok((mut subscription, mut messages, connection)) => {
+                Ok((mut subscription, mut messages, connection, keys)) => {
                     self.publisher.send_replace(Some(connection));
                     self.store.resume_flushed();
+                    self.keys.adopt(keys).await;
                     self.metrics.cache_fanout_subscribed(true);
-                    tracing::info!(channel = %self.channel, "cache invalidations shared through Redis: subscribed, local cache flushed");
+                    tracing::info!(channel = %self.channel, "cache invalidations shared through Redis: subscribed, local cache flushed, managed keys read");
                     retry = RETRY_FIRST;
                     let mut heartbeat = tokio::time::interval(HEARTBEAT);
                     loop {
                         tokio::select! {
                             message = messages.next() => match message {
-                                Some(message) => self.receive(message.get_channel_name(), message.get_payload_bytes()).await,
+                                Some(message) => {
+                                    if !self.receive(message.get_channel_name(), message.get_payload_bytes()).await {
+                                        break;
+                                    }
+                                }
                                 None => break,
                             },
                             _ = heartbeat.tick() => {
@@ -482,12 +605,14 @@ impl Subscriber {
                     }
                     self.store.pause();
                     self.publisher.send_replace(None);
+                    // It could miss a revocation now: no managed key works here until it hears again.
+                    self.keys.adopt(Vec::new()).await;
                     self.metrics.cache_fanout_subscribed(false);
-                    tracing::warn!(channel = %self.channel, "lost the Redis subscription (closed, or silent past its heartbeat): the cache is paused until it is back");
+                    tracing::warn!(channel = %self.channel, "lost the Redis subscription (closed, or silent past its heartbeat): the cache is paused and managed keys refused until it is back");
                     said_down = true;
                 }
                 Err(error) if !said_down => {
-                    tracing::warn!(%error, "cannot subscribe to Redis: the cache is paused until it can");
+                    tracing::warn!(%error, "cannot subscribe to Redis: the cache is paused and managed keys refused until it can");
                     said_down = true;
                 }
                 Err(error) => tracing::debug!(%error, "cannot subscribe to Redis yet"),
@@ -498,7 +623,8 @@ impl Subscriber {
     }
 
     /// A subscription to the channel (its command side, for the heartbeat,
-    /// and its messages) and a connection to publish on.
+    /// and its messages), a connection to publish on, and the managed keys
+    /// (read after subscribing: a change made since is heard).
     async fn connect(
         &self,
     ) -> Result<
@@ -506,10 +632,11 @@ impl Subscriber {
             redis::aio::PubSubSink,
             redis::aio::PubSubStream,
             MultiplexedConnection,
+            ManagedKeyList,
         ),
         String,
     > {
-        within(async {
+        let (subscription, messages, mut connection) = within(async {
             let (mut subscription, messages) = self.client.get_async_pubsub().await?.split();
             subscription
                 .subscribe(&[self.channel.clone(), acks_channel(&self.channel)])
@@ -517,37 +644,59 @@ impl Subscriber {
             let connection = self.client.get_multiplexed_async_connection().await?;
             Ok((subscription, messages, connection))
         })
-        .await
+        .await?;
+        let keys = managed::read_all(&mut connection, &self.channel).await?;
+        Ok((subscription, messages, connection, keys))
     }
 
-    async fn receive(&self, channel: &str, payload: &[u8]) {
+    /// Applies one message; `false` when the subscription should be given
+    /// up (the managed keys could not be read again: reconnecting reads them
+    /// afresh, and refuses them meanwhile).
+    async fn receive(&self, channel: &str, payload: &[u8]) -> bool {
         if channel != self.channel {
             if let Ok(ack) = serde_json::from_slice::<Ack>(payload)
                 && ack.to == self.instance
             {
                 self.pending.acknowledged(ack.id);
             }
-            return;
+            return true;
         }
         let message = serde_json::from_slice::<Message>(payload).ok();
         let applied = match &message {
-            Some(message) if message.from == self.instance => return,
+            Some(message) if message.from == self.instance => return true,
+            Some(Message {
+                event: Event::ManagedKeys,
+                ..
+            }) => {
+                if !self.read_managed_keys().await {
+                    return false;
+                }
+                true
+            }
             Some(message) => {
                 let config = Arc::clone(&self.serving.borrow());
-                apply(&message.event, &self.store, &config)
+                let applied = apply(&message.event, &self.store, &config);
+                self.metrics.cache_fanout("applied");
+                applied
             }
-            None => false,
+            None => {
+                self.metrics.cache_fanout("applied");
+                false
+            }
         };
         if !applied {
+            // It may have been a revocation, too.
             tracing::warn!(
-                "an invalidation from another instance could not be read: the whole cache is flushed"
+                "a message from another instance could not be read: the whole cache is flushed and the managed keys read again"
             );
             self.store.purge_all();
+            if !self.read_managed_keys().await {
+                return false;
+            }
         }
-        self.metrics.cache_fanout("applied");
         let (Some(message), Some(mut connection)) = (message, self.publisher.borrow().clone())
         else {
-            return;
+            return true;
         };
         let ack = Ack {
             to: message.from,
@@ -558,6 +707,25 @@ impl Subscriber {
             within(connection.publish::<_, _, usize>(acks_channel(&self.channel), payload)).await;
         if let Err(error) = sent {
             tracing::debug!(%error, "could not confirm an invalidation to the instance that published it");
+        }
+        true
+    }
+
+    /// Reads the managed keys again and hands them over; `false` if they
+    /// could not be read.
+    async fn read_managed_keys(&self) -> bool {
+        let Some(mut connection) = self.publisher.borrow().clone() else {
+            return false;
+        };
+        match managed::read_all(&mut connection, &self.channel).await {
+            Ok(keys) => {
+                self.keys.adopt(keys).await;
+                true
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot read the managed keys from Redis: reconnecting");
+                false
+            }
         }
     }
 }

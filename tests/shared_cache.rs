@@ -44,17 +44,6 @@ async fn subscribed(h: &Harness) -> Option<f64> {
     h.metric("teamgate_cache_fanout_subscribed", &[]).await
 }
 
-/// Waits (20 s at most) until `h` reports `value` for its subscription.
-async fn until_subscribed(h: &Harness, value: f64) {
-    for _ in 0..2000 {
-        if subscribed(h).await == Some(value) {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("teamgate_cache_fanout_subscribed never became {value}");
-}
-
 const LIST: &str = "/api/assets?limit=50";
 
 /// Reads `LIST` through `h` until it is cached there: the second read is a hit.
@@ -81,8 +70,8 @@ async fn writes_and_purges_through_one_instance_reach_the_others_cache() {
     let (emulator, addr) = serve_emulator(test_emulator()).await;
     let a = instance(&emulator, addr, &redis).await;
     let b = instance(&emulator, addr, &redis).await;
-    until_subscribed(&a, 1.0).await;
-    until_subscribed(&b, 1.0).await;
+    a.until_subscribed(1.0).await;
+    b.until_subscribed(1.0).await;
 
     assert!(!b.get(LIST, DESIGN_KEY).await.lists("made-on-a.png"));
     assert!(b.get(LIST, DESIGN_KEY).await.is_hit());
@@ -143,8 +132,8 @@ async fn a_write_reaches_an_instance_that_keys_the_team_by_another_credential() 
         )
     })
     .await;
-    until_subscribed(&a, 1.0).await;
-    until_subscribed(&b, 1.0).await;
+    a.until_subscribed(1.0).await;
+    b.until_subscribed(1.0).await;
     cache_list(&b).await;
 
     assert!(
@@ -180,17 +169,17 @@ async fn an_instance_that_cannot_hear_the_others_serves_nothing_from_its_cache()
 
     // Redis comes up: the instance subscribes and caches again.
     redis.start();
-    until_subscribed(&h, 1.0).await;
+    h.until_subscribed(1.0).await;
     cache_list(&h).await;
 
     // Redis goes away: the cached entry is not served any more.
     redis.stop();
-    until_subscribed(&h, 0.0).await;
+    h.until_subscribed(0.0).await;
     read_goes_upstream(&h, &emulator).await;
 
     // And back: what was cached before the outage is flushed, not served.
     redis.start();
-    until_subscribed(&h, 1.0).await;
+    h.until_subscribed(1.0).await;
     read_goes_upstream(&h, &emulator).await;
     h.stop().await;
 }
@@ -203,16 +192,16 @@ async fn a_silent_redis_pauses_the_cache_until_it_answers_again() {
     let redis = Redis::started("silent");
     let (emulator, addr) = serve_emulator(test_emulator()).await;
     let h = instance(&emulator, addr, &redis).await;
-    until_subscribed(&h, 1.0).await;
+    h.until_subscribed(1.0).await;
     cache_list(&h).await;
 
     redis.signal("STOP");
-    until_subscribed(&h, 0.0).await;
+    h.until_subscribed(0.0).await;
     read_goes_upstream(&h, &emulator).await;
 
     // Back: flushed, so the entry cached before is not served.
     redis.signal("CONT");
-    until_subscribed(&h, 1.0).await;
+    h.until_subscribed(1.0).await;
     read_goes_upstream(&h, &emulator).await;
     h.stop().await;
 }
@@ -262,7 +251,7 @@ async fn a_write_is_answered_once_every_instance_has_applied_it() {
     let redis = Redis::started("acks");
     let (emulator, addr) = serve_emulator(test_emulator()).await;
     let h = instance(&emulator, addr, &redis).await;
-    until_subscribed(&h, 1.0).await;
+    h.until_subscribed(1.0).await;
 
     let confirmed = slow_instance(&redis, true).await;
     assert!(

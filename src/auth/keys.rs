@@ -109,16 +109,35 @@ pub fn generate_key() -> String {
 }
 
 /// What a valid client key resolves to.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct KeyEntry<T> {
     pub owner: Arc<T>,
     pub digest: KeyDigest,
 }
 
-/// Hash → owner (a team). Built once at config load; read-only afterwards.
+/// Not derived: that would ask `T: Clone`, and owners are shared, not copied.
+impl<T> Clone for KeyEntry<T> {
+    fn clone(&self) -> Self {
+        KeyEntry {
+            owner: Arc::clone(&self.owner),
+            digest: self.digest,
+        }
+    }
+}
+
+/// Hash → owner (a team). Built at config load (and copied with the keys
+/// kept in Redis added, `crate::auth::shared`); read-only afterwards.
 #[derive(Debug)]
 pub struct KeyStore<T> {
     entries: HashMap<KeyDigest, KeyEntry<T>, foldhash::fast::RandomState>,
+}
+
+impl<T> Clone for KeyStore<T> {
+    fn clone(&self) -> Self {
+        KeyStore {
+            entries: self.entries.clone(),
+        }
+    }
 }
 
 impl<T> KeyStore<T> {

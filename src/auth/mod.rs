@@ -11,6 +11,7 @@
 
 pub mod inject;
 pub mod keys;
+pub mod managed;
 
 use std::convert::Infallible;
 use std::sync::Arc;

@@ -26,6 +26,7 @@ use http::{HeaderValue, Uri};
 use serde::Deserialize;
 
 use crate::auth::keys::{KeyDigest, KeyStore};
+use crate::auth::managed::ManagedKeyList;
 use crate::cache::policy::{
     CachePolicy, CredentialId, MethodMatch, Partition, ReadRule, ScopeTemplate, WriteRule,
     parse_match,
@@ -36,7 +37,7 @@ pub use preset::{CredentialKind, CredentialPlacement, Preset, RouteRule};
 pub use secret::Secret;
 
 /// The validated configuration the gateway runs with.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Config {
     /// Where it came from (a path, or `<demo>`), for messages.
     pub origin: String,
@@ -45,8 +46,11 @@ pub struct Config {
     /// In declaration order; `Upstream::index` is the position here.
     pub upstreams: Vec<Arc<Upstream>>,
     pub teams: Vec<Arc<Team>>,
-    /// Client key hash → team.
+    /// Client key hash → team: the file's, and the managed keys served.
     pub keys: KeyStore<Team>,
+    /// The managed keys among `keys` (`crate::auth::managed`; none in a
+    /// config as loaded from its file).
+    pub managed_keys: ManagedKeyList,
     pub cache: CacheSettings,
     pub admin: AdminSettings,
     pub limits: LimitSettings,
@@ -1144,6 +1148,7 @@ fn validate(
         limits,
         traces,
         shared,
+        managed_keys: Vec::new(),
         restart_settings: toml::Table::new(),
     }
 }

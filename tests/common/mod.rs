@@ -437,6 +437,18 @@ impl Harness {
         String::from_utf8(self.admin_get("/metrics").await.body.to_vec()).unwrap()
     }
 
+    /// Waits (20 s at most) until `teamgate_cache_fanout_subscribed` is
+    /// `value`: 1 while this instance hears the others (`[shared] redis`).
+    pub async fn until_subscribed(&self, value: f64) {
+        for _ in 0..2000 {
+            if self.metric("teamgate_cache_fanout_subscribed", &[]).await == Some(value) {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        panic!("teamgate_cache_fanout_subscribed never became {value}");
+    }
+
     /// One series of `/metrics` (see [`sample`]).
     pub async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
         sample(&self.metrics_text().await, name, labels)
