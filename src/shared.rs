@@ -356,9 +356,9 @@ impl KeysHandOver {
         }
     }
 
-    /// Hands `keys` over, and returns once the gateway serves them (at most
-    /// `REDIS_TIMEOUT` later: it serves them then all the same, a moment on).
-    async fn adopt(&self, keys: ManagedKeyList) {
+    /// Hands `keys` over, and returns once the gateway serves them, or
+    /// `REDIS_TIMEOUT` later (`false`: it serves them a moment on).
+    async fn adopt(&self, keys: ManagedKeyList) -> bool {
         let mut version = 0;
         self.read.send_modify(|current| {
             current.version += 1;
@@ -371,6 +371,7 @@ impl KeysHandOver {
         if waited.is_err() {
             tracing::warn!("the managed keys read from Redis were not served in time");
         }
+        waited.is_ok()
     }
 }
 
@@ -492,9 +493,9 @@ impl Fanout {
     pub async fn managed_keys_changed(&self) -> Result<bool, String> {
         let mut connection = self.connection().ok_or("not connected to Redis")?;
         let keys = managed::read_all(&mut connection, &self.channel).await?;
-        self.keys.adopt(keys).await;
+        let served_here = self.keys.adopt(keys).await;
         match self.announce(Event::ManagedKeys).await {
-            Announced::Confirmed => Ok(true),
+            Announced::Confirmed => Ok(served_here),
             Announced::Unconfirmed => {
                 tracing::warn!(
                     "a change to the managed keys was not confirmed by every instance in time"
@@ -668,10 +669,12 @@ impl Subscriber {
                 event: Event::ManagedKeys,
                 ..
             }) => {
-                if !self.read_managed_keys().await {
-                    return false;
+                match self.read_managed_keys().await {
+                    // Read, but not served yet: no confirmation (the change's maker says so).
+                    Some(false) => return true,
+                    Some(true) => true,
+                    None => return false,
                 }
-                true
             }
             Some(message) => {
                 let config = Arc::clone(&self.serving.borrow());
@@ -690,8 +693,10 @@ impl Subscriber {
                 "a message from another instance could not be read: the whole cache is flushed and the managed keys read again"
             );
             self.store.purge_all();
-            if !self.read_managed_keys().await {
-                return false;
+            match self.read_managed_keys().await {
+                Some(false) => return true,
+                Some(true) => {}
+                None => return false,
             }
         }
         let (Some(message), Some(mut connection)) = (message, self.publisher.borrow().clone())
@@ -711,20 +716,15 @@ impl Subscriber {
         true
     }
 
-    /// Reads the managed keys again and hands them over; `false` if they
-    /// could not be read.
-    async fn read_managed_keys(&self) -> bool {
-        let Some(mut connection) = self.publisher.borrow().clone() else {
-            return false;
-        };
+    /// Reads the managed keys again and hands them over: whether they are
+    /// served in time, or `None` if they could not be read.
+    async fn read_managed_keys(&self) -> Option<bool> {
+        let mut connection = self.publisher.borrow().clone()?;
         match managed::read_all(&mut connection, &self.channel).await {
-            Ok(keys) => {
-                self.keys.adopt(keys).await;
-                true
-            }
+            Ok(keys) => Some(self.keys.adopt(keys).await),
             Err(error) => {
                 tracing::warn!(%error, "cannot read the managed keys from Redis: reconnecting");
-                false
+                None
             }
         }
     }
