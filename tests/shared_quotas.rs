@@ -16,7 +16,7 @@ use std::time::Duration;
 use common::redis_server::Redis;
 use common::*;
 use http::{Method, StatusCode};
-use teamgate::emulator::Emulator;
+use teamgate::emulator::{Emulator, Fault, FaultAction};
 
 /// A gateway in front of `emulator` sharing its quotas through `redis`,
 /// with `limits` (TOML) for its teams.
@@ -204,6 +204,48 @@ async fn without_redis_each_instance_enforces_its_quotas_alone_until_it_is_back(
         .await
         .unwrap();
     assert_eq!(stored, None, "nothing admitted since Redis came up");
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn an_upstream_429_through_one_instance_pauses_the_team_on_every_instance() {
+    let redis = Redis::started("quota-pause");
+    let (emulator, addr) = serve_emulator(test_emulator()).await;
+    let a = instance(&emulator, addr, &redis, "").await;
+    let b = instance(&emulator, addr, &redis, "").await;
+    emulator.inject(
+        Fault::new(
+            None,
+            "/api/jobs",
+            FaultAction::RateLimited {
+                retry_after_secs: 30,
+            },
+        )
+        .times(1),
+    );
+    let throttled = a.get("/api/jobs", DESIGN_KEY).await;
+    assert_eq!(throttled.status, StatusCode::TOO_MANY_REQUESTS);
+    two_rounds(&a, "ok").await;
+    two_rounds(&b, "ok").await;
+
+    // B never sent the team's key anything, yet holds back: the upstream
+    // said so to the key, through A.
+    let paused = b.get("/api/jobs", DESIGN_KEY).await;
+    assert_eq!(paused.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(
+        paused.json()["error"]["type"],
+        "RATE_LIMITED",
+        "the gateway's answer"
+    );
+    let retry: u64 = paused.header("retry-after").parse().unwrap();
+    assert!((1..=30).contains(&retry), "Retry-After {retry}");
+    assert_eq!(
+        emulator.count(Method::GET, "/api/jobs"),
+        1,
+        "nothing more was sent"
+    );
+    assert_eq!(status(&b, "/api/jobs", RESEARCH_KEY).await, StatusCode::OK);
     a.stop().await;
     b.stop().await;
 }

@@ -19,6 +19,8 @@ use std::time::Duration;
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
+use crate::telemetry::shards::lock;
+
 use crate::config::{Config, LimitSettings, RouteQuota, UpstreamLimits};
 pub use layer::{ClientQuotaLayer, UpstreamBudgetLayer};
 use quota::{GovernorLimit, QuotaSpec, RateLimit};
@@ -51,6 +53,14 @@ impl Backend {
             Backend::Shared(shared) => shared.limit(team, name, name, spec, true),
         }
     }
+
+    /// `team`'s pause on `upstream`.
+    fn pause(&self, team: &str, upstream: &str) -> Arc<Pause> {
+        match self {
+            Backend::Local => Arc::default(),
+            Backend::Shared(shared) => shared.pause(team, upstream),
+        }
+    }
 }
 
 /// One quota and the spec it was built from (to reuse it across reloads).
@@ -67,42 +77,85 @@ pub struct RouteLimit {
     limit: Arc<dyn RateLimit>,
 }
 
+/// A team's pause on one upstream, set when the upstream answered 429
+/// with `Retry-After`. With `[shared] redis` the instances share it (the
+/// upstream limits the team's key, not one instance): see [`shared`].
+#[derive(Debug, Default)]
+pub struct Pause {
+    until: Mutex<Option<Instant>>,
+    /// The end of a pause this instance started, until a round reports it.
+    unreported: Mutex<Option<Instant>>,
+}
+
+impl Pause {
+    /// The remaining pause, if the upstream asked this team to back off.
+    pub fn left(&self) -> Option<Duration> {
+        let until = (*lock(&self.until))?;
+        until
+            .checked_duration_since(Instant::now())
+            .filter(|left| !left.is_zero())
+    }
+
+    /// Pauses until `until`, unless paused longer already; whether it did.
+    fn extend(&self, until: Instant) -> bool {
+        let mut paused = lock(&self.until);
+        let longer = paused.is_none_or(|current| current < until);
+        if longer {
+            *paused = Some(until);
+        }
+        longer
+    }
+
+    /// Starts a pause of `duration` here (the other instances hear of it
+    /// at the next round).
+    fn start(&self, duration: Duration) {
+        let until = Instant::now() + duration;
+        if self.extend(until) {
+            *lock(&self.unreported) = Some(until);
+        }
+    }
+
+    /// The pause this instance started since the last round, if it still runs.
+    fn take_unreported(&self) -> Option<Duration> {
+        let until = lock(&self.unreported).take()?;
+        until
+            .checked_duration_since(Instant::now())
+            .filter(|left| !left.is_zero())
+    }
+}
+
 /// A team's budget on one upstream.
 #[derive(Debug)]
 pub struct UpstreamBudget {
     limits: UpstreamLimits,
     rate: Option<Arc<dyn RateLimit>>,
     in_flight: Option<Arc<Semaphore>>,
-    /// Set when the upstream answered 429 with `Retry-After`.
-    paused_until: Mutex<Option<Instant>>,
+    pause: Arc<Pause>,
 }
 
 impl UpstreamBudget {
-    fn new(limits: &UpstreamLimits, rate: impl FnOnce(QuotaSpec) -> Arc<dyn RateLimit>) -> Self {
+    fn new(
+        limits: &UpstreamLimits,
+        rate: impl FnOnce(QuotaSpec) -> Arc<dyn RateLimit>,
+        pause: Arc<Pause>,
+    ) -> Self {
         UpstreamBudget {
             limits: limits.clone(),
             rate: limits.rate.map(rate),
             in_flight: limits
                 .max_in_flight
                 .map(|max| Arc::new(Semaphore::new(max as usize))),
-            paused_until: Mutex::new(None),
+            pause,
         }
     }
 
     /// The remaining pause, if the upstream asked this team to back off.
     pub fn paused_for(&self) -> Option<Duration> {
-        let until = (*self.paused_until.lock().unwrap_or_else(|p| p.into_inner()))?;
-        until
-            .checked_duration_since(Instant::now())
-            .filter(|left| !left.is_zero())
+        self.pause.left()
     }
 
     pub fn pause(&self, duration: Duration) {
-        let until = Instant::now() + duration;
-        let mut paused = self.paused_until.lock().unwrap_or_else(|p| p.into_inner());
-        if paused.is_none_or(|current| current < until) {
-            *paused = Some(until);
-        }
+        self.pause.start(duration);
     }
 }
 
@@ -189,10 +242,14 @@ impl Quotas {
                 .map(
                     |upstream| match old.and_then(|o| o.upstream.get(upstream.index)) {
                         Some(budget) if budget.limits == limits.upstream => Arc::clone(budget),
-                        _ => Arc::new(UpstreamBudget::new(&limits.upstream, |spec| {
-                            let bucket = format!("upstream:{}", upstream.name);
-                            backend.single(name, &bucket, "upstream", spec)
-                        })),
+                        _ => Arc::new(UpstreamBudget::new(
+                            &limits.upstream,
+                            |spec| {
+                                let bucket = format!("upstream:{}", upstream.name);
+                                backend.single(name, &bucket, "upstream", spec)
+                            },
+                            backend.pause(name, &upstream.name),
+                        )),
                     },
                 )
                 .collect();

@@ -34,8 +34,14 @@
 //! `route:<match>` or `upstream:<name>` (a string: the time, in µs on
 //! Redis's clock, the bucket is full again), or `per_key` (a sorted set of
 //! such times by key id — 96 bits of the key's SHA-256, never the key).
-//! Each expires when full again. In-flight caps and the pause after an
-//! upstream `429` stay per instance.
+//! Each expires when full again.
+//!
+//! The pause after an upstream `429` with `Retry-After` (`[limits]
+//! pause_on_upstream_429`) is shared the same way: the upstream limits the
+//! team's key, whichever instance sent the request. An instance that starts
+//! a pause reports it at its next round (`<team>:pause:<upstream>`, a key
+//! that expires when the pause ends), and every round reads each pause
+//! back. In-flight caps stay per instance.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -45,6 +51,7 @@ use std::time::Duration;
 use governor::clock::Clock as _;
 use redis::aio::MultiplexedConnection;
 
+use super::Pause;
 use super::quota::{Denial, QuotaSpec, RateLimit, Snapshot, TokioClock, Verdict, ceil_secs};
 use crate::auth::keys::KeyDigest;
 use crate::config::Secret;
@@ -113,6 +120,21 @@ for i, key in ipairs(KEYS) do
   active[i] = backlogs
 end
 return active
+";
+
+/// Shares the pauses after an upstream 429: `KEYS[i]`, a team's pause on
+/// one upstream; `ARGV[i]`, the ms of a pause this instance started since
+/// its last report (0: none). Answers each pause's ms left (≤ 0: none).
+const PAUSE_SCRIPT: &str = r"
+local left = {}
+for i, key in ipairs(KEYS) do
+  local ms = tonumber(ARGV[i])
+  if ms > 0 and redis.call('PTTL', key) < ms then
+    redis.call('SET', key, '1', 'PX', ms)
+  end
+  left[i] = redis.call('PTTL', key)
+end
+return left
 ";
 
 /// A quota's GCRA parameters, in nanoseconds.
@@ -360,8 +382,11 @@ pub struct SharedQuotas {
     /// One clock for every bucket, so a round reads `now` once.
     clock: TokioClock,
     limits: Mutex<Vec<Weak<SharedLimit>>>,
+    /// Each pause after an upstream 429, with its Redis key.
+    pauses: Mutex<Vec<(String, Weak<Pause>)>>,
     report: redis::Script,
     active: redis::Script,
+    pause: redis::Script,
 }
 
 impl SharedQuotas {
@@ -370,8 +395,10 @@ impl SharedQuotas {
             prefix: format!("{channel}:quota"),
             clock: TokioClock::default(),
             limits: Mutex::default(),
+            pauses: Mutex::default(),
             report: redis::Script::new(REPORT_SCRIPT),
             active: redis::Script::new(ACTIVE_SCRIPT),
+            pause: redis::Script::new(PAUSE_SCRIPT),
         })
     }
 
@@ -399,6 +426,27 @@ impl SharedQuotas {
         });
         lock(&self.limits).push(Arc::downgrade(&limit));
         limit
+    }
+
+    /// `team`'s pause on `upstream`, shared as `<team>:pause:<upstream>`.
+    pub fn pause(&self, team: &str, upstream: &str) -> Arc<Pause> {
+        let pause = Arc::new(Pause::default());
+        let redis_key = format!("{}:{team}:pause:{upstream}", self.prefix);
+        lock(&self.pauses).push((redis_key, Arc::downgrade(&pause)));
+        pause
+    }
+
+    /// The pauses alive, with their Redis keys.
+    fn live_pauses(&self) -> Vec<(String, Arc<Pause>)> {
+        let mut live = Vec::new();
+        lock(&self.pauses).retain(|(redis_key, pause)| match pause.upgrade() {
+            Some(pause) => {
+                live.push((redis_key.clone(), pause));
+                true
+            }
+            None => false,
+        });
+        live
     }
 
     /// The quotas alive (those of the config served, and of requests still
@@ -467,6 +515,25 @@ impl SharedQuotas {
             let now = self.clock.now().as_u64();
             for (limit, active) in round.iter().zip(backlogs) {
                 limit.settle_active(&active, now);
+            }
+        }
+        for round in self.live_pauses().chunks(BUCKETS_PER_CALL) {
+            let mut call = self.pause.prepare_invoke();
+            for (redis_key, pause) in round {
+                let started = pause.take_unreported().unwrap_or_default();
+                // Rounded up: a pause never ends early for a rounding.
+                let started_ms = u64::try_from(started.as_nanos().div_ceil(1_000_000));
+                call.key(redis_key).arg(started_ms.unwrap_or(u64::MAX));
+            }
+            let left: Vec<i64> = within(call.invoke_async(connection)).await?;
+            answered(left.len(), round.len())?;
+            let now = tokio::time::Instant::now();
+            for ((_, pause), left_ms) in round.iter().zip(left) {
+                if let Ok(left_ms) = u64::try_from(left_ms)
+                    && left_ms > 0
+                {
+                    pause.extend(now + Duration::from_millis(left_ms));
+                }
             }
         }
         Ok(())
