@@ -1,6 +1,8 @@
 //! What the gateway's instances share through Redis (`[shared] redis`):
-//! cache invalidations, fanned out over pub/sub. (Their quotas are
-//! reconciled through Redis too: see [`crate::limit::shared`].)
+//! cache invalidations, fanned out over pub/sub, and on the same channel
+//! the news that the managed keys changed ([`crate::auth::managed`], which
+//! says what an instance does with them). Their quotas are reconciled
+//! through Redis too: see [`crate::limit::shared`].
 //!
 //! Each instance caches in its own memory. A write through one instance
 //! invalidates that instance's entries at once (the cache layer) and is
@@ -346,6 +348,9 @@ pub struct ManagedKeys {
 struct KeysHandOver {
     read: watch::Sender<ManagedKeys>,
     served: watch::Sender<u64>,
+    /// One reader at a time (the subscriber, the admin API): a read that
+    /// started earlier never replaces one that started later.
+    reading: tokio::sync::Mutex<()>,
 }
 
 impl KeysHandOver {
@@ -353,18 +358,47 @@ impl KeysHandOver {
         KeysHandOver {
             read: watch::channel(ManagedKeys::default()).0,
             served: watch::channel(0).0,
+            reading: tokio::sync::Mutex::new(()),
         }
     }
 
-    /// Hands `keys` over, and returns once the gateway serves them, or
-    /// `REDIS_TIMEOUT` later (`false`: it serves them a moment on).
-    async fn adopt(&self, keys: ManagedKeyList) -> bool {
+    /// Reads the managed keys from Redis and hands them over: whether the
+    /// gateway serves them within `REDIS_TIMEOUT` (it does a moment on, if not).
+    async fn read(
+        &self,
+        connection: Option<MultiplexedConnection>,
+        channel: &str,
+    ) -> Result<bool, String> {
+        let version = {
+            let _one_reader = self.reading.lock().await;
+            let mut connection = connection.ok_or("not connected to Redis")?;
+            let keys = managed::read_all(&mut connection, channel).await?;
+            self.hand_over(keys)
+        };
+        Ok(self.served(version).await)
+    }
+
+    /// Hands over no managed keys: this instance could miss a revocation.
+    async fn refuse_all(&self) {
+        let version = {
+            let _one_reader = self.reading.lock().await;
+            self.hand_over(Vec::new())
+        };
+        self.served(version).await;
+    }
+
+    fn hand_over(&self, keys: ManagedKeyList) -> u64 {
         let mut version = 0;
         self.read.send_modify(|current| {
             current.version += 1;
             current.keys = Arc::new(keys);
             version = current.version;
         });
+        version
+    }
+
+    /// Whether the gateway serves `version` within `REDIS_TIMEOUT`.
+    async fn served(&self, version: u64) -> bool {
         let mut served = self.served.subscribe();
         let waited =
             tokio::time::timeout(REDIS_TIMEOUT, served.wait_for(|served| *served >= version)).await;
@@ -491,9 +525,7 @@ impl Fanout {
     /// returns once this instance serves them and every other instance has
     /// confirmed it does (`Ok(false)`: not every one confirmed in time).
     pub async fn managed_keys_changed(&self) -> Result<bool, String> {
-        let mut connection = self.connection().ok_or("not connected to Redis")?;
-        let keys = managed::read_all(&mut connection, &self.channel).await?;
-        let served_here = self.keys.adopt(keys).await;
+        let served_here = self.keys.read(self.connection(), &self.channel).await?;
         match self.announce(Event::ManagedKeys).await {
             Announced::Confirmed => Ok(served_here),
             Announced::Unconfirmed => {
@@ -578,28 +610,30 @@ impl Subscriber {
         let mut said_down = false;
         loop {
             match self.connect().await {
-                Ok((mut subscription, mut messages, connection, keys)) => {
+                Ok((mut subscription, mut messages, connection)) => {
                     self.publisher.send_replace(Some(connection));
                     self.store.resume_flushed();
-                    self.keys.adopt(keys).await;
-                    self.metrics.cache_fanout_subscribed(true);
-                    tracing::info!(channel = %self.channel, "cache invalidations shared through Redis: subscribed, local cache flushed, managed keys read");
-                    retry = RETRY_FIRST;
-                    let mut heartbeat = tokio::time::interval(HEARTBEAT);
-                    loop {
-                        tokio::select! {
-                            message = messages.next() => match message {
-                                Some(message) => {
-                                    if !self.receive(message.get_channel_name(), message.get_payload_bytes()).await {
+                    // Read after subscribing: a change made since is heard.
+                    if self.read_managed_keys().await.is_some() {
+                        self.metrics.cache_fanout_subscribed(true);
+                        tracing::info!(channel = %self.channel, "cache invalidations shared through Redis: subscribed, local cache flushed, managed keys read");
+                        retry = RETRY_FIRST;
+                        let mut heartbeat = tokio::time::interval(HEARTBEAT);
+                        loop {
+                            tokio::select! {
+                                message = messages.next() => match message {
+                                    Some(message) => {
+                                        if !self.receive(message.get_channel_name(), message.get_payload_bytes()).await {
+                                            break;
+                                        }
+                                    }
+                                    None => break,
+                                },
+                                _ = heartbeat.tick() => {
+                                    let ping = subscription.ping::<redis::Value>();
+                                    if !matches!(tokio::time::timeout(REDIS_TIMEOUT, ping).await, Ok(Ok(_))) {
                                         break;
                                     }
-                                }
-                                None => break,
-                            },
-                            _ = heartbeat.tick() => {
-                                let ping = subscription.ping::<redis::Value>();
-                                if !matches!(tokio::time::timeout(REDIS_TIMEOUT, ping).await, Ok(Ok(_))) {
-                                    break;
                                 }
                             }
                         }
@@ -607,7 +641,7 @@ impl Subscriber {
                     self.store.pause();
                     self.publisher.send_replace(None);
                     // It could miss a revocation now: no managed key works here until it hears again.
-                    self.keys.adopt(Vec::new()).await;
+                    self.keys.refuse_all().await;
                     self.metrics.cache_fanout_subscribed(false);
                     tracing::warn!(channel = %self.channel, "lost the Redis subscription (closed, or silent past its heartbeat): the cache is paused and managed keys refused until it is back");
                     said_down = true;
@@ -624,8 +658,7 @@ impl Subscriber {
     }
 
     /// A subscription to the channel (its command side, for the heartbeat,
-    /// and its messages), a connection to publish on, and the managed keys
-    /// (read after subscribing: a change made since is heard).
+    /// and its messages) and a connection to publish on.
     async fn connect(
         &self,
     ) -> Result<
@@ -633,11 +666,10 @@ impl Subscriber {
             redis::aio::PubSubSink,
             redis::aio::PubSubStream,
             MultiplexedConnection,
-            ManagedKeyList,
         ),
         String,
     > {
-        let (subscription, messages, mut connection) = within(async {
+        within(async {
             let (mut subscription, messages) = self.client.get_async_pubsub().await?.split();
             subscription
                 .subscribe(&[self.channel.clone(), acks_channel(&self.channel)])
@@ -645,9 +677,7 @@ impl Subscriber {
             let connection = self.client.get_multiplexed_async_connection().await?;
             Ok((subscription, messages, connection))
         })
-        .await?;
-        let keys = managed::read_all(&mut connection, &self.channel).await?;
-        Ok((subscription, messages, connection, keys))
+        .await
     }
 
     /// Applies one message; `false` when the subscription should be given
@@ -719,9 +749,9 @@ impl Subscriber {
     /// Reads the managed keys again and hands them over: whether they are
     /// served in time, or `None` if they could not be read.
     async fn read_managed_keys(&self) -> Option<bool> {
-        let mut connection = self.publisher.borrow().clone()?;
-        match managed::read_all(&mut connection, &self.channel).await {
-            Ok(keys) => Some(self.keys.adopt(keys).await),
+        let connection = self.publisher.borrow().clone();
+        match self.keys.read(connection, &self.channel).await {
+            Ok(served) => Some(served),
             Err(error) => {
                 tracing::warn!(%error, "cannot read the managed keys from Redis: reconnecting");
                 None
