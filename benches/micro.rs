@@ -277,15 +277,20 @@ fn request_metrics(c: &mut Criterion) {
 /// Runs `work` on this thread and one more at once (started together); the
 /// time until both are done.
 fn on_two_threads(work: impl Fn() + Sync) -> std::time::Duration {
+    on_two_threads_each(|_| work())
+}
+
+/// [`on_two_threads`], `work` told which thread it runs on (0 or 1).
+fn on_two_threads_each(work: impl Fn(usize) + Sync) -> std::time::Duration {
     let start = std::sync::Barrier::new(2);
     std::thread::scope(|threads| {
         let other = threads.spawn(|| {
             start.wait();
-            work();
+            work(1);
         });
         start.wait();
         let began = std::time::Instant::now();
-        work();
+        work(0);
         other.join().expect("the second thread");
         began.elapsed()
     })
@@ -498,9 +503,70 @@ fn cache_get(c: &mut Criterion) {
     });
 }
 
+/// A quota check on the request path: the in-memory backend (governor) and
+/// the backend of instances sharing their quotas (`limit::shared`: the same
+/// check in memory, reported to Redis by a round off the request path), a
+/// team bucket and a per-key one, alone and on two threads at once — one
+/// team bucket both share; a per-key quota's buckets of two keys, one each,
+/// as two clients of a team. The quotas are wide: every check is admitted.
+fn quota_checks(c: &mut Criterion) {
+    use teamgate::auth::keys::KeyDigest;
+    use teamgate::limit::quota::{GovernorLimit, QuotaSpec, RateLimit, Verdict, parse_rate};
+    use teamgate::limit::shared::SharedQuotas;
+
+    let spec = QuotaSpec {
+        rate: parse_rate("1000000/s").unwrap(),
+        burst: u32::MAX,
+    };
+    let keys = [
+        KeyDigest::of_key(CLIENT_KEY),
+        KeyDigest::of_key("tg_second_client"),
+    ];
+    let shared = SharedQuotas::new("bench");
+    let limits: [(&str, Arc<dyn RateLimit>, bool); 4] = [
+        (
+            "local/team",
+            Arc::new(GovernorLimit::single("client", spec)),
+            false,
+        ),
+        (
+            "shared/team",
+            shared.limit("t", "client", "client", spec, false),
+            false,
+        ),
+        (
+            "local/per_key",
+            Arc::new(GovernorLimit::per_key("per_key", spec)),
+            true,
+        ),
+        (
+            "shared/per_key",
+            shared.limit("t", "per_key", "per_key", spec, true),
+            true,
+        ),
+    ];
+    for (name, limit, per_key) in &limits {
+        let check = |thread: usize| {
+            let key = per_key.then_some(&keys[thread]);
+            assert!(matches!(limit.check(black_box(key)), Verdict::Allowed(_)));
+        };
+        c.bench_function(&format!("quota/{name}"), |b| b.iter(|| check(0)));
+        c.bench_function(&format!("quota/{name}_on_two_threads"), |b| {
+            b.iter_custom(|iters| {
+                on_two_threads_each(|thread| {
+                    for _ in 0..iters {
+                        check(thread);
+                    }
+                })
+            })
+        });
+    }
+}
+
 criterion_group!(
     micro,
     benches,
+    quota_checks,
     access_line,
     stack_cache_hit,
     stack_pass_through,
