@@ -11,7 +11,10 @@
 //! Redis's clock — and answers each bucket's *backlog*: how far ahead of
 //! now the whole fleet's admissions have pushed it. The instance sets its
 //! own bucket to that backlog, plus what it admitted while the round was
-//! out.
+//! out. (Setting a bucket from outside is what governor, the backend of one
+//! instance, has no way to do: the buckets here are GCRA in two atomics of
+//! their own — `quota/shared/*` in `benches/micro.rs` measures them against
+//! governor's.)
 //!
 //! So between two rounds the instances may together admit more than the
 //! quota: each at most what it could alone in that time (what its bucket
