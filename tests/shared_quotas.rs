@@ -249,3 +249,56 @@ async fn an_upstream_429_through_one_instance_pauses_the_team_on_every_instance(
     a.stop().await;
     b.stop().await;
 }
+
+/// A reload that changes a quota keeps it shared: the new bucket is the
+/// fleet's from its first round.
+#[tokio::test]
+async fn a_quota_a_reload_changes_is_still_the_fleets() {
+    let redis = Redis::started("quota-reload");
+    let (emulator, addr) = serve_emulator(test_emulator()).await;
+    let limits = |burst: u32| {
+        format!(
+            "[admin]\ntoken = \"env:ADMIN_TOKEN\"\n[teams.design.limits]\nclient = {{ rate = \"1/h\", burst = {burst} }}\n"
+        )
+    };
+    let shared = |burst: u32| {
+        format!(
+            "[shared]\nredis = \"file:{}\"\nquota_sync = \"20ms\"\n{}",
+            redis.url_file().display(),
+            limits(burst)
+        )
+    };
+    let file = redis.url_file().with_file_name("teamgate.toml");
+    let write = |burst: u32| {
+        let aside = file.with_extension("new");
+        std::fs::write(
+            &aside,
+            config_text(&format!("http://{addr}"), "", &shared(burst)),
+        )
+        .unwrap();
+        std::fs::rename(aside, &file).unwrap();
+    };
+    write(4);
+    let a = Harness::start_from_file(emulator.clone(), addr, &file).await;
+    let b = instance(&emulator, addr, &redis, &limits(4)).await;
+
+    write(3);
+    let reloaded = a
+        .admin_call(Method::POST, "/admin/reload", Some(ADMIN_TOKEN))
+        .await;
+    assert_eq!(reloaded.status, StatusCode::OK);
+    for _ in 0..3 {
+        assert_eq!(status(&b, "/api/jobs", DESIGN_KEY).await, StatusCode::OK);
+    }
+    two_rounds(&b, "ok").await;
+    two_rounds(&a, "ok").await;
+    let refused = a.get("/api/jobs", DESIGN_KEY).await;
+    assert_eq!(refused.status, StatusCode::TOO_MANY_REQUESTS);
+    assert!(
+        refused.header("ratelimit-policy").contains("q=3"),
+        "the reloaded quota: {}",
+        refused.header("ratelimit-policy")
+    );
+    a.stop().await;
+    b.stop().await;
+}
