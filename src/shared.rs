@@ -48,7 +48,7 @@ use tokio::sync::watch;
 use crate::auth::managed::{self, ManagedKeyList};
 use crate::cache::Store;
 use crate::cache::policy::{CredentialId, Partition, Scope};
-use crate::config::{Config, Secret, Upstream};
+use crate::config::{Config, SharedSettings, Upstream};
 use crate::telemetry::metrics::Metrics;
 use crate::telemetry::shards::lock;
 
@@ -159,6 +159,24 @@ impl Pending {
 /// The acknowledgement channel of `channel`.
 fn acks_channel(channel: &str) -> String {
     format!("{channel}:acks")
+}
+
+/// A client for `[shared]`'s Redis: `rediss://` checks the server's
+/// certificate against `redis_ca` when given, else the public roots.
+pub(crate) fn client(settings: &SharedSettings) -> Option<redis::Client> {
+    let url = settings.redis.as_ref()?;
+    // Validated when the config was loaded.
+    Some(match &settings.redis_ca {
+        Some(ca) => redis::Client::build_with_tls(
+            url.expose(),
+            redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(ca.to_vec()),
+            },
+        )
+        .expect("a valid rediss:// URL and CA"),
+        None => redis::Client::open(url.expose()).expect("a valid Redis URL"),
+    })
 }
 
 /// `request`, given `REDIS_TIMEOUT`; either failure as a message for the log.
@@ -455,7 +473,7 @@ impl Fanout {
     /// `serving` is the config this instance serves (its teams change on
     /// reload). Must run inside the tokio runtime.
     pub fn start(
-        redis: &Secret,
+        client: redis::Client,
         serving: watch::Receiver<Arc<Config>>,
         store: Arc<Store>,
         metrics: Arc<Metrics>,
@@ -471,8 +489,7 @@ impl Fanout {
         let subscriber = Subscriber {
             pending: Arc::clone(&pending),
             keys: Arc::clone(&keys),
-            // Validated when the config was loaded.
-            client: redis::Client::open(redis.expose()).expect("a valid Redis URL"),
+            client,
             channel: channel.clone(),
             instance: instance.clone(),
             serving: serving.clone(),

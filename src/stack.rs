@@ -57,14 +57,20 @@ impl Shared {
             config.cache.max_entry_bytes,
             Arc::clone(&metrics),
         ));
-        let fanout = config.shared.redis.as_ref().map(|redis| {
-            Fanout::start(redis, now.clone(), Arc::clone(&cache), Arc::clone(&metrics))
+        let redis = crate::shared::client(&config.shared);
+        let fanout = redis.clone().map(|client| {
+            Fanout::start(
+                client,
+                now.clone(),
+                Arc::clone(&cache),
+                Arc::clone(&metrics),
+            )
         });
-        let (backend, quota_sync) = match &config.shared.redis {
-            Some(redis) => {
+        let (backend, quota_sync) = match redis {
+            Some(client) => {
                 let shared = SharedQuotas::new(&config.shared.channel);
                 let sync = QuotaSync::start(
-                    redis,
+                    client,
                     config.shared.quota_sync,
                     Arc::clone(&shared),
                     Arc::clone(&metrics),

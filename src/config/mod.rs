@@ -123,6 +123,9 @@ pub struct SharedSettings {
     /// How often each instance reports what its quotas admitted and reads
     /// back what the others' did (see `limit::shared`).
     pub quota_sync: Duration,
+    /// PEM certificates a `rediss://` server's certificate is checked
+    /// against, from `redis_ca`; `None`: the public roots (webpki-roots).
+    pub redis_ca: Option<Arc<[u8]>>,
 }
 
 impl Default for SharedSettings {
@@ -131,6 +134,7 @@ impl Default for SharedSettings {
             redis: None,
             channel: DEFAULT_SHARED_CHANNEL.to_owned(),
             quota_sync: DEFAULT_QUOTA_SYNC,
+            redis_ca: None,
         }
     }
 }
@@ -411,6 +415,7 @@ struct FileShared {
     redis: Option<String>,
     channel: Option<String>,
     quota_sync: Option<String>,
+    redis_ca: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -1128,7 +1133,39 @@ fn validate(
             "shared.quota_sync",
             &mut problem,
         ),
+        redis_ca: file.shared.redis_ca.as_deref().and_then(|path| {
+            // Not a secret, but like the secrets perhaps not on a machine
+            // that checks the file for form only.
+            if secrets == Secrets::FormOnly {
+                return None;
+            }
+            let path = from_config_dir(dir, path);
+            match std::fs::read(&path) {
+                Ok(pem) if pem_has_certificate(&pem) => Some(Arc::from(pem)),
+                Ok(_) => {
+                    problem(
+                        "shared.redis_ca",
+                        format!("{} holds no PEM certificate", path.display()),
+                    );
+                    None
+                }
+                Err(error) => {
+                    problem(
+                        "shared.redis_ca",
+                        format!("cannot read {}: {error}", path.display()),
+                    );
+                    None
+                }
+            }
+        }),
     };
+    let tls = |url: &Secret| url.expose().starts_with("rediss://");
+    if shared.redis_ca.is_some() && !shared.redis.as_ref().is_some_and(tls) {
+        problem(
+            "shared.redis_ca",
+            "is for a rediss:// (TLS) shared.redis only".into(),
+        );
+    }
     if !(Duration::from_millis(10)..=Duration::from_secs(10)).contains(&shared.quota_sync) {
         problem(
             "shared.quota_sync",
@@ -1156,12 +1193,19 @@ fn validate(
 /// A resolved `shared.redis` that a Redis client can connect with. The
 /// message never repeats the URL: it may hold a password.
 fn redis_url(url: Secret) -> Result<Secret, String> {
-    let plain = url.expose().starts_with("redis://");
-    if plain && redis::Client::open(url.expose()).is_ok() {
+    let scheme = url.expose().starts_with("redis://") || url.expose().starts_with("rediss://");
+    if scheme && redis::Client::open(url.expose()).is_ok() {
         Ok(url)
     } else {
-        Err("is not a Redis URL: expected redis://[user:password@]host[:port][/db]".into())
+        Err("is not a Redis URL: expected redis://[user:password@]host[:port][/db], or rediss:// for TLS".into())
     }
+}
+
+/// Whether `pem` holds at least one certificate.
+fn pem_has_certificate(pem: &[u8]) -> bool {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+    CertificateDer::pem_slice_iter(pem).any(|cert| cert.is_ok())
 }
 
 fn quota_spec(
@@ -1576,6 +1620,7 @@ mod tests {
             "COMFY_KEY_DESIGN" => Some("upstream-design".into()),
             "COMFY_KEY_RESEARCH" => Some("upstream-research".into()),
             "REDIS_URL" => Some("redis://:s3cret-pass@127.0.0.1:6379/2".into()),
+            "REDIS_TLS_URL" => Some("rediss://:s3cret-pass@redis.internal:6380/0".into()),
             "NOT_REDIS" => Some("http://:s3cret-pass@127.0.0.1:6379".into()),
             _ => None,
         }
@@ -1613,6 +1658,57 @@ mod tests {
             elsewhere.restart_changes(&running),
             ["server", "upstreams.comfy.cache.enabled"]
         );
+    }
+
+    /// `rediss://` (TLS), with the server's certificate checked against
+    /// `redis_ca` (a PEM file, relative to the config file) when given.
+    #[test]
+    fn the_shared_redis_may_be_tls_with_a_ca_of_its_own() {
+        let dir = std::env::temp_dir().join(format!("teamgate-redis-ca-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let pair = rcgen::generate_simple_self_signed(vec!["redis.internal".to_owned()]).unwrap();
+        std::fs::write(dir.join("ca.pem"), pair.cert.pem()).unwrap();
+        std::fs::write(dir.join("not-a-cert.pem"), "hello").unwrap();
+        let load_in = |shared: &str| {
+            load_str(
+                &format!("{VALID}\n[shared]\n{shared}\n"),
+                "test.toml",
+                Some(&dir),
+                &env,
+                Secrets::Resolve,
+            )
+        };
+        let tls = load_in("redis = \"env:REDIS_TLS_URL\"").unwrap();
+        assert!(tls.shared.redis_ca.is_none(), "the public roots");
+        let private = load_in("redis = \"env:REDIS_TLS_URL\"\nredis_ca = \"ca.pem\"").unwrap();
+        assert_eq!(
+            private.shared.redis_ca.as_deref(),
+            Some(pair.cert.pem().as_bytes())
+        );
+        for (shared, message) in [
+            (
+                "redis = \"env:REDIS_URL\"\nredis_ca = \"ca.pem\"",
+                "rediss://",
+            ),
+            ("redis_ca = \"ca.pem\"", "rediss://"),
+            (
+                "redis = \"env:REDIS_TLS_URL\"\nredis_ca = \"missing.pem\"",
+                "cannot read",
+            ),
+            (
+                "redis = \"env:REDIS_TLS_URL\"\nredis_ca = \"not-a-cert.pem\"",
+                "no PEM certificate",
+            ),
+        ] {
+            let error = load_in(shared).unwrap_err();
+            assert_eq!(error.problems.len(), 1, "{shared}: {error}");
+            assert_eq!(error.problems[0].key, "shared.redis_ca", "{shared}");
+            assert!(
+                error.problems[0].message.contains(message),
+                "{shared}: {error}"
+            );
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// `[shared] redis` is a secret reference (the URL may hold a password)

@@ -57,7 +57,6 @@ use redis::aio::MultiplexedConnection;
 use super::Pause;
 use super::quota::{Denial, QuotaSpec, RateLimit, Snapshot, TokioClock, Verdict, ceil_secs};
 use crate::auth::keys::KeyDigest;
-use crate::config::Secret;
 use crate::shared::within;
 use crate::telemetry::metrics::Metrics;
 use crate::telemetry::shards::lock;
@@ -569,13 +568,11 @@ impl Drop for QuotaSync {
 impl QuotaSync {
     /// Starts the rounds, one every `every`. Must run inside the tokio runtime.
     pub fn start(
-        redis: &Secret,
+        client: redis::Client,
         every: Duration,
         quotas: Arc<SharedQuotas>,
         metrics: Arc<Metrics>,
     ) -> QuotaSync {
-        // Validated when the config was loaded.
-        let client = redis::Client::open(redis.expose()).expect("a valid Redis URL");
         let task = tokio::spawn(run_rounds(client, every, quotas, metrics));
         QuotaSync {
             task: task.abort_handle(),

@@ -71,6 +71,38 @@ impl Redis {
         panic!("redis-server did not start on port {}", self.port);
     }
 
+    /// Starts the server on the reserved port with TLS only (`cert` and
+    /// `key` PEM files; clients need no certificate), and waits until it
+    /// accepts connections.
+    pub fn start_tls(&mut self, cert: &std::path::Path, key: &std::path::Path) {
+        let server = Command::new("redis-server")
+            .args(["--port", "0", "--tls-port", &self.port.to_string()])
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .arg("--tls-cert-file")
+            .arg(cert)
+            .arg("--tls-key-file")
+            .arg(key)
+            .arg("--tls-ca-cert-file")
+            .arg(cert)
+            .args(["--tls-auth-clients", "no"])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server on the PATH (apt-get install redis-server; .ci/run does)");
+        self.server = Some(server);
+        for _ in 0..500 {
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("redis-server (TLS) did not start on port {}", self.port);
+    }
+
+    /// The directory of this server's files (its URL file among them).
+    pub fn dir(&self) -> &std::path::Path {
+        &self.dir
+    }
+
     pub fn stop(&mut self) {
         if let Some(mut server) = self.server.take() {
             let _ = server.kill();
