@@ -289,12 +289,9 @@ fn managed_key_refusal<B>(
     Ok(Arc::clone(fanout))
 }
 
+/// The answer to a managed-key change Redis did not take.
 fn redis_unavailable(failure: &str) -> Response<Body> {
     tracing::warn!(error = %failure, "a managed-key change could not be made: Redis");
-    error_response_redis()
-}
-
-fn error_response_redis() -> Response<Body> {
     error(
         StatusCode::SERVICE_UNAVAILABLE,
         "redis_unavailable",
@@ -354,7 +351,7 @@ where
         created: now_rfc3339(),
     };
     let Some(mut connection) = fanout.connection() else {
-        return error_response_redis();
+        return redis_unavailable("not connected to Redis");
     };
     match crate::auth::managed::add(&mut connection, fanout.channel(), digest, &record).await {
         Ok(true) => {}
@@ -418,7 +415,7 @@ async fn revoke_key<B>(
         );
     }
     let Some(mut connection) = fanout.connection() else {
-        return error_response_redis();
+        return redis_unavailable("not connected to Redis");
     };
     match crate::auth::managed::remove(&mut connection, fanout.channel(), digest, team).await {
         Ok(Some(_)) => {}

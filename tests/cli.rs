@@ -1,8 +1,11 @@
 //! The `teamgate` binary: every command, as a user runs it.
 
+mod common;
+
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use common::serve_process::ServeProcess;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 const BIN: &str = env!("CARGO_BIN_EXE_teamgate");
@@ -472,40 +475,14 @@ async fn serve_reloads_its_teams_on_sighup() {
     };
     std::fs::write(&path, config(&[FIRST_KEY])).unwrap();
 
-    let mut child = tokio::process::Command::new(BIN)
-        .args(["serve", "--config", path.to_str().unwrap()])
-        .env("SIGHUP_COMFY_KEY", UPSTREAM_KEY)
-        .env("TEAMGATE_LOG_FORMAT", "json")
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let (lines_tx, mut lines) = tokio::sync::mpsc::unbounded_channel::<String>();
-    let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
-    let reader = tokio::spawn(async move {
-        while let Ok(Some(line)) = stderr.next_line().await {
-            let _ = lines_tx.send(line);
-        }
-    });
-    let mut logs = Vec::new();
-    // The next log line whose message is `message`, within 30 s.
-    let mut logged = async |message: &str| -> serde_json::Value {
-        tokio::time::timeout(Duration::from_secs(30), async {
-            loop {
-                let line = lines.recv().await.expect("the gateway is still running");
-                logs.push(line.clone());
-                let line: serde_json::Value = serde_json::from_str(&line).unwrap();
-                if line["message"] == message {
-                    return line;
-                }
-            }
-        })
-        .await
-        .unwrap_or_else(|_| panic!("no `{message}` line in {logs:?}"))
-    };
-    let serving = logged("teamgate serving").await;
+    let mut served = ServeProcess::spawn(
+        &["serve", "--config", path.to_str().unwrap()],
+        &[
+            ("SIGHUP_COMFY_KEY", UPSTREAM_KEY),
+            ("TEAMGATE_LOG_FORMAT", "json"),
+        ],
+    );
+    let serving = served.logged("teamgate serving").await;
     let gateway = format!("http://{}", serving["listen"].as_str().unwrap());
     let client = reqwest_like::Client::new();
     let assets = format!("{gateway}/api/assets");
@@ -513,8 +490,8 @@ async fn serve_reloads_its_teams_on_sighup() {
     assert_eq!(client.get(&assets, Some(ADDED_KEY)).await.0, 401);
 
     std::fs::write(&path, config(&[FIRST_KEY, ADDED_KEY])).unwrap();
-    send_signal(&child, "HUP");
-    let reloaded = logged("config reloaded").await;
+    send_signal(&served.child, "HUP");
+    let reloaded = served.logged("config reloaded").await;
     assert_eq!(reloaded["client_keys"], 2, "{reloaded}");
     assert_eq!(client.get(&assets, Some(ADDED_KEY)).await.0, 200);
 
@@ -528,8 +505,10 @@ async fn serve_reloads_its_teams_on_sighup() {
             &format!("client_keys = [\"{ADDED_KEY}\", "),
         );
     std::fs::write(&path, mistaken).unwrap();
-    send_signal(&child, "HUP");
-    let refused = logged("config reload refused; the running config stays").await;
+    send_signal(&served.child, "HUP");
+    let refused = served
+        .logged("config reload refused; the running config stays")
+        .await;
     assert_eq!(refused["level"], "ERROR", "{refused}");
     let error = refused["error"].as_str().unwrap();
     assert!(
@@ -540,12 +519,8 @@ async fn serve_reloads_its_teams_on_sighup() {
     assert_eq!(client.get(&assets, Some(ADDED_KEY)).await.0, 200);
     assert_eq!(client.get(&assets, Some(FIRST_KEY)).await.0, 200);
 
-    interrupt_and_wait(&mut child).await;
-    reader.await.unwrap();
-    while let Ok(line) = lines.try_recv() {
-        logs.push(line);
-    }
-    let logs = logs.join("\n");
+    interrupt_and_wait(&mut served.child).await;
+    let logs = served.all_logs().await;
     for secret in [UPSTREAM_KEY, FIRST_KEY, ADDED_KEY] {
         assert!(!logs.contains(secret), "a key in the logs: {logs}");
     }

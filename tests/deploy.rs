@@ -7,18 +7,17 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::process::Stdio;
 use std::time::Duration;
 
 use bytes::Bytes;
 use common::redis_server::Redis;
+use common::serve_process::ServeProcess;
 use common::*;
 use http::{Method, Request, StatusCode};
 use http_body_util::Full;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use teamgate::config::{self, Secrets};
-use tokio::io::{AsyncBufReadExt, BufReader};
 
 fn deploy_file(path: &str) -> String {
     let path = format!("{}/deploy/{path}", env!("CARGO_MANIFEST_DIR"));
@@ -162,39 +161,27 @@ async fn the_images_command_serves_the_deployed_config() {
             }
         })
         .collect();
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_teamgate"))
-        .args(&arguments)
-        .env("TEAMGATE_LISTEN", "127.0.0.1:0")
-        .env("TEAMGATE_ADMIN_LISTEN", format!("127.0.0.1:{admin_port}"))
-        .env(
-            "TEAMGATE_UPSTREAM_COMFY_BASE_URL",
-            format!("http://{upstream}"),
-        )
-        .env("TEAMGATE_REDIS_URL", redis.url())
-        .env("TEAMGATE_ADMIN_TOKEN", ADMIN_TOKEN)
-        .env("COMFY_KEY_DESIGN", DESIGN_UPSTREAM_KEY)
-        .env("SCN_KEY_DESIGN", SCN_KEY_DESIGN)
-        .env("SCN_SECRET_DESIGN", SCN_SECRET_DESIGN)
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let serving = tokio::time::timeout(Duration::from_secs(30), async {
-        while let Some(line) = lines.next_line().await.unwrap() {
-            let line: serde_json::Value = serde_json::from_str(&line).unwrap();
-            if line["message"] == "teamgate serving" {
-                return line;
-            }
-        }
-        panic!("the gateway stopped before serving");
-    })
-    .await
-    .expect("`teamgate serving` within 30 s");
+    let arguments: Vec<&str> = arguments.iter().map(String::as_str).collect();
+    let (admin_listen, upstream, redis_url) = (
+        format!("127.0.0.1:{admin_port}"),
+        format!("http://{upstream}"),
+        redis.url(),
+    );
+    let mut served = ServeProcess::spawn(
+        &arguments,
+        &[
+            ("TEAMGATE_LISTEN", "127.0.0.1:0"),
+            ("TEAMGATE_ADMIN_LISTEN", &admin_listen),
+            ("TEAMGATE_UPSTREAM_COMFY_BASE_URL", &upstream),
+            ("TEAMGATE_REDIS_URL", &redis_url),
+            ("TEAMGATE_ADMIN_TOKEN", ADMIN_TOKEN),
+            ("COMFY_KEY_DESIGN", DESIGN_UPSTREAM_KEY),
+            ("SCN_KEY_DESIGN", SCN_KEY_DESIGN),
+            ("SCN_SECRET_DESIGN", SCN_SECRET_DESIGN),
+        ],
+    );
+    let serving = served.logged("teamgate serving").await;
     let gateway = serving["listen"].as_str().unwrap().to_owned();
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
 
     let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
     let send = async |method: Method, url: String, header: (&str, String)| {
@@ -211,11 +198,9 @@ async fn the_images_command_serves_the_deployed_config() {
     let mut ready = false;
     for _ in 0..2000 {
         let answer = send(Method::GET, format!("{admin}/readyz"), bearer.clone()).await;
-        let subscribed = send(Method::GET, format!("{admin}/metrics"), bearer.clone()).await;
-        let text = String::from_utf8_lossy(&subscribed.body).into_owned();
-        let hears_redis = text
-            .lines()
-            .any(|line| line == "teamgate_cache_fanout_subscribed 1");
+        let metrics = send(Method::GET, format!("{admin}/metrics"), bearer.clone()).await;
+        let text = String::from_utf8_lossy(&metrics.body);
+        let hears_redis = sample(&text, "teamgate_cache_fanout_subscribed", &[]) == Some(1.0);
         if answer.status == StatusCode::OK && hears_redis {
             ready = true;
             break;
@@ -239,5 +224,5 @@ async fn the_images_command_serves_the_deployed_config() {
     .await;
     assert_eq!(assets.status, StatusCode::OK);
     assert_eq!(emulator.count(Method::GET, "/api/assets"), 1);
-    child.kill().await.unwrap();
+    served.child.kill().await.unwrap();
 }

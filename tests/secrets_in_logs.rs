@@ -85,15 +85,13 @@ async fn no_key_appears_in_any_log_line() {
     );
     let text = config_text(&format!("http://{addr}"), "", &shared);
     let shared_instance = Harness::start_with_text(emulator, addr, &text).await;
-    for _ in 0..2000 {
-        let failed = shared_instance
-            .metric("teamgate_quota_sync_total", &[("outcome", "failed")])
-            .await;
-        if failed >= Some(2.0) {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
+    shared_instance
+        .wait_for_metric(
+            "teamgate_quota_sync_total",
+            &[("outcome", "failed")],
+            |failed| failed >= 2.0,
+        )
+        .await;
     assert_eq!(
         shared_instance.get("/api/jobs", DESIGN_KEY).await.status,
         StatusCode::OK

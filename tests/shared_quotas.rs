@@ -11,22 +11,25 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::time::Duration;
 
 use common::redis_server::Redis;
 use common::*;
 use http::{Method, StatusCode};
 use teamgate::emulator::{Emulator, Fault, FaultAction};
 
-/// A gateway in front of `emulator` sharing its quotas through `redis`,
-/// with `limits` (TOML) for its teams.
-async fn instance(emulator: &Emulator, addr: SocketAddr, redis: &Redis, limits: &str) -> Harness {
+/// The config of a gateway in front of the emulator at `addr` sharing its
+/// quotas through `redis`, with `limits` (TOML) for its teams.
+fn config(addr: SocketAddr, redis: &Redis, limits: &str) -> String {
     let shared = format!(
         "[shared]\nredis = \"file:{}\"\nquota_sync = \"20ms\"\n{limits}",
         redis.url_file().display()
     );
-    let text = config_text(&format!("http://{addr}"), "", &shared);
-    Harness::start_with_text(emulator.clone(), addr, &text).await
+    config_text(&format!("http://{addr}"), "", &shared)
+}
+
+/// A gateway running [`config`].
+async fn instance(emulator: &Emulator, addr: SocketAddr, redis: &Redis, limits: &str) -> Harness {
+    Harness::start_with_text(emulator.clone(), addr, &config(addr, redis, limits)).await
 }
 
 async fn rounds(h: &Harness, outcome: &str) -> f64 {
@@ -41,16 +44,12 @@ async fn rounds(h: &Harness, outcome: &str) -> f64 {
 /// others had reported.
 async fn two_rounds(h: &Harness, outcome: &str) {
     let from = rounds(h, outcome).await;
-    for _ in 0..2000 {
-        if rounds(h, outcome).await >= from + 2.0 {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!(
-        "the gateway on {} ran no two rounds ending in {outcome}",
-        h.gateway
-    );
+    h.wait_for_metric(
+        "teamgate_quota_sync_total",
+        &[("outcome", outcome)],
+        |now| now >= from + 2.0,
+    )
+    .await;
 }
 
 /// `path` through `h` with `key`: its status.
@@ -261,21 +260,10 @@ async fn a_quota_a_reload_changes_is_still_the_fleets() {
             "[admin]\ntoken = \"env:ADMIN_TOKEN\"\n[teams.design.limits]\nclient = {{ rate = \"1/h\", burst = {burst} }}\n"
         )
     };
-    let shared = |burst: u32| {
-        format!(
-            "[shared]\nredis = \"file:{}\"\nquota_sync = \"20ms\"\n{}",
-            redis.url_file().display(),
-            limits(burst)
-        )
-    };
     let file = redis.url_file().with_file_name("teamgate.toml");
     let write = |burst: u32| {
         let aside = file.with_extension("new");
-        std::fs::write(
-            &aside,
-            config_text(&format!("http://{addr}"), "", &shared(burst)),
-        )
-        .unwrap();
+        std::fs::write(&aside, config(addr, &redis, &limits(burst))).unwrap();
         std::fs::rename(aside, &file).unwrap();
     };
     write(4);

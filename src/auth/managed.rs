@@ -83,16 +83,12 @@ pub async fn add(
     within(connection.hset_nx(store(channel), digest.to_stored(), record)).await
 }
 
-/// Removes the key hashed to `digest` if it belongs to `team`: its record,
-/// or `None` if there is no such key of that team.
-pub async fn remove(
-    connection: &mut MultiplexedConnection,
-    channel: &str,
-    digest: KeyDigest,
-    team: &str,
-) -> Result<Option<ManagedKey>, String> {
-    // One script: the check and the removal cannot be split by another instance's change.
-    let script = redis::Script::new(
+/// Removes a record if its key belongs to the team named: one script, so
+/// the check and the removal cannot be split by another instance's change.
+/// `KEYS[1]`: the store; `ARGV`: the stored hash, the team. Answers the
+/// record removed, or nil.
+static REMOVE_SCRIPT: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+    redis::Script::new(
         r"
 local record = redis.call('HGET', KEYS[1], ARGV[1])
 if not record then return false end
@@ -101,8 +97,18 @@ if key.team ~= ARGV[2] then return false end
 redis.call('HDEL', KEYS[1], ARGV[1])
 return record
 ",
-    );
-    let mut call = script.prepare_invoke();
+    )
+});
+
+/// Removes the key hashed to `digest` if it belongs to `team`: its record,
+/// or `None` if there is no such key of that team.
+pub async fn remove(
+    connection: &mut MultiplexedConnection,
+    channel: &str,
+    digest: KeyDigest,
+    team: &str,
+) -> Result<Option<ManagedKey>, String> {
+    let mut call = REMOVE_SCRIPT.prepare_invoke();
     call.key(store(channel)).arg(digest.to_stored()).arg(team);
     let record: Option<String> = within(call.invoke_async(connection)).await?;
     Ok(record.and_then(|record| serde_json::from_str(&record).ok()))

@@ -440,29 +440,15 @@ impl SharedQuotas {
 
     /// The pauses alive, with their Redis keys.
     fn live_pauses(&self) -> Vec<(String, Arc<Pause>)> {
-        let mut live = Vec::new();
-        lock(&self.pauses).retain(|(redis_key, pause)| match pause.upgrade() {
-            Some(pause) => {
-                live.push((redis_key.clone(), pause));
-                true
-            }
-            None => false,
-        });
-        live
+        retain_alive(&self.pauses, |(redis_key, pause)| {
+            Some((redis_key.clone(), pause.upgrade()?))
+        })
     }
 
     /// The quotas alive (those of the config served, and of requests still
     /// in flight on the one before).
     fn live(&self) -> Vec<Arc<SharedLimit>> {
-        let mut live = Vec::new();
-        lock(&self.limits).retain(|limit| match limit.upgrade() {
-            Some(limit) => {
-                live.push(limit);
-                true
-            }
-            None => false,
-        });
-        live
+        retain_alive(&self.limits, Weak::upgrade)
     }
 
     /// Every bucket to report this round, their unreported permits taken.
@@ -540,6 +526,20 @@ impl SharedQuotas {
         }
         Ok(())
     }
+}
+
+/// What `upgrade` makes of each entry of `registered`, forgetting the
+/// entries it makes nothing of (their owner is gone).
+fn retain_alive<E, T>(registered: &Mutex<Vec<E>>, upgrade: impl Fn(&E) -> Option<T>) -> Vec<T> {
+    let mut alive = Vec::new();
+    lock(registered).retain(|entry| match upgrade(entry) {
+        Some(live) => {
+            alive.push(live);
+            true
+        }
+        None => false,
+    });
+    alive
 }
 
 /// A script answered one entry per key it was given.

@@ -4,6 +4,7 @@
 
 pub mod log_capture;
 pub mod redis_server;
+pub mod serve_process;
 pub mod wire;
 
 use std::net::SocketAddr;
@@ -437,16 +438,28 @@ impl Harness {
         String::from_utf8(self.admin_get("/metrics").await.body.to_vec()).unwrap()
     }
 
-    /// Waits (20 s at most) until `teamgate_cache_fanout_subscribed` is
-    /// `value`: 1 while this instance hears the others (`[shared] redis`).
-    pub async fn until_subscribed(&self, value: f64) {
+    /// Waits (20 s at most) until `/metrics` has the series `name` with
+    /// `labels` at a value `wanted` accepts; that value.
+    pub async fn wait_for_metric(
+        &self,
+        name: &str,
+        labels: &[(&str, &str)],
+        wanted: impl Fn(f64) -> bool,
+    ) -> f64 {
         for _ in 0..2000 {
-            if self.metric("teamgate_cache_fanout_subscribed", &[]).await == Some(value) {
-                return;
+            if let Some(value) = self.metric(name, labels).await.filter(|v| wanted(*v)) {
+                return value;
             }
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
-        panic!("teamgate_cache_fanout_subscribed never became {value}");
+        panic!("{name} {labels:?} never became what was waited for");
+    }
+
+    /// Waits (20 s at most) until `teamgate_cache_fanout_subscribed` is
+    /// `value`: 1 while this instance hears the others (`[shared] redis`).
+    pub async fn until_subscribed(&self, value: f64) {
+        self.wait_for_metric("teamgate_cache_fanout_subscribed", &[], |v| v == value)
+            .await;
     }
 
     /// One series of `/metrics` (see [`sample`]).
