@@ -92,7 +92,7 @@ impl EncodedFields {
     /// Whether `own` names any field these also have, so that writing both
     /// as they are would repeat it.
     pub fn overlaps(&self, own: &HeaderMap) -> bool {
-        own.keys().any(|name| self.map.contains_key(name))
+        own.keys().any(|name| crate::wire::names(&self.map, name))
     }
 }
 

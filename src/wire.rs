@@ -130,11 +130,50 @@ pub fn connection_options(value: &[u8]) -> impl Iterator<Item = &[u8]> {
     value.split(|&byte| byte == b',').map(<[u8]>::trim_ascii)
 }
 
+/// Maps with at most this many names are searched by a pass over them
+/// ([`names`]).
+const SCAN_LIMIT: usize = 8;
+
+/// Whether `headers` names `name`, as `HeaderMap::contains_key`. A request or
+/// answer head names a handful of fields, and the hot path asks a dozen
+/// times for fields most heads lack (`Range`, `Cache-Control`,
+/// `If-None-Match`, `X-Request-Id` …): a `HeaderMap` look-up hashes the name
+/// and probes its table, while a pass over a few names (standard ones
+/// compared by their one-byte tag) costs a fraction of that. Larger maps
+/// are looked up as usual.
+pub fn names(headers: &HeaderMap, name: &HeaderName) -> bool {
+    if headers.keys_len() > SCAN_LIMIT {
+        return headers.contains_key(name);
+    }
+    headers.keys().any(|own| own == name)
+}
+
+/// The first value of `name`, as `HeaderMap::get`, for fields most heads
+/// lack: absent, it costs a [`names`] pass; present, that pass and the
+/// look-up. Fields most heads have are cheaper looked up directly.
+pub fn rare_field<'h>(headers: &'h HeaderMap, name: &HeaderName) -> Option<&'h HeaderValue> {
+    if names(headers, name) {
+        headers.get(name)
+    } else {
+        None
+    }
+}
+
+/// Every value of `name`, in order, as `HeaderMap::get_all`, for fields
+/// most heads lack (see [`rare_field`]).
+pub fn rare_field_values<'h>(
+    headers: &'h HeaderMap,
+    name: &HeaderName,
+) -> impl Iterator<Item = &'h HeaderValue> + 'h {
+    names(headers, name)
+        .then(|| headers.get_all(name).iter())
+        .into_iter()
+        .flatten()
+}
+
 /// Whether any `Connection` field says `close`.
 pub fn says_close(headers: &HeaderMap) -> bool {
-    headers
-        .get_all(header::CONNECTION)
-        .iter()
+    rare_field_values(headers, &header::CONNECTION)
         .flat_map(|value| connection_options(value.as_bytes()))
         .any(|option| option.eq_ignore_ascii_case(b"close"))
 }
@@ -198,6 +237,44 @@ mod tests {
             chunk_size_line(usize::MAX, &mut scratch),
             b"ffffffffffffffff\r\n"
         );
+    }
+
+    /// The scanned look-ups answer as `HeaderMap`'s own, on maps small
+    /// enough to be scanned and on larger ones, standard and custom names,
+    /// one value and several.
+    #[test]
+    fn scanned_lookups_answer_as_the_map_does() {
+        let custom = HeaderName::from_static("x-request-id");
+        let absent = [header::RANGE, HeaderName::from_static("x-absent")];
+        for extra in [0, SCAN_LIMIT] {
+            let mut headers = HeaderMap::new();
+            headers.append(header::HOST, HeaderValue::from_static("gateway"));
+            headers.append(header::ACCEPT, HeaderValue::from_static("a/1"));
+            headers.append(&custom, HeaderValue::from_static("id-1"));
+            headers.append(header::ACCEPT, HeaderValue::from_static("a/2"));
+            for index in 0..extra {
+                headers.append(
+                    HeaderName::from_bytes(format!("x-filler-{index}").as_bytes()).unwrap(),
+                    HeaderValue::from_static("x"),
+                );
+            }
+            assert_eq!(headers.keys_len() > SCAN_LIMIT, extra > 0);
+            for name in [header::HOST, header::ACCEPT, custom.clone()] {
+                assert!(names(&headers, &name), "{name}");
+                assert_eq!(rare_field(&headers, &name), headers.get(&name), "{name}");
+                assert!(
+                    rare_field_values(&headers, &name).eq(headers.get_all(&name)),
+                    "{name}"
+                );
+            }
+            for name in &absent {
+                assert!(!names(&headers, name), "{name}");
+                assert_eq!(rare_field(&headers, name), None);
+                assert_eq!(rare_field_values(&headers, name).count(), 0);
+            }
+            let accepts: Vec<_> = rare_field_values(&headers, &header::ACCEPT).collect();
+            assert_eq!(accepts, ["a/1", "a/2"]);
+        }
     }
 
     #[test]

@@ -87,7 +87,7 @@ fn client_key<'r, B>(
     route: &RouteMatch,
 ) -> Option<std::borrow::Cow<'r, str>> {
     let headers = request.headers();
-    if let Some(value) = headers.get(&X_API_KEY) {
+    if let Some(value) = crate::wire::rare_field(headers, &X_API_KEY) {
         return value.to_str().ok().map(|key| key.trim().into());
     }
     if let Some(value) = headers.get(header::AUTHORIZATION) {

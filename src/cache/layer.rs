@@ -269,7 +269,7 @@ fn fresh_hit(
     Some(respond(
         &entry,
         request.method() == Method::HEAD,
-        request.headers().get(header::IF_NONE_MATCH),
+        crate::wire::rare_field(request.headers(), &header::IF_NONE_MATCH),
         cache_status::hit(left),
         Some(entry.age(now)),
     ))

@@ -114,7 +114,7 @@ pub fn owned_value(value: &HeaderValue) -> HeaderValue {
 
 /// All values of a header as one (they are a comma-separated list semantically).
 fn joined(headers: &HeaderMap, name: &HeaderName) -> Option<HeaderValue> {
-    let mut values = headers.get_all(name).iter();
+    let mut values = crate::wire::rare_field_values(headers, name);
     let first = values.next()?;
     let Some(second) = values.next() else {
         return Some(first.clone());
@@ -404,9 +404,7 @@ pub enum RequestMode {
 }
 
 fn directives(headers: &HeaderMap, name: &HeaderName) -> impl Iterator<Item = String> {
-    headers
-        .get_all(name)
-        .iter()
+    crate::wire::rare_field_values(headers, name)
         .filter_map(|value| value.to_str().ok())
         .flat_map(|value| value.split(','))
         .map(|directive| directive.trim().to_ascii_lowercase())
@@ -415,6 +413,13 @@ fn directives(headers: &HeaderMap, name: &HeaderName) -> impl Iterator<Item = St
 }
 
 pub fn request_mode(headers: &HeaderMap) -> RequestMode {
+    // Most requests name none of the three: one pass over the names says so.
+    let mut named = headers
+        .keys()
+        .filter(|name| [&header::RANGE, &header::CACHE_CONTROL, &header::PRAGMA].contains(name));
+    if named.next().is_none() {
+        return RequestMode::Normal;
+    }
     if headers.contains_key(header::RANGE) {
         return RequestMode::Bypass;
     }

@@ -242,7 +242,7 @@ fn encode_response_head(
         }
         Framing::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
     }
-    if !parts.headers.contains_key(header::DATE) && !shared.is_some_and(EncodedFields::has_date) {
+    if !wire::names(&parts.headers, &header::DATE) && !shared.is_some_and(EncodedFields::has_date) {
         out.extend_from_slice(b"date: ");
         out.extend_from_slice(date);
         out.extend_from_slice(b"\r\n");

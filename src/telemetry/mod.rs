@@ -50,7 +50,7 @@ impl RequestId {
 
     /// Keeps a sane client-supplied id; anything else is replaced by a fresh UUID.
     fn for_request<B>(request: &Request<B>) -> RequestId {
-        let supplied = request.headers().get(&X_REQUEST_ID).filter(|value| {
+        let supplied = crate::wire::rare_field(request.headers(), &X_REQUEST_ID).filter(|value| {
             let bytes = value.as_bytes();
             !bytes.is_empty()
                 && bytes.len() <= 128
