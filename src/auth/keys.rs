@@ -81,7 +81,21 @@ impl std::fmt::Display for Fingerprint {
 
 impl PartialEq for KeyDigest {
     fn eq(&self, other: &Self) -> bool {
-        self.0.ct_eq(&other.0).into()
+        // Constant-time by 64-bit words: `subtle`'s slice comparison goes
+        // byte by byte, an optimisation barrier each (~340 instructions per
+        // key look-up under callgrind, against ~40 for the four words).
+        let words = |digest: &[u8; 32]| -> [u64; 4] {
+            std::array::from_fn(|index| {
+                let at = index * 8;
+                u64::from_ne_bytes(digest[at..at + 8].try_into().expect("eight bytes"))
+            })
+        };
+        let (mine, theirs) = (words(&self.0), words(&other.0));
+        let same = mine[0].ct_eq(&theirs[0])
+            & mine[1].ct_eq(&theirs[1])
+            & mine[2].ct_eq(&theirs[2])
+            & mine[3].ct_eq(&theirs[3]);
+        same.into()
     }
 }
 
@@ -220,6 +234,17 @@ mod tests {
             .unwrap(),
             digest
         );
+    }
+
+    #[test]
+    fn digests_differing_in_any_one_byte_are_unequal() {
+        let digest = KeyDigest::of_key("tg_one");
+        assert_eq!(digest, KeyDigest::of_key("tg_one"));
+        for at in 0..32 {
+            let mut other = digest;
+            other.0[at] ^= 0x01;
+            assert_ne!(digest, other, "byte {at}");
+        }
     }
 
     #[test]
