@@ -1,21 +1,22 @@
 #!/usr/bin/env bash
-# Instructions per cache hit of the running gateway, under callgrind: the
-# whole server (connection loop, parse, stack, answer, tokio), not one
-# function, and the same count for the bare-hyper limit server answering
-# the same request. Counted, not timed: the same binary gives the same
-# figure within ~1% whatever else the machine is doing, so a change to the
-# hit path can be judged without the VM's noise (benches/README.md,
-# "Instructions per hit").
+# Instructions per cache hit and per pass-through of the running gateway,
+# under callgrind: the whole server (connection loop, parse, stack, answer,
+# tokio), not one function, and the same count for the bare-hyper limit
+# server answering the same hit. Counted, not timed: the same binary gives
+# the same figure within ~1% whatever else the machine is doing, so a
+# change to the request path can be judged without the VM's noise
+# (benches/README.md, "Instructions per hit").
 #
 #   bash benches/callgrind.sh                       # the release build
 #   bash benches/callgrind.sh path/to/teamgate      # another build
 #
 # Needs valgrind and wrk (installed from Debian when missing) and the peers
 # (../shared/bench/peers, or TEAMGATE_BENCH_PEERS): their stand-in upstream
-# fills the cache and their limit server is the reference. Loopback only;
-# wrk runs 2 s to warm up and 4 s counted, per server. Prints one line per
-# server; valgrind's software SHA-256 (it lacks the SHA extensions the
-# gateway uses on this CPU) is shown apart.
+# fills the cache and answers pass-through, and their limit server is the
+# reference. Loopback only; wrk runs 2 s to warm up and 4 s counted, per
+# measurement. Prints one line per measurement; valgrind's software
+# SHA-256 (it lacks the SHA extensions the gateway uses on this CPU) is
+# shown apart.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -26,15 +27,18 @@ admin=18076
 limit_port=18077
 work=$(mktemp -d /tmp/teamgate-callgrind.XXXXXX)
 pids=()
-cleanup() {
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+# stop-peers.sh only signals the peers: wait (bounded) until their ports
+# are free, so that run-peers.sh can start them again (it fails otherwise).
+stop_peers() {
   if [ -f "$peers/stop-peers.sh" ]; then "$peers/stop-peers.sh" || true; fi
-  # stop-peers.sh only signals them: wait (bounded) until their ports are
-  # free, so that a run right after this one can start them again.
   for _ in $(seq 50); do
     ss -ltn | grep -qE '127\.0\.0\.1:1808[1-4] ' || break
     sleep 0.1
   done
+}
+cleanup() {
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  stop_peers
   rm -rf "$work"
 }
 trap cleanup EXIT
@@ -50,6 +54,7 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 [ "$#" -gt 0 ] || cargo build --release --quiet
+stop_peers
 bash "$peers/run-peers.sh" >/dev/null
 
 key=team-a-client-key
@@ -69,9 +74,10 @@ upstream_keys = { comfy = "env:BENCH_UPSTREAM_KEY" }
 client_keys = ["sha256:$(printf '%s' "$key" | sha256sum | cut -d' ' -f1)"]
 EOF
 
-# Runs $2.. under callgrind (output $work/$1.out), loads $url (warm-up,
-# counters zeroed, counted run, dump) and prints "$1: N hits, I per hit".
-count() { # $1 name, $2 ready-check url, $3.. command
+# Runs $3.. under callgrind (output $work/$1.out), loads each of $urls
+# in turn (warm-up, counters zeroed, counted run, dump) and prints
+# "$1 <what>: N requests, I per request" for each.
+count() { # $1 name, $2 ready-check url, $3.. command; urls: "what=url" words
   local name=$1 ready=$2; shift 2
   BENCH_UPSTREAM_KEY=comfy-team-a-secret TOKIO_WORKER_THREADS=1 \
     valgrind --tool=callgrind --callgrind-out-file="$work/$name.out" "$@" \
@@ -79,28 +85,34 @@ count() { # $1 name, $2 ready-check url, $3.. command
   local pid=$!
   pids+=("$pid")
   for _ in $(seq 300); do curl -fs -o /dev/null "$ready" && break; sleep 0.2; done
-  curl -fs -o /dev/null -H "Authorization: Bearer $key" "$url" \
-    || { echo "$name did not answer" >&2; cat "$work/$name.log" >&2; exit 1; }
-  taskset -c 1 wrk -t1 -c8 -d2s -H "Authorization: Bearer $key" "$url" >/dev/null
-  callgrind_control -z "$pid" >/dev/null
-  local hits
-  hits=$(taskset -c 1 wrk -t1 -c8 -d4s -H "Authorization: Bearer $key" "$url" \
-    | awk '/requests in/ {print $1}')
-  callgrind_control -d "$pid" >/dev/null
+  local entry what url dumps=0 requests total sha
+  for entry in $urls; do
+    what=${entry%%=*}; url=${entry#*=}
+    curl -fs -o /dev/null -H "Authorization: Bearer $key" "$url" \
+      || { echo "$name did not answer $url" >&2; cat "$work/$name.log" >&2; exit 1; }
+    taskset -c 1 wrk -t1 -c8 -d2s -H "Authorization: Bearer $key" "$url" >/dev/null
+    callgrind_control -z "$pid" >/dev/null
+    requests=$(taskset -c 1 wrk -t1 -c8 -d4s -H "Authorization: Bearer $key" "$url" \
+      | awk '/requests in/ {print $1}')
+    callgrind_control -d "$pid" >/dev/null
+    dumps=$((dumps + 1))
+    local dump="$work/$name.out.$dumps"
+    for _ in $(seq 50); do [ -s "$dump" ] && break; sleep 0.1; done
+    total=$(awk '/^summary:/ {print $2}' "$dump")
+    sha=$(callgrind_annotate --threshold=100 --inclusive=yes "$dump" 2>/dev/null \
+      | awk '/sha2::sha256::compress256 \[/ && !found {gsub(",", "", $1); print $1; found = 1}')
+    python3 -c "
+requests, total, sha = $requests, $total, ${sha:-0}
+print(f'$name $what: {requests} requests, {total / requests:,.0f} instructions per request'
+      + (f' ({(total - sha) / requests:,.0f} without the software SHA-256)' if sha else ''))"
+  done
   kill "$pid"; wait "$pid" 2>/dev/null || true
-  local dump=("$work/$name.out".*)
-  local total sha
-  total=$(awk '/^summary:/ {print $2}' "${dump[0]}")
-  sha=$(callgrind_annotate --threshold=100 --inclusive=yes "${dump[0]}" 2>/dev/null \
-    | awk '/sha2::sha256::compress256 \[/ && !found {gsub(",", "", $1); print $1; found = 1}')
-  python3 -c "
-hits, total, sha = $hits, $total, ${sha:-0}
-print(f'$name: {hits} hits, {total / hits:,.0f} instructions per hit'
-      + (f' ({(total - sha) / hits:,.0f} without the software SHA-256)' if sha else ''))"
 }
 
-url="http://127.0.0.1:$port$url_path"
+# Pass-through goes to the peers' stand-in upstream (outside valgrind): the
+# figure is the gateway's own work for a forwarded read.
+urls="hit=http://127.0.0.1:$port$url_path pass-through=http://127.0.0.1:$port/api/jobs"
 count teamgate "http://127.0.0.1:$admin/readyz" "$binary" serve --config "$work/teamgate.toml"
-url="http://127.0.0.1:$limit_port$url_path"
-count limit "$url" /tmp/bench-limit-target/release/limit-server "127.0.0.1:$limit_port" \
-  "$peers/../assets.json"
+urls="hit=http://127.0.0.1:$limit_port$url_path"
+count limit "http://127.0.0.1:$limit_port$url_path" \
+  /tmp/bench-limit-target/release/limit-server "127.0.0.1:$limit_port" "$peers/../assets.json"
