@@ -27,15 +27,8 @@ admin=18076
 limit_port=18077
 work=$(mktemp -d /tmp/teamgate-callgrind.XXXXXX)
 pids=()
-# stop-peers.sh only signals the peers: wait (bounded) until their ports
-# are free, so that run-peers.sh can start them again (it fails otherwise).
-stop_peers() {
-  if [ -f "$peers/stop-peers.sh" ]; then "$peers/stop-peers.sh" || true; fi
-  for _ in $(seq 50); do
-    ss -ltn | grep -qE '127\.0\.0\.1:1808[1-4] ' || break
-    sleep 0.1
-  done
-}
+# shellcheck source=benches/peers.sh
+source "$root/benches/peers.sh"
 cleanup() {
   for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
   stop_peers
@@ -50,6 +43,7 @@ fi
 need=()
 command -v valgrind >/dev/null || need+=(valgrind)
 command -v wrk >/dev/null || need+=(wrk)
+command -v ss >/dev/null || need+=(iproute2)
 if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi

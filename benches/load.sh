@@ -42,12 +42,14 @@ logged_pid=""
 quiet_pid=""
 logged_nginx_conf=""
 
+# shellcheck source=benches/peers.sh
+source "$root/benches/peers.sh"
 cleanup() {
   [ -n "$gateway_pid" ] && kill "$gateway_pid" 2>/dev/null || true
   [ -n "$logged_pid" ] && kill "$logged_pid" 2>/dev/null || true
   [ -n "$quiet_pid" ] && kill "$quiet_pid" 2>/dev/null || true
   [ -n "$logged_nginx_conf" ] && nginx -c "$logged_nginx_conf" -s stop 2>/dev/null || true
-  if [ -f "$peers/stop-peers.sh" ]; then "$peers/stop-peers.sh" || true; fi
+  stop_peers
   rm -rf "$work" "$logged_nginx_cache"
 }
 trap cleanup EXIT
@@ -73,6 +75,7 @@ echo "== building teamgate (release)" >&2
 rm -f "$root/target/release/teamgate"
 cargo build --release --locked --quiet
 echo "== starting peers" >&2
+stop_peers
 bash "$peers/run-peers.sh" >&2
 
 # The nginx peer again, with an access log: one JSON line per request with
