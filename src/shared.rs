@@ -44,6 +44,7 @@ use redis::AsyncCommands;
 use redis::aio::MultiplexedConnection;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
+use tokio_util::task::AbortOnDrop;
 
 use crate::auth::managed::{self, ManagedKeyList};
 use crate::cache::Store;
@@ -448,7 +449,8 @@ pub struct Fanout {
     pending: Arc<Pending>,
     metrics: Arc<Metrics>,
     keys: Arc<KeysHandOver>,
-    subscriber: tokio::task::AbortHandle,
+    /// The subscriber task, stopped when the fan-out is dropped.
+    _subscriber: AbortOnDrop,
 }
 
 /// Without the connection: its details are the Redis URL's, which may hold a password.
@@ -459,12 +461,6 @@ impl std::fmt::Debug for Fanout {
             .field("channel", &self.channel)
             .field("subscribed", &self.publisher.borrow().is_some())
             .finish_non_exhaustive()
-    }
-}
-
-impl Drop for Fanout {
-    fn drop(&mut self) {
-        self.subscriber.abort();
     }
 }
 
@@ -506,7 +502,7 @@ impl Fanout {
             pending,
             metrics,
             keys,
-            subscriber: task.abort_handle(),
+            _subscriber: AbortOnDrop::new(task.abort_handle()),
         })
     }
 

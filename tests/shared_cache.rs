@@ -6,33 +6,12 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use common::redis_server::Redis;
 use common::*;
 use http::Method;
 use teamgate::emulator::Emulator;
-
-/// A gateway in front of `emulator` that shares invalidations through `redis`.
-async fn instance(emulator: &Emulator, addr: SocketAddr, redis: &Redis) -> Harness {
-    instance_with(emulator, addr, redis, |text| text).await
-}
-
-/// [`instance`], its config text edited by `edit` first.
-async fn instance_with(
-    emulator: &Emulator,
-    addr: SocketAddr,
-    redis: &Redis,
-    edit: impl FnOnce(String) -> String,
-) -> Harness {
-    let shared = format!(
-        "[admin]\ntoken = \"env:ADMIN_TOKEN\"\n[shared]\nredis = \"file:{}\"\n",
-        redis.url_file().display()
-    );
-    let text = edit(config_text(&format!("http://{addr}"), "", &shared));
-    Harness::start_with_text(emulator.clone(), addr, &text).await
-}
 
 /// `teamgate_cache_fanout_total{event}` of `h`.
 async fn fanout_events(h: &Harness, event: &str) -> Option<f64> {
@@ -68,8 +47,8 @@ async fn read_goes_upstream(h: &Harness, emulator: &Emulator) -> Answer {
 async fn writes_and_purges_through_one_instance_reach_the_others_cache() {
     let redis = Redis::started("fanout");
     let (emulator, addr) = serve_emulator(test_emulator()).await;
-    let a = instance(&emulator, addr, &redis).await;
-    let b = instance(&emulator, addr, &redis).await;
+    let a = Harness::start_shared(emulator.clone(), addr, &redis).await;
+    let b = Harness::start_shared(emulator.clone(), addr, &redis).await;
     a.until_subscribed(1.0).await;
     b.until_subscribed(1.0).await;
 
@@ -122,8 +101,8 @@ async fn writes_and_purges_through_one_instance_reach_the_others_cache() {
 async fn a_write_reaches_an_instance_that_keys_the_team_by_another_credential() {
     let redis = Redis::started("rotation");
     let (emulator, addr) = serve_emulator(test_emulator()).await;
-    let a = instance(&emulator, addr, &redis).await;
-    let b = instance_with(&emulator, addr, &redis, |text| {
+    let a = Harness::start_shared(emulator.clone(), addr, &redis).await;
+    let b = Harness::start_shared_with(emulator.clone(), addr, &redis, |text| {
         let design = "[teams.design]\nupstream_keys = { comfy = \"env:DESIGN_COMFY_KEY\" }";
         assert!(text.contains(design));
         text.replace(
@@ -151,7 +130,7 @@ async fn a_write_reaches_an_instance_that_keys_the_team_by_another_credential() 
 async fn an_instance_that_cannot_hear_the_others_serves_nothing_from_its_cache() {
     let mut redis = Redis::reserve("paused");
     let (emulator, addr) = serve_emulator(test_emulator()).await;
-    let h = instance(&emulator, addr, &redis).await;
+    let h = Harness::start_shared(emulator.clone(), addr, &redis).await;
 
     // No Redis yet: every read goes upstream, nothing is stored.
     for _ in 0..3 {
@@ -191,7 +170,7 @@ async fn an_instance_that_cannot_hear_the_others_serves_nothing_from_its_cache()
 async fn a_silent_redis_pauses_the_cache_until_it_answers_again() {
     let redis = Redis::started("silent");
     let (emulator, addr) = serve_emulator(test_emulator()).await;
-    let h = instance(&emulator, addr, &redis).await;
+    let h = Harness::start_shared(emulator.clone(), addr, &redis).await;
     h.until_subscribed(1.0).await;
     cache_list(&h).await;
 
@@ -250,7 +229,7 @@ async fn slow_instance(
 async fn a_write_is_answered_once_every_instance_has_applied_it() {
     let redis = Redis::started("acks");
     let (emulator, addr) = serve_emulator(test_emulator()).await;
-    let h = instance(&emulator, addr, &redis).await;
+    let h = Harness::start_shared(emulator.clone(), addr, &redis).await;
     h.until_subscribed(1.0).await;
 
     let confirmed = slow_instance(&redis, true).await;

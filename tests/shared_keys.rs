@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -13,17 +12,6 @@ use common::redis_server::Redis;
 use common::*;
 use http::{Method, Request, StatusCode};
 use http_body_util::Full;
-use teamgate::emulator::Emulator;
-
-/// A gateway in front of `emulator` sharing through `redis`, with the admin API on.
-async fn instance(emulator: &Emulator, addr: SocketAddr, redis: &Redis) -> Harness {
-    let shared = format!(
-        "[admin]\ntoken = \"env:ADMIN_TOKEN\"\n[shared]\nredis = \"file:{}\"\n",
-        redis.url_file().display()
-    );
-    let text = config_text(&format!("http://{addr}"), "", &shared);
-    Harness::start_with_text(emulator.clone(), addr, &text).await
-}
 
 /// `POST /admin/teams/{team}/keys` on `h` with `body`.
 async fn make_key(h: &Harness, team: &str, body: &str) -> Answer {
@@ -65,8 +53,8 @@ async fn a_key_made_on_one_instance_works_on_all_and_revoked_on_another_works_on
     use http_body_util::BodyExt;
     let redis = Redis::started("keys");
     let (emulator, addr) = serve_slow_events_emulator().await;
-    let a = instance(&emulator, addr, &redis).await;
-    let b = instance(&emulator, addr, &redis).await;
+    let a = Harness::start_shared(emulator.clone(), addr, &redis).await;
+    let b = Harness::start_shared(emulator.clone(), addr, &redis).await;
     a.until_subscribed(1.0).await;
     b.until_subscribed(1.0).await;
 
@@ -140,7 +128,7 @@ async fn a_key_made_on_one_instance_works_on_all_and_revoked_on_another_works_on
 async fn the_key_api_refuses_what_it_cannot_do() {
     let redis = Redis::started("keys-refused");
     let (emulator, addr) = serve_emulator(test_emulator()).await;
-    let h = instance(&emulator, addr, &redis).await;
+    let h = Harness::start_shared(emulator.clone(), addr, &redis).await;
     h.until_subscribed(1.0).await;
     let without_token = h
         .admin_call(Method::POST, "/admin/teams/design/keys", None)

@@ -32,18 +32,12 @@ async fn instance(emulator: &Emulator, addr: SocketAddr, redis: &Redis, limits: 
     Harness::start_with_text(emulator.clone(), addr, &config(addr, redis, limits)).await
 }
 
-async fn rounds(h: &Harness, outcome: &str) -> f64 {
-    h.metric("teamgate_quota_sync_total", &[("outcome", outcome)])
-        .await
-        .expect("the series exists from the start")
-}
-
 /// Waits (20 s at most) until `h` has run two more rounds ending in `outcome`:
 /// the first may have been under way already, the second began after this
 /// call — so it reported what `h` admitted before, and read back what the
 /// others had reported.
 async fn two_rounds(h: &Harness, outcome: &str) {
-    let from = rounds(h, outcome).await;
+    let from = h.quota_rounds(outcome).await;
     h.wait_for_metric(
         "teamgate_quota_sync_total",
         &[("outcome", outcome)],
@@ -176,7 +170,7 @@ async fn without_redis_each_instance_enforces_its_quotas_alone_until_it_is_back(
     let b = instance(&emulator, addr, &redis, limits).await;
 
     two_rounds(&a, "failed").await;
-    assert_eq!(rounds(&a, "ok").await, 0.0);
+    assert_eq!(a.quota_rounds("ok").await, 0.0);
     // Each admits its own two (the fleet four), and refuses the next.
     for h in [&a, &b] {
         for _ in 0..2 {

@@ -27,12 +27,6 @@ async fn instance(url_file: &std::path::Path, ca: Option<&std::path::Path>) -> H
     .await
 }
 
-async fn quota_rounds(h: &Harness, outcome: &str) -> f64 {
-    h.metric("teamgate_quota_sync_total", &[("outcome", outcome)])
-        .await
-        .unwrap()
-}
-
 /// Waits until `h` has run `count` rounds ending in `outcome`.
 async fn rounds_reach(h: &Harness, outcome: &str, count: f64) {
     h.wait_for_metric(
@@ -68,7 +62,7 @@ async fn instances_share_through_a_tls_redis_whose_certificate_they_check() {
     // rounds are counted.
     let doubting = instance(&url_file, None).await;
     rounds_reach(&doubting, "failed", 2.0).await;
-    assert_eq!(quota_rounds(&doubting, "ok").await, 0.0);
+    assert_eq!(doubting.quota_rounds("ok").await, 0.0);
     assert_eq!(
         doubting
             .metric("teamgate_cache_fanout_subscribed", &[])

@@ -53,6 +53,7 @@ use std::time::Duration;
 
 use governor::clock::Clock as _;
 use redis::aio::MultiplexedConnection;
+use tokio_util::task::AbortOnDrop;
 
 use super::Pause;
 use super::quota::{Denial, QuotaSpec, RateLimit, Snapshot, TokioClock, Verdict, ceil_secs};
@@ -556,13 +557,7 @@ fn answered(answers: usize, asked: usize) -> Result<(), String> {
 /// The task that runs the rounds; stopped when dropped.
 #[derive(Debug)]
 pub struct QuotaSync {
-    task: tokio::task::AbortHandle,
-}
-
-impl Drop for QuotaSync {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
+    _task: AbortOnDrop,
 }
 
 impl QuotaSync {
@@ -575,7 +570,7 @@ impl QuotaSync {
     ) -> QuotaSync {
         let task = tokio::spawn(run_rounds(client, every, quotas, metrics));
         QuotaSync {
-            task: task.abort_handle(),
+            _task: AbortOnDrop::new(task.abort_handle()),
         }
     }
 }

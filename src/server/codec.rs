@@ -248,7 +248,7 @@ fn encode_response_head(
         out.extend_from_slice(b"\r\n");
     }
     if close
-        && !parts.headers.contains_key(header::CONNECTION)
+        && !wire::names(&parts.headers, &header::CONNECTION)
         && !shared.is_some_and(EncodedFields::has_connection)
     {
         out.extend_from_slice(b"connection: close\r\n");

@@ -254,6 +254,31 @@ impl Harness {
         Self::start_config(emulator, emulator_addr, config).await
     }
 
+    /// A gateway that shares through `redis` (`[shared] redis`), with the
+    /// test admin token, on [`config_text`].
+    pub async fn start_shared(
+        emulator: Emulator,
+        emulator_addr: SocketAddr,
+        redis: &redis_server::Redis,
+    ) -> Self {
+        Self::start_shared_with(emulator, emulator_addr, redis, |text| text).await
+    }
+
+    /// [`Harness::start_shared`], its config text edited by `edit` first.
+    pub async fn start_shared_with(
+        emulator: Emulator,
+        emulator_addr: SocketAddr,
+        redis: &redis_server::Redis,
+        edit: impl FnOnce(String) -> String,
+    ) -> Self {
+        let shared = format!(
+            "[admin]\ntoken = \"env:ADMIN_TOKEN\"\n[shared]\nredis = \"file:{}\"\n",
+            redis.url_file().display()
+        );
+        let text = edit(config_text(&format!("http://{emulator_addr}"), "", &shared));
+        Self::start_with_text(emulator, emulator_addr, &text).await
+    }
+
     pub async fn start_in_front_of_with(
         emulator: Emulator,
         emulator_addr: SocketAddr,
@@ -460,6 +485,14 @@ impl Harness {
     pub async fn until_subscribed(&self, value: f64) {
         self.wait_for_metric("teamgate_cache_fanout_subscribed", &[], |v| v == value)
             .await;
+    }
+
+    /// How many of this instance's quota rounds with Redis ended in
+    /// `outcome` (`ok`, `failed`); the series exist from the start.
+    pub async fn quota_rounds(&self, outcome: &str) -> f64 {
+        self.metric("teamgate_quota_sync_total", &[("outcome", outcome)])
+            .await
+            .expect("the quota round series exist from the start")
     }
 
     /// One series of `/metrics` (see [`sample`]).
