@@ -9,6 +9,8 @@
 #
 #   bash benches/callgrind.sh                       # the release build
 #   bash benches/callgrind.sh path/to/teamgate      # another build
+#   CALLGRIND_KEEP=dir bash benches/callgrind.sh    # keep the profiles, for
+#                                                   # callgrind_annotate
 #
 # Needs valgrind and wrk (installed from Debian when missing) and the peers
 # (../shared/bench/peers, or TEAMGATE_BENCH_PEERS): their stand-in upstream
@@ -93,6 +95,9 @@ count() { # $1 name, $2 ready-check url, $3.. command; urls: "what=url" words
     local dump="$work/$name.out.$dumps"
     for _ in $(seq 50); do [ -s "$dump" ] && break; sleep 0.1; done
     total=$(awk '/^summary:/ {print $2}' "$dump")
+    if [ -n "${CALLGRIND_KEEP:-}" ]; then
+      mkdir -p "$CALLGRIND_KEEP" && cp "$dump" "$CALLGRIND_KEEP/$name-$what.out"
+    fi
     sha=$(callgrind_annotate --threshold=100 --inclusive=yes "$dump" 2>/dev/null \
       | awk '/sha2::sha256::compress256 \[/ && !found {gsub(",", "", $1); print $1; found = 1}')
     python3 -c "

@@ -80,6 +80,7 @@ fn request(target: &str) -> Request<Body> {
 /// `X-Forwarded-For`) and whether it came over TLS.
 fn client_record() -> Arc<RequestRecord> {
     Arc::new(RequestRecord::for_client(
+        &Request::new(()),
         ClientAddr::new("127.0.0.1:5000".parse().unwrap()),
         false,
     ))

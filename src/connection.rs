@@ -113,12 +113,8 @@ where
         &self,
         mut request: Request<Body>,
     ) -> Either<S::Future, Oneshot<S, Request<Body>>> {
-        request
-            .extensions_mut()
-            .insert(Arc::new(RequestRecord::for_client(
-                self.client_addr.clone(),
-                self.is_tls,
-            )));
+        let record = RequestRecord::for_client(&request, self.client_addr.clone(), self.is_tls);
+        request.extensions_mut().insert(Arc::new(record));
         // Uncontended: only this connection's task calls it.
         let mut versioned = self.stack.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(newer) = self.published.newer_than(versioned.generation) {

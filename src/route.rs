@@ -968,9 +968,10 @@ where
             check_request(&request, self.limits).and_then(|()| self.router.classify(&request));
         match checked {
             Ok(route) => {
-                let span = tracing::Span::current();
-                span.record("upstream", route.upstream.name.as_str());
-                span.record("route_class", route.class_label());
+                if let Some(span) = crate::telemetry::request_span() {
+                    span.record("upstream", route.upstream.name.as_str());
+                    span.record("route_class", route.class_label());
+                }
                 // Classified once: nothing above this layer sets a route.
                 let _ = crate::telemetry::RequestRecord::attached(&mut request)
                     .route

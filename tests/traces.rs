@@ -134,6 +134,32 @@ async fn spans_arrive_with_the_clients_trace_as_parent_and_propagate_upstream() 
         "under the client's span"
     );
 
+    // What the layers inside the request span record on it as they go
+    // (`telemetry::request_span`): the route, the team and the key.
+    let attribute = |span: &Span, key: &str| {
+        span.attributes
+            .iter()
+            .find(|attribute| attribute.key == key)
+            .and_then(|attribute| attribute.value.as_ref()?.value.clone())
+            .and_then(|value| match value {
+                opentelemetry_proto::tonic::common::v1::any_value::Value::StringValue(text) => {
+                    Some(text)
+                }
+                _ => None,
+            })
+    };
+    assert_eq!(attribute(request, "upstream").as_deref(), Some("comfy"));
+    assert_eq!(
+        attribute(request, "route_class").as_deref(),
+        Some("cacheable_read")
+    );
+    assert_eq!(attribute(request, "team").as_deref(), Some("design"));
+    let key = attribute(request, "key").expect("the key's fingerprint");
+    assert!(
+        !key.is_empty() && !DESIGN_KEY.contains(&key),
+        "a fingerprint, not the key: {key}"
+    );
+
     let upstream = named("upstream");
     assert_eq!(hex::encode(&upstream.trace_id), TRACE_ID);
     // upstream → cache.fill → cache.lookup → request

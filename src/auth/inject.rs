@@ -167,7 +167,7 @@ pub fn prepare_upstream_request(
         .as_ref()
         .map(|client| client.forwarded_for.clone());
     let client_tls = record.tls;
-    let request_id = record.id.get().map(|id| id.0.clone());
+    let request_id = record.id.0.clone();
     let upstream = &route.upstream;
     // A public read carries no team credential: the client's own
     // `Authorization: public-auth-token` is what the upstream expects.
@@ -235,9 +235,7 @@ pub fn prepare_upstream_request(
     headers.insert(header::HOST, host);
     // The id the client's answer carries (a sane one the client sent, or
     // the gateway's), in place of whatever the client sent.
-    if let Some(id) = request_id {
-        headers.insert(X_REQUEST_ID.clone(), id);
-    }
+    headers.insert(X_REQUEST_ID.clone(), request_id);
     if settings.forwarded_headers {
         if let Some(ip) = client_addr {
             append_list(headers, &X_FORWARDED_FOR, ip);

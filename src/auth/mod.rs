@@ -183,15 +183,18 @@ where
         };
         let caller = match authenticate(&self.config, &request, route) {
             Ok(authenticated) => {
-                let span = tracing::Span::current();
-                if !span.is_disabled() {
+                if let Some(span) =
+                    crate::telemetry::request_span().filter(|span| !span.is_disabled())
+                {
                     span.record("team", authenticated.team.name.as_str());
                     span.record("key", authenticated.key.fingerprint().as_str());
                 }
                 Caller::Team(authenticated)
             }
             Err(GatewayError::MissingKey) if is_public_read(&request, route) => {
-                tracing::Span::current().record("team", "(public)");
+                if let Some(span) = crate::telemetry::request_span() {
+                    span.record("team", "(public)");
+                }
                 Caller::PublicRead
             }
             Err(error) => {

@@ -167,8 +167,7 @@ async fn forward(
     let shape = route.error_shape();
     let request_id = record
         .as_deref()
-        .and_then(|record| record.id.get())
-        .and_then(|id| id.0.to_str().ok());
+        .and_then(|record| record.id.0.to_str().ok());
 
     // The team's key is in this request's URL when the route's rule puts it
     // in the query: the answer is searched for it (`redact`).

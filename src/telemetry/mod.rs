@@ -1,8 +1,9 @@
 //! Request ids, the per-request span, the access log, and logging set-up.
 //!
-//! [`ObserveLayer`] is the outermost layer: it keeps a client's `X-Request-Id`
-//! (or makes one) in the request's record, from where the upstream rewrite
-//! (`auth::inject`) sends it on; it opens the request span every inner layer
+//! The request's record holds its id from the start (a client's sane
+//! `X-Request-Id`, or a fresh UUID), from where the upstream rewrite
+//! (`auth::inject`) sends it on. [`ObserveLayer`] is the outermost layer: it
+//! opens the request span every inner layer
 //! records into (`team`, `upstream`, …), sets the id on the answer, and
 //! writes one access-log line per request, rejections included. The span
 //! records the path but never the query: Comfy's `/ws` carries a key in
@@ -36,6 +37,14 @@ use metrics::{Metrics, RequestLabels};
 
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
+/// The request span [`Observe`] opened, for an inner layer's `call` to record
+/// fields on (it runs inside that span); `None` when no span at the request
+/// span's level (DEBUG) can be on, which a global atomic tells without the
+/// thread-local look-up of the current span.
+pub fn request_span() -> Option<Span> {
+    tracing::level_enabled!(tracing::Level::DEBUG).then(Span::current)
+}
+
 /// The request id, as an extension; also sent upstream and back to the client.
 #[derive(Debug, Clone)]
 pub struct RequestId(pub HeaderValue);
@@ -43,9 +52,7 @@ pub struct RequestId(pub HeaderValue);
 impl RequestId {
     /// The id of a request that went through [`Observe`], for error bodies.
     pub fn of<B>(request: &Request<B>) -> Option<&str> {
-        RequestRecord::of(request)
-            .and_then(|record| record.id.get())
-            .and_then(|id| id.0.to_str().ok())
+        RequestRecord::of(request).and_then(|record| record.id.0.to_str().ok())
     }
 
     /// Keeps a sane client-supplied id; anything else is replaced by a fresh UUID.
@@ -80,7 +87,8 @@ impl RequestId {
 }
 
 /// What is known about one request as it goes through the stack: where it
-/// came from (set by the connection), its id (set by [`Observe`]), where it
+/// came from and its id (set by the connection, or by [`Observe`] for a
+/// request without a record), where it
 /// is routed (`route::Classify`), who it was let through as
 /// (`auth::Authenticate`) and what the upstream answered (`proxy`). One
 /// extension, `Arc<RequestRecord>`, shared by every layer and by a cache fill
@@ -88,13 +96,15 @@ impl RequestId {
 /// fact cost a box each (and the fourth made the extension table grow), and
 /// the metric labels and the access line read the same route and team the
 /// layers acted on.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct RequestRecord {
     /// The peer, with its `X-Forwarded-For` item; `None` outside a connection.
     pub client: Option<ClientAddr>,
     /// Whether the client connected over TLS (`X-Forwarded-Proto`).
     pub tls: bool,
-    pub id: OnceLock<RequestId>,
+    /// Kept from the client's `X-Request-Id` when sane, else a fresh UUID;
+    /// taken as the record is made, so no layer waits on it.
+    pub id: RequestId,
     /// The upstream and rule the request is routed to.
     pub route: OnceLock<RouteMatch>,
     /// The team (or public read) the request was let through as.
@@ -110,12 +120,24 @@ pub struct RequestRecord {
 }
 
 impl RequestRecord {
-    /// The record a connection attaches to each of its requests.
-    pub fn for_client(client: ClientAddr, tls: bool) -> Self {
+    /// The record a connection attaches to `request`.
+    pub fn for_client<B>(request: &Request<B>, client: ClientAddr, tls: bool) -> Self {
         RequestRecord {
             client: Some(client),
+            ..RequestRecord::for_request(request, tls)
+        }
+    }
+
+    /// A record for `request` with nothing known yet but its id.
+    fn for_request<B>(request: &Request<B>, tls: bool) -> Self {
+        RequestRecord {
+            client: None,
             tls,
-            ..RequestRecord::default()
+            id: RequestId::for_request(request),
+            route: OnceLock::new(),
+            caller: OnceLock::new(),
+            upstream_status: OnceLock::new(),
+            cache: OnceLock::new(),
         }
     }
 
@@ -130,9 +152,14 @@ impl RequestRecord {
     /// none (a layer called outside a connection and [`Observe`]: tests,
     /// benchmarks).
     pub fn attached<B>(request: &mut Request<B>) -> &Arc<RequestRecord> {
+        if request.extensions().get::<Arc<RequestRecord>>().is_none() {
+            let record = Arc::new(RequestRecord::for_request(request, false));
+            request.extensions_mut().insert(record);
+        }
         request
-            .extensions_mut()
-            .get_or_insert_default::<Arc<RequestRecord>>()
+            .extensions()
+            .get::<Arc<RequestRecord>>()
+            .expect("attached above")
     }
 
     /// The route of a routed request.
@@ -247,7 +274,7 @@ where
         let record = Arc::clone(RequestRecord::attached(&mut request));
         // Goes upstream in `X-Request-Id` (set with the upstream request's
         // other fields, `auth::inject`) and back on the answer (below).
-        let request_id = record.id.get_or_init(|| RequestId::for_request(&request));
+        let request_id = &record.id;
         let span = tracing::debug_span!(
             "request",
             request_id = %request_id.0.to_str().unwrap_or_default(),
@@ -307,7 +334,7 @@ where
         let this = self.project();
         let _entered = this.span.enter();
         let Ok(mut response) = std::task::ready!(this.inner.poll(cx));
-        let request_id = this.record.id.get();
+        let request_id = &this.record.id;
         let elapsed = this.started.elapsed();
         let cache = this
             .record
@@ -333,9 +360,7 @@ where
         // request span (DEBUG) is not even built, so this line costs one event.
         if let Some(uri) = this.logged_uri.take() {
             logging::AccessLine {
-                request_id: request_id
-                    .and_then(|id| id.0.to_str().ok())
-                    .unwrap_or_default(),
+                request_id: request_id.0.to_str().unwrap_or_default(),
                 method: this.method.as_str(),
                 path: uri.path(),
                 team: labels.team.map_or("", |team| team.name.as_str()),
@@ -350,11 +375,9 @@ where
             }
             .log();
         }
-        if let Some(id) = request_id {
-            response
-                .headers_mut()
-                .insert(X_REQUEST_ID.clone(), id.0.clone());
-        }
+        response
+            .headers_mut()
+            .insert(X_REQUEST_ID.clone(), request_id.0.clone());
         Poll::Ready(Ok(response))
     }
 }
@@ -420,5 +443,22 @@ mod tests {
         }
         let fresh = || RequestId::for_request(&Request::new(())).0;
         assert_ne!(fresh(), fresh(), "each request gets its own id");
+    }
+
+    /// The id is in the record from the start, for every layer: the one the
+    /// connection attaches and the one attached to a request without.
+    #[test]
+    fn a_record_carries_its_requests_id_from_the_start() {
+        let mut request = Request::builder()
+            .header("x-request-id", "abc-123")
+            .body(())
+            .unwrap();
+        let client = ClientAddr::new("127.0.0.1:5000".parse().unwrap());
+        assert_eq!(
+            RequestRecord::for_client(&request, client, false).id.0,
+            "abc-123"
+        );
+        assert_eq!(RequestRecord::attached(&mut request).id.0, "abc-123");
+        assert_eq!(RequestId::of(&request), Some("abc-123"));
     }
 }
