@@ -36,8 +36,8 @@ pub enum Body {
         head: Option<Bytes>,
         tail: Box<Body>,
     },
-    /// An event stream that ends when a reload revokes the key it was opened
-    /// with (see `proxy::RevocableStream`).
+    /// An event stream or a long download that ends when a reload revokes
+    /// the key it was opened with (see `proxy::RevocableStream`).
     Revocable(Box<crate::proxy::RevocableStream>),
 }
 

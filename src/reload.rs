@@ -18,9 +18,9 @@
 //! ([`Published`]): every connection serves its next request with it —
 //! a revoked key is refused on the next request of an open keep-alive
 //! connection — while requests in flight finish with the stack they began
-//! on, except websocket tunnels and event streams: one whose key the reload
-//! revoked (or moved to another team, or whose team's upstream key changed)
-//! is closed. A removed team's metric series leave the exposition. Cache
+//! on, except websocket tunnels, event streams and long downloads: one
+//! whose key the reload revoked (or moved to another team, or whose team's
+//! upstream key changed) is closed (`proxy::RevocableStream`). A removed team's metric series leave the exposition. Cache
 //! entries are partitioned by upstream credential, so a rotated
 //! credential starts a new partition by itself; the partitions of
 //! credentials no team holds any more are purged, so nothing fetched with a
@@ -221,8 +221,8 @@ impl Live {
             // requests are not yet served by.
             let mut shared = self.shared.lock().unwrap_or_else(PoisonError::into_inner);
             self.stack.publish(stack);
-            // Open websocket tunnels and event streams check their keys
-            // against it, and the cache fan-out its teams.
+            // Open websocket tunnels, event streams and long downloads
+            // check their keys against it, and the cache fan-out its teams.
             new.serving.send_replace(Arc::clone(&config));
             *shared = new;
         }

@@ -534,6 +534,84 @@ async fn a_reload_ends_the_event_streams_of_revoked_keys_only() {
     h.stop().await;
 }
 
+/// Starts `GET /emulator/bytes/{size}` with `key`, with a `Content-Length`
+/// or `chunked`; the answer's body, unread.
+async fn start_download(h: &Harness, key: &str, size: u64, chunked: bool) -> hyper::body::Incoming {
+    let query = if chunked { "?chunked" } else { "" };
+    let request = http::Request::get(h.url(&format!("/emulator/bytes/{size}{query}")))
+        .header("x-api-key", key)
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    let response = h.client.request(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let length = response.headers().get("content-length");
+    if chunked {
+        assert_eq!(length, None);
+    } else {
+        assert_eq!(length.unwrap(), size.to_string().as_str());
+    }
+    response.into_body()
+}
+
+/// A long download opened with a key a reload revokes is cut at the next
+/// bytes it would send — short of its `Content-Length`, or without its last
+/// chunk, so the client sees it broken rather than complete — while another
+/// key's download runs to its end, intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_cuts_the_long_downloads_of_revoked_keys_only() {
+    use http_body_util::BodyExt;
+    use std::time::Duration;
+    const SIZE: u64 = 64 << 20;
+    let frame_length = |frame: http_body::Frame<bytes::Bytes>| {
+        frame.into_data().map_or(0, |data| data.len() as u64)
+    };
+
+    let (emulator, addr) = emulator().await;
+    let files = ConfigDir::new("downloads");
+    let running = text(addr);
+    files.write(&running);
+    let h = Harness::start_from_file(emulator, addr, &files.config()).await;
+    let mut revoked = [
+        start_download(&h, DESIGN_KEY, SIZE, false).await,
+        start_download(&h, DESIGN_KEY, SIZE, true).await,
+    ];
+    let mut kept = start_download(&h, DESIGN_KEY_2, SIZE, true).await;
+    // Under way: the gateway sends no faster than the client reads.
+    let mut read = [0, 0];
+    for (body, read) in revoked.iter_mut().zip(&mut read) {
+        while *read < 1 << 20 {
+            *read += frame_length(body.frame().await.unwrap().unwrap());
+        }
+    }
+
+    files.write(&running.replace(&format!("\"{}\", ", hash(DESIGN_KEY)), ""));
+    assert_eq!(reload(&h, Some(ADMIN_TOKEN)).await.status, StatusCode::OK);
+
+    for (body, read) in revoked.iter_mut().zip(&mut read) {
+        let cut = loop {
+            let frame = tokio::time::timeout(Duration::from_secs(20), body.frame())
+                .await
+                .expect("the revoked key's download neither goes on nor ends");
+            match frame {
+                Some(Ok(frame)) => *read += frame_length(frame),
+                Some(Err(_)) => break true,
+                None => break false,
+            }
+        };
+        assert!(
+            cut && *read < SIZE,
+            "the revoked key's download is cut short: {read} of {SIZE} bytes, cut: {cut}"
+        );
+    }
+    let mut kept_read = 0;
+    while let Some(frame) = kept.frame().await {
+        kept_read += frame_length(frame.expect("the kept key's download is not cut"));
+    }
+    assert_eq!(kept_read, SIZE);
+    assert_eq!(h.get("/api/jobs", DESIGN_KEY).await.status, 401);
+    h.stop().await;
+}
+
 /// Reloads while requests flow: every request of a key the reloads never
 /// touch is answered 200 — none is dropped, refused or answered by a
 /// half-built stack — on connections opened before, during and after them.

@@ -12,7 +12,8 @@
 //! Each instance serves the managed keys as part of its config (the served
 //! config is the file's plus these, [`Config::with_managed_keys`]), so a
 //! revoked key is refused on the next request of any connection, and its
-//! websockets and event streams are closed, as after a reload. A change is
+//! websockets, event streams and long downloads are closed, as after a
+//! reload. A change is
 //! announced on the cache fan-out's channel (`crate::shared`) and answered
 //! once every instance has applied it. An instance that does not hear the
 //! channel could miss a revocation, so it serves **no** managed key until

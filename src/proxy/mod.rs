@@ -1,7 +1,8 @@
 //! The upstream side: forwarding through a per-upstream HTTP/1.1 client
 //! (see `client`), with timeouts, and the tunnel for upgraded (websocket)
-//! connections. Tunnels and event streams watch the served config and end
-//! when a reload revokes the key they were opened with (`Grant`).
+//! connections. Tunnels, event streams and long downloads watch the served
+//! config and end when a reload revokes the key they were opened with
+//! (`Grant`, `RevocableStream`).
 //!
 //! Bodies stream in both directions; nothing here buffers a body. The
 //! response timeout starts once the request body has been fully sent, so a
@@ -33,9 +34,10 @@ use tracing::Instrument;
 use crate::auth::Authenticated;
 use crate::auth::inject::strip_hop_by_hop;
 use crate::body::Body;
+use crate::cache::policy::CacheRoute;
 use crate::config::{Config, CredentialPlacement, Upstream};
 use crate::error::GatewayError;
-use crate::route::RouteClass;
+use crate::route::{RouteClass, RouteMatch};
 use crate::telemetry::RequestRecord;
 use crate::telemetry::metrics::Metrics;
 use client::{Client, ClientError, UpgradedUpstream};
@@ -253,10 +255,10 @@ async fn forward(
             limits.websocket_idle,
             grant(),
         ));
-    } else if is_event_stream(&response)
+    } else if let Some(ending) = ending_on_revocation(&response, route)
         && let Some(grant) = grant()
     {
-        response = response.map(|body| RevocableStream::wrap(body, grant));
+        response = response.map(|body| RevocableStream::wrap(body, grant, ending));
     }
     let is_switch = response.status() == StatusCode::SWITCHING_PROTOCOLS;
     strip_hop_by_hop(response.headers_mut(), is_switch);
@@ -375,6 +377,32 @@ async fn tunnel(
     }
 }
 
+/// A body longer than this (or of unknown length) on a route the cache does
+/// not store is cut when the key it is sent to is revoked: a download can
+/// take minutes, and a revoked (perhaps leaked) key should not keep one
+/// running. Shorter bodies are done before a revocation could matter.
+const LONG_BODY: u64 = 1 << 20;
+
+/// How an answer's body ends if a reload revokes the key it is sent with,
+/// or `None` where it is left to finish. An event stream ends as its
+/// upstream would end it; a long body is cut, so the client can tell it is
+/// incomplete. Answers on cacheable reads are left alone: a cache fill's
+/// body is shared with the requests waiting on it, of other keys too, and
+/// is bounded by the entry cap.
+fn ending_on_revocation(response: &Response<Body>, route: &RouteMatch) -> Option<Ending> {
+    if is_event_stream(response) {
+        return Some(Ending::AsTheStreamEnds);
+    }
+    use http_body::Body as _;
+    let body = response.body();
+    let long = body
+        .size_hint()
+        .exact()
+        .is_none_or(|length| length > LONG_BODY);
+    let cacheable = matches!(route.cache, Some(CacheRoute::Read { .. }));
+    (long && !cacheable && !body.is_end_stream()).then_some(Ending::Cut)
+}
+
 /// Whether the answer is a server-sent event stream (Comfy's
 /// `GET /api/v2/jobs/{id}/events`), which stays open as long as its job runs.
 fn is_event_stream(response: &Response<Body>) -> bool {
@@ -389,31 +417,58 @@ fn is_event_stream(response: &Response<Body>) -> bool {
         })
 }
 
-/// An event stream's body, ended as soon as a reload revokes the key it was
-/// opened with. It ends as the upstream would end it (the last chunk, the
-/// connection kept): an `EventSource` then reconnects, and the reconnection
-/// is refused with the gateway's `401`. The upstream connection is closed.
+/// How a [`RevocableStream`] ends when its key is revoked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ending {
+    /// As the upstream would end it (the last chunk, the connection kept):
+    /// an `EventSource` then reconnects, and the reconnection is refused
+    /// with the gateway's `401`.
+    AsTheStreamEnds,
+    /// With an error: the answer is left short of its `Content-Length` (or
+    /// without its last chunk), so the client sees a broken download, not a
+    /// complete one.
+    Cut,
+}
+
+/// The body of an event stream or a long download, ended as soon as a
+/// reload revokes the key it was opened with (see `Ending`). The upstream
+/// connection is closed.
 pub struct RevocableStream {
     inner: Body,
     /// Boxed: a `Grant::revoked` future; `Sync`, as every `Body` is.
     revoked: Pin<Box<dyn Future<Output = ()> + Send + Sync>>,
+    ending: Ending,
     ended: bool,
 }
 
 impl RevocableStream {
-    fn wrap(inner: Body, grant: Grant) -> Body {
+    fn wrap(inner: Body, grant: Grant, ending: Ending) -> Body {
         Body::Revocable(Box::new(RevocableStream {
             inner,
             revoked: Box::pin(grant.revoked()),
+            ending,
             ended: false,
         }))
     }
 }
 
+/// The error a cut download ends with.
+#[derive(Debug)]
+struct Revoked;
+
+impl std::fmt::Display for Revoked {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the key this answer was sent with was revoked")
+    }
+}
+
+impl StdError for Revoked {}
+
 impl std::fmt::Debug for RevocableStream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RevocableStream")
             .field("inner", &self.inner)
+            .field("ending", &self.ending)
             .field("ended", &self.ended)
             .finish_non_exhaustive()
     }
@@ -436,10 +491,20 @@ impl http_body::Body for RevocableStream {
             self.ended = true;
             // Dropped now: the upstream connection closes at once.
             self.inner = Body::Empty;
-            tracing::info!(
-                "event stream ended: a config reload revoked the key it was opened with"
-            );
-            return Poll::Ready(None);
+            return match self.ending {
+                Ending::AsTheStreamEnds => {
+                    tracing::info!(
+                        "event stream ended: a config reload revoked the key it was opened with"
+                    );
+                    Poll::Ready(None)
+                }
+                Ending::Cut => {
+                    tracing::info!(
+                        "download cut: a config reload revoked the key it was opened with"
+                    );
+                    Poll::Ready(Some(Err(Box::new(Revoked))))
+                }
+            };
         }
         Pin::new(&mut self.inner).poll_frame(cx)
     }
