@@ -45,12 +45,14 @@ pub fn request_span() -> Option<Span> {
     tracing::level_enabled!(tracing::Level::DEBUG).then(Span::current)
 }
 
-/// The request id, as an extension; also sent upstream and back to the client.
+/// The request id, in the request's record; also sent upstream and back to
+/// the client.
 #[derive(Debug, Clone)]
 pub struct RequestId(pub HeaderValue);
 
 impl RequestId {
-    /// The id of a request that went through [`Observe`], for error bodies.
+    /// The id of a request with a record (every request a connection serves,
+    /// and any that went through [`Observe`]), for error bodies.
     pub fn of<B>(request: &Request<B>) -> Option<&str> {
         RequestRecord::of(request).and_then(|record| record.id.0.to_str().ok())
     }
