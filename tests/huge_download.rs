@@ -6,31 +6,15 @@ mod common;
 
 use std::time::Duration;
 
-use bytes::Bytes;
 use common::*;
-use http::{Request, StatusCode};
-use http_body_util::{BodyExt, Full};
-
-async fn download(h: &Harness, size: u64) -> hyper::body::Incoming {
-    let request = Request::get(h.url(&format!("/emulator/bytes/{size}")))
-        .header("x-api-key", DESIGN_KEY)
-        .body(Full::new(Bytes::new()))
-        .unwrap();
-    let response = h.client.request(request).await.unwrap();
-    assert_eq!(response.status(), StatusCode::OK);
-    assert_eq!(
-        response.headers()["content-length"],
-        size.to_string().as_str()
-    );
-    response.into_body()
-}
+use http_body_util::BodyExt;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_1_gib_download_is_intact_and_a_slow_reader_gets_backpressure() {
     let h = Harness::start().await;
 
     // A slow reader: take 4 MiB of a 512 MiB answer, then stop reading.
-    let mut slow = download(&h, 512 << 20).await;
+    let mut slow = h.start_download(DESIGN_KEY, 512 << 20, false).await;
     let mut read = 0usize;
     while read < 4 << 20 {
         read += slow
@@ -59,7 +43,7 @@ async fn a_1_gib_download_is_intact_and_a_slow_reader_gets_backpressure() {
     // The full 1 GiB, at full speed.
     let idle = current_rss();
     reset_peak_rss();
-    let mut body = download(&h, 1 << 30).await;
+    let mut body = h.start_download(DESIGN_KEY, 1 << 30, false).await;
     let mut total = 0u64;
     while let Some(frame) = body.frame().await {
         let data = frame.unwrap().into_data().unwrap();

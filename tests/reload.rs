@@ -534,25 +534,6 @@ async fn a_reload_ends_the_event_streams_of_revoked_keys_only() {
     h.stop().await;
 }
 
-/// Starts `GET /emulator/bytes/{size}` with `key`, with a `Content-Length`
-/// or `chunked`; the answer's body, unread.
-async fn start_download(h: &Harness, key: &str, size: u64, chunked: bool) -> hyper::body::Incoming {
-    let query = if chunked { "?chunked" } else { "" };
-    let request = http::Request::get(h.url(&format!("/emulator/bytes/{size}{query}")))
-        .header("x-api-key", key)
-        .body(http_body_util::Full::new(bytes::Bytes::new()))
-        .unwrap();
-    let response = h.client.request(request).await.unwrap();
-    assert_eq!(response.status(), StatusCode::OK);
-    let length = response.headers().get("content-length");
-    if chunked {
-        assert_eq!(length, None);
-    } else {
-        assert_eq!(length.unwrap(), size.to_string().as_str());
-    }
-    response.into_body()
-}
-
 /// A long download opened with a key a reload revokes is cut at the next
 /// bytes it would send — short of its `Content-Length`, or without its last
 /// chunk, so the client sees it broken rather than complete — while another
@@ -572,10 +553,10 @@ async fn a_reload_cuts_the_long_downloads_of_revoked_keys_only() {
     files.write(&running);
     let h = Harness::start_from_file(emulator, addr, &files.config()).await;
     let mut revoked = [
-        start_download(&h, DESIGN_KEY, SIZE, false).await,
-        start_download(&h, DESIGN_KEY, SIZE, true).await,
+        h.start_download(DESIGN_KEY, SIZE, false).await,
+        h.start_download(DESIGN_KEY, SIZE, true).await,
     ];
-    let mut kept = start_download(&h, DESIGN_KEY_2, SIZE, true).await;
+    let mut kept = h.start_download(DESIGN_KEY_2, SIZE, true).await;
     // Under way: the gateway sends no faster than the client reads.
     let mut read = [0, 0];
     for (body, read) in revoked.iter_mut().zip(&mut read) {

@@ -56,9 +56,9 @@ pub struct Forward {
 struct Upstreams {
     clients: Box<[Client]>,
     metrics: Arc<Metrics>,
-    /// The config the gateway serves by now: websocket tunnels and event
-    /// streams watch it, to end when a reload revokes the key they were
-    /// opened with.
+    /// The config the gateway serves by now: websocket tunnels, event
+    /// streams and long downloads watch it, to end when a reload revokes the
+    /// key they were opened with.
     serving: tokio::sync::watch::Receiver<Arc<Config>>,
 }
 
@@ -293,7 +293,7 @@ async fn first_frame(mut body: Body, wait: Duration) -> Result<Body, GatewayErro
     }
 }
 
-/// What a tunnel or an event stream was opened as: the team and key that
+/// What a tunnel, an event stream or a long download was opened as: the team and key that
 /// authenticated it and the upstream it reaches, checked again whenever a
 /// reload changes the config.
 struct Grant {

@@ -487,6 +487,31 @@ impl Harness {
             .await;
     }
 
+    /// Starts `GET /emulator/bytes/{size}` with `key` — the emulator's
+    /// download, with a `Content-Length`, or `chunked` without one — and
+    /// checks the head; the answer's body, unread.
+    pub async fn start_download(
+        &self,
+        key: &str,
+        size: u64,
+        chunked: bool,
+    ) -> hyper::body::Incoming {
+        let query = if chunked { "?chunked" } else { "" };
+        let request = Request::get(self.url(&format!("/emulator/bytes/{size}{query}")))
+            .header("x-api-key", key)
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let response = self.client.request(request).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        let length = response.headers().get("content-length");
+        if chunked {
+            assert_eq!(length, None);
+        } else {
+            assert_eq!(length.unwrap(), size.to_string().as_str());
+        }
+        response.into_body()
+    }
+
     /// How many of this instance's quota rounds with Redis ended in
     /// `outcome` (`ok`, `failed`); the series exist from the start.
     pub async fn quota_rounds(&self, outcome: &str) -> f64 {
