@@ -2,7 +2,9 @@
 # Instructions per cache hit and per pass-through of the running gateway,
 # under callgrind: the whole server (connection loop, parse, stack, answer,
 # tokio), not one function, and the same count for the bare-hyper limit
-# server answering the same hit. Counted, not timed: the same binary gives
+# server answering the same hit, and a second gateway at log level info
+# answering it with an access line each (the telemetry target's cost,
+# counted). Counted, not timed: the same binary gives
 # the same figure within ~1% whatever else the machine is doing, so a
 # change to the request path can be judged without the VM's noise
 # (benches/README.md, "Instructions per hit").
@@ -55,9 +57,13 @@ bash "$peers/run-peers.sh" >/dev/null
 
 key=team-a-client-key
 url_path="/api/assets?limit=20"
-cat > "$work/teamgate.toml" <<EOF
+# The gateway's config at log level $1: "warn" writes no access lines,
+# "info" writes one per request (JSON, to the log file), the load
+# benchmark's telemetry pair.
+config() {
+cat <<EOF
 [log]
-level = "warn"
+level = "$1"
 format = "json"
 [server]
 listen = "127.0.0.1:$port"
@@ -69,6 +75,9 @@ preset = "comfy-cloud"
 upstream_keys = { comfy = "env:BENCH_UPSTREAM_KEY" }
 client_keys = ["sha256:$(printf '%s' "$key" | sha256sum | cut -d' ' -f1)"]
 EOF
+}
+config warn > "$work/teamgate.toml"
+config info > "$work/teamgate-logged.toml"
 
 # Runs $3.. under callgrind (output $work/$1.out), loads each of $urls
 # in turn (warm-up, counters zeroed, counted run, dump) and prints
@@ -112,6 +121,10 @@ print(f'$name $what: {requests} requests, {total / requests:,.0f} instructions p
 # figure is the gateway's own work for a forwarded read.
 urls="hit=http://127.0.0.1:$port$url_path pass-through=http://127.0.0.1:$port/api/jobs"
 count teamgate "http://127.0.0.1:$admin/readyz" "$binary" serve --config "$work/teamgate.toml"
+# The access log's cost in instructions: the same hit with a line per
+# request (the load benchmark's telemetry target, without the VM's noise).
+urls="hit=http://127.0.0.1:$port$url_path"
+count teamgate-logged "http://127.0.0.1:$admin/readyz" "$binary" serve --config "$work/teamgate-logged.toml"
 urls="hit=http://127.0.0.1:$limit_port$url_path"
 count limit "http://127.0.0.1:$limit_port$url_path" \
   /tmp/bench-limit-target/release/limit-server "127.0.0.1:$limit_port" "$peers/../assets.json"

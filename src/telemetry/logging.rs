@@ -46,8 +46,15 @@ use tracing_subscriber::registry::LookupSpan;
 use super::shards::{self, Sharded, lock};
 use crate::config::LogFormat;
 
+/// The target of the per-request access-log event, as a literal for `concat!`.
+macro_rules! access_target {
+    () => {
+        "teamgate::access"
+    };
+}
+
 /// The target of the per-request access-log event.
-pub const ACCESS_TARGET: &str = "teamgate::access";
+pub const ACCESS_TARGET: &str = access_target!();
 
 /// What one access line says about a request; [`AccessLine::log`] writes it
 /// as an INFO event of target [`ACCESS_TARGET`], message `served`.
@@ -66,8 +73,15 @@ pub struct AccessLine<'a> {
     pub latency_us: u64,
 }
 
+/// The message of every access line, as a literal for `concat!`.
+macro_rules! access_message {
+    () => {
+        "served"
+    };
+}
+
 /// The message of every access line.
-const ACCESS_MESSAGE: &str = "served";
+const ACCESS_MESSAGE: &str = access_message!();
 
 scoped_tls_hkt::scoped_thread_local!(
     /// The line [`AccessLine::log`] is dispatching, while it does.
@@ -88,10 +102,23 @@ impl<'a> AccessLine<'a> {
     /// of visiting the event's eleven through `tracing`'s `dyn Visit` one
     /// call at a time (~40 ns of ~220 a line in the micro-benchmark).
     pub fn log(&self) {
-        // Outside `get_default`: a dispatcher asked from inside it is none.
-        if !tracing::enabled!(target: ACCESS_TARGET, tracing::Level::INFO) {
-            return;
+        if Self::enabled() {
+            self.log_enabled();
         }
+    }
+
+    /// Whether the log filter lets access lines through (asked outside
+    /// `get_default`: a dispatcher asked from inside it is none).
+    pub fn enabled() -> bool {
+        tracing::enabled!(target: ACCESS_TARGET, tracing::Level::INFO)
+    }
+
+    /// [`log`](Self::log) for a caller that has just asked
+    /// [`enabled`](Self::enabled): the request's own layer asks as the
+    /// request comes in (to keep what the line needs) and writes the line as
+    /// the answer goes out, and the filter, fixed for the process, gives the
+    /// same answer twice (~100 instructions, each time it is asked).
+    pub fn log_enabled(&self) {
         let written = tracing::dispatcher::get_default(|dispatch| {
             let Some(LayerWriter {
                 sink,
@@ -126,33 +153,32 @@ impl<'a> AccessLine<'a> {
             )
         });
     }
+}
 
-    /// The string fields in the order every format writes them: name, JSON
-    /// key (with its comma and colon, as one piece), value.
-    fn string_fields(&self) -> [(&'static str, &'static str, &'a str); 7] {
-        [
-            ("request_id", ",\"request_id\":", self.request_id),
-            ("method", ",\"method\":", self.method),
-            ("path", ",\"path\":", self.path),
-            ("team", ",\"team\":", self.team),
-            ("upstream", ",\"upstream\":", self.upstream),
-            ("route_class", ",\"route_class\":", self.route_class),
-            ("cache", ",\"cache\":", self.cache),
-        ]
-    }
+/// Calls `$each!(name, value)` for each string field of the access line
+/// `$access`, in the order every format writes them (the event's): one
+/// list, written out as straight-line code in each format, so that every
+/// key is a constant the compiler copies inline.
+macro_rules! for_each_string_field {
+    ($access:expr, $each:ident) => {
+        $each!(request_id, $access.request_id);
+        $each!(method, $access.method);
+        $each!(path, $access.path);
+        $each!(team, $access.team);
+        $each!(upstream, $access.upstream);
+        $each!(route_class, $access.route_class);
+        $each!(cache, $access.cache);
+    };
+}
 
-    /// The number fields after them, the same way; a `None` is left out.
-    fn number_fields(&self) -> [(&'static str, &'static str, Option<u64>); 3] {
-        [
-            ("status", ",\"status\":", Some(u64::from(self.status))),
-            (
-                "upstream_status",
-                ",\"upstream_status\":",
-                self.upstream_status.map(u64::from),
-            ),
-            ("latency_us", ",\"latency_us\":", Some(self.latency_us)),
-        ]
-    }
+/// The number fields after them, the same way, each an `Option<u64>`; a
+/// `None` is left out.
+macro_rules! for_each_number_field {
+    ($access:expr, $each:ident) => {
+        $each!(status, Some(u64::from($access.status)));
+        $each!(upstream_status, $access.upstream_status.map(u64::from));
+        $each!(latency_us, Some($access.latency_us));
+    };
 }
 
 /// How long the writer lets lines gather after a write before it looks
@@ -454,14 +480,15 @@ struct FastAccessLines<F> {
 #[derive(Default)]
 struct Scratch {
     clock: SecondClock,
-    /// The line being formatted (plain `String` pushes inline; the fmt
-    /// layer's `Writer` is a `dyn`).
-    line: String,
+    /// The line being formatted: bytes, pushed inline (the fmt layer's
+    /// `Writer` is a `dyn`), and never checked as UTF-8 on the way — every
+    /// piece is a `str` already.
+    line: Vec<u8>,
 }
 
 thread_local! {
     static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch {
-        line: String::with_capacity(512),
+        line: Vec::with_capacity(512),
         ..Scratch::default()
     });
 }
@@ -473,12 +500,11 @@ fn append_access_line(sink: &LogSink, access: &AccessLine<'_>, how: AccessFormat
     let write = |scratch: &mut Scratch| {
         let Scratch { clock, line } = scratch;
         line.clear();
-        // Writing into a `String` cannot fail.
-        let _ = match how.format {
+        match how.format {
             LogFormat::Json => write_json(line, clock, now, access),
             LogFormat::Text => write_text(line, clock, now, access, how.ansi),
-        };
-        sink.append(line.as_bytes());
+        }
+        sink.append(line);
     };
     SCRATCH.with(|scratch| match scratch.try_borrow_mut() {
         Ok(mut scratch) => write(&mut scratch),
@@ -509,16 +535,20 @@ where
     }
 }
 
-/// `YYYY-MM-DDTHH:MM:SS` for the current second, formatted once per second.
+/// `YYYY-MM-DDTHH:MM:SS.uuuuuuZ` for the current second, its date and time
+/// formatted once per second and its microseconds each time.
 #[derive(Default)]
 struct SecondClock {
     second: u64,
     text: String,
 }
 
+/// The microseconds and the zone after the second: `.uuuuuuZ`.
+const MICROS_AND_ZONE: usize = ".000000Z".len();
+
 impl SecondClock {
     /// Writes `2026-11-23T13:07:39.743223Z`, the shape `tracing_subscriber`'s timer writes.
-    fn write(&mut self, out: &mut impl fmt::Write, now: SystemTime) -> fmt::Result {
+    fn write(&mut self, out: &mut Vec<u8>, now: SystemTime) {
         let since_epoch = now.duration_since(UNIX_EPOCH).unwrap_or_default();
         let second = since_epoch.as_secs();
         if second != self.second || self.text.is_empty() {
@@ -528,25 +558,28 @@ impl SecondClock {
                 .ok()
                 .and_then(|second| time::OffsetDateTime::from_unix_timestamp(second).ok())
                 .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
-            write!(
+            // Writing into a `String` cannot fail.
+            let _ = write!(
                 self.text,
-                "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}",
+                "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.000000Z",
                 at.year(),
                 u8::from(at.month()),
                 at.day(),
                 at.hour(),
                 at.minute(),
                 at.second()
-            )?;
+            );
         }
-        out.write_str(&self.text)?;
-        let mut digits = *b".000000Z";
+        let start = out.len();
+        out.extend_from_slice(self.text.as_bytes());
+        // The six digits in place, in the copy just written.
+        let end = out.len() - 1;
         let mut micros = since_epoch.subsec_micros();
-        for slot in digits[1..7].iter_mut().rev() {
+        for slot in out[end - (MICROS_AND_ZONE - 2)..end].iter_mut().rev() {
             *slot = b'0' + (micros % 10) as u8;
             micros /= 10;
         }
-        out.write_str(std::str::from_utf8(&digits).map_err(|_| fmt::Error)?)
+        debug_assert!(out.len() - start == self.text.len());
     }
 }
 
@@ -554,32 +587,40 @@ impl SecondClock {
 /// for the event [`AccessLine::log`] emits: `{"timestamp":…,"level":"INFO",
 /// "message":"served",<the fields in order, a `None` left out>,"target":…}`.
 fn write_json(
-    out: &mut String,
+    out: &mut Vec<u8>,
     clock: &mut SecondClock,
     now: SystemTime,
     access: &AccessLine<'_>,
-) -> fmt::Result {
-    out.push_str("{\"timestamp\":\"");
-    clock.write(out, now)?;
-    out.push_str("\",\"level\":\"INFO\",\"message\":\"");
-    out.push_str(ACCESS_MESSAGE);
-    out.push('"');
-    for (_, key, value) in access.string_fields() {
-        out.push_str(key);
-        json_string(out, value)?;
+) {
+    // The constant pieces — the level, the message, the keys and the target
+    // need no escaping (the tests parse the line) — are written as they are,
+    // not checked per line, and each in as few copies as it takes: a string
+    // value's key comes with the quote that closes the string before it
+    // and the one that opens its own, the last one's closing quote with the
+    // first number's key.
+    out.extend_from_slice(b"{\"timestamp\":\"");
+    clock.write(out, now);
+    out.extend_from_slice(
+        concat!("\",\"level\":\"INFO\",\"message\":\"", access_message!()).as_bytes(),
+    );
+    macro_rules! string {
+        ($name:ident, $value:expr) => {
+            out.extend_from_slice(concat!("\",\"", stringify!($name), "\":\"").as_bytes());
+            escape_json_into(out, $value);
+        };
     }
-    for (_, key, value) in access.number_fields() {
-        if let Some(value) = value {
-            out.push_str(key);
-            integer(out, value)?;
-        }
+    for_each_string_field!(access, string);
+    out.push(b'"');
+    macro_rules! number {
+        ($name:ident, $value:expr) => {
+            if let Some(value) = $value {
+                out.extend_from_slice(concat!(",\"", stringify!($name), "\":").as_bytes());
+                integer(out, value);
+            }
+        };
     }
-    // The message and the target are constants that need no escaping (the
-    // tests parse the line): written as they are, not checked per line.
-    out.push_str(",\"target\":\"");
-    out.push_str(ACCESS_TARGET);
-    out.push_str("\"}\n");
-    Ok(())
+    for_each_number_field!(access, number);
+    out.extend_from_slice(concat!(",\"target\":\"", access_target!(), "\"}\n").as_bytes());
 }
 
 /// The line the default `tracing_subscriber::fmt` format writes for the
@@ -587,96 +628,98 @@ fn write_json(
 /// teamgate::access: served request_id="…" … status=200 latency_us=183`
 /// (strings as `Debug` quotes them). `ansi`: styled for a terminal.
 fn write_text(
-    out: &mut String,
+    out: &mut Vec<u8>,
     clock: &mut SecondClock,
     now: SystemTime,
     access: &AccessLine<'_>,
     ansi: bool,
-) -> fmt::Result {
+) {
     // The stock format's styles: dim, green for INFO, italic field names.
-    let style = |out: &mut String, code: &str| {
+    let style = |out: &mut Vec<u8>, code: &str| {
         if ansi {
-            out.push_str(code);
+            out.extend_from_slice(code.as_bytes());
         }
     };
     const RESET: &str = "\x1b[0m";
     style(out, "\x1b[2m");
-    clock.write(out, now)?;
+    clock.write(out, now);
     style(out, RESET);
-    out.push(' ');
+    out.push(b' ');
     style(out, "\x1b[32m");
-    out.push_str(" INFO");
+    out.extend_from_slice(b" INFO");
     style(out, RESET);
-    out.push(' ');
+    out.push(b' ');
     style(out, "\x1b[2m");
-    out.push_str(ACCESS_TARGET);
+    out.extend_from_slice(ACCESS_TARGET.as_bytes());
     style(out, RESET);
     style(out, "\x1b[2m");
-    out.push(':');
+    out.push(b':');
     style(out, RESET);
-    write!(out, " {ACCESS_MESSAGE}")?;
-    let name = |out: &mut String, name: &str| {
-        out.push(' ');
+    out.push(b' ');
+    out.extend_from_slice(ACCESS_MESSAGE.as_bytes());
+    let name = |out: &mut Vec<u8>, name: &str| {
+        out.push(b' ');
         style(out, "\x1b[3m");
-        out.push_str(name);
+        out.extend_from_slice(name.as_bytes());
         style(out, RESET);
         style(out, "\x1b[2m");
-        out.push('=');
+        out.push(b'=');
         style(out, RESET);
     };
-    for (field, _, value) in access.string_fields() {
-        name(out, field);
-        write!(out, "{value:?}")?;
+    macro_rules! string {
+        ($name:ident, $value:expr) => {
+            name(out, stringify!($name));
+            // Writing into a `Vec` cannot fail.
+            let _ = write!(out, "{:?}", $value);
+        };
     }
-    for (field, _, value) in access.number_fields() {
-        if let Some(value) = value {
-            name(out, field);
-            integer(out, value)?;
-        }
+    for_each_string_field!(access, string);
+    macro_rules! number {
+        ($name:ident, $value:expr) => {
+            if let Some(value) = $value {
+                name(out, stringify!($name));
+                integer(out, value);
+            }
+        };
     }
-    out.push('\n');
-    Ok(())
+    for_each_number_field!(access, number);
+    out.push(b'\n');
 }
 
-fn integer(out: &mut impl fmt::Write, value: impl itoa::Integer) -> fmt::Result {
-    out.write_str(itoa::Buffer::new().format(value))
-}
-
-fn json_string(out: &mut impl fmt::Write, text: &str) -> fmt::Result {
-    out.write_char('"')?;
-    escape_json_into(out, text)?;
-    out.write_char('"')
+fn integer(out: &mut Vec<u8>, value: impl itoa::Integer) {
+    out.extend_from_slice(itoa::Buffer::new().format(value).as_bytes());
 }
 
 /// RFC 8259 string escaping: `"`, `\` and control characters; everything
 /// else (UTF-8 included) is copied as is, in runs. Every escaped character
 /// is ASCII, so the runs between them are whole UTF-8 sequences.
-fn escape_json_into(out: &mut impl fmt::Write, text: &str) -> fmt::Result {
+fn escape_json_into(out: &mut Vec<u8>, text: &str) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    if !needs_escaping(text.as_bytes()) {
-        return out.write_str(text);
+    let bytes = text.as_bytes();
+    if !needs_escaping(bytes) {
+        return out.extend_from_slice(bytes);
     }
     let mut start = 0;
-    for (at, byte) in text.bytes().enumerate() {
+    for (at, &byte) in bytes.iter().enumerate() {
         if !NEEDS_ESCAPE[usize::from(byte)] {
             continue;
         }
-        out.write_str(&text[start..at])?;
+        out.extend_from_slice(&bytes[start..at]);
         match byte {
-            b'"' => out.write_str("\\\"")?,
-            b'\\' => out.write_str("\\\\")?,
-            b'\n' => out.write_str("\\n")?,
-            b'\r' => out.write_str("\\r")?,
-            b'\t' => out.write_str("\\t")?,
+            b'"' => out.extend_from_slice(b"\\\""),
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            b'\n' => out.extend_from_slice(b"\\n"),
+            b'\r' => out.extend_from_slice(b"\\r"),
+            b'\t' => out.extend_from_slice(b"\\t"),
             _ => {
-                out.write_str("\\u00")?;
-                out.write_char(char::from(HEX[usize::from(byte >> 4)]))?;
-                out.write_char(char::from(HEX[usize::from(byte & 0xf)]))?;
+                out.extend_from_slice(b"\\u00");
+                out.push(HEX[usize::from(byte >> 4)]);
+                out.push(HEX[usize::from(byte & 0xf)]);
             }
         }
         start = at + 1;
     }
-    out.write_str(&text[start..])
+    out.extend_from_slice(&bytes[start..]);
 }
 
 /// Whether any byte is in [`NEEDS_ESCAPE`], eight bytes at a time: almost
@@ -695,23 +738,34 @@ fn needs_escaping(bytes: &[u8]) -> bool {
             | below(word ^ (ONES * 0x7f), 1)
             != 0
     };
-    let mut chunks = bytes.chunks_exact(8);
-    for chunk in &mut chunks {
-        if found(u64::from_le_bytes(chunk.try_into().expect("8 bytes"))) {
-            return true;
+    let word = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
+    let half = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes"));
+    let quarter = |at: usize| u16::from_le_bytes(bytes[at..at + 2].try_into().expect("2 bytes"));
+    const SPACES: u64 = ONES * b' ' as u64;
+    let length = bytes.len();
+    // The bytes past the last whole word are checked as one more word, made
+    // of loads that may overlap bytes already checked (checking a byte twice
+    // is harmless) and padded with spaces, which need no escaping: no loop
+    // per byte for the values most lines carry (ids, names, paths, mostly
+    // under sixteen bytes). A loop that shifted each last byte into place
+    // cost ~150 instructions a logged cache hit; a table look-up per byte
+    // cost ~1.3% of one (benches/README.md, "The escape check's last bytes").
+    match length {
+        0 => false,
+        1 => found(SPACES << 8 | u64::from(bytes[0])),
+        2..=3 => found(SPACES << 32 | u64::from(quarter(length - 2)) << 16 | u64::from(quarter(0))),
+        4..=7 => found(u64::from(half(length - 4)) << 32 | u64::from(half(0))),
+        _ => {
+            let mut at = 0;
+            while at + 8 <= length {
+                if found(word(at)) {
+                    return true;
+                }
+                at += 8;
+            }
+            at < length && found(word(length - 8))
         }
     }
-    // The last 0–7 bytes as one more word, padded with spaces (which need
-    // no escaping), not a table look-up per byte: most values are short,
-    // and in the running gateway the per-byte look-ups cost ~1.3% of a
-    // logged cache hit, though a hot loop over one line says they are
-    // faster (benches/README.md, "The escape check's last bytes").
-    let mut last = ONES * u64::from(b' ');
-    for (at, &byte) in chunks.remainder().iter().enumerate() {
-        let shift = 8 * at;
-        last = (last & !(0xff << shift)) | (u64::from(byte) << shift);
-    }
-    found(last)
 }
 
 /// `"`, `\`, the C0 controls and DEL.
@@ -1084,19 +1138,25 @@ mod tests {
     fn the_clock_formats_each_second_once_and_micros_with_zeros() {
         let mut clock = SecondClock::default();
         let at = UNIX_EPOCH + Duration::new(1_795_440_459, 5_000);
+        // Appended after what the line already holds, which stays.
         let mut written = |now| {
-            let mut out = String::new();
-            clock.write(&mut out, now).unwrap();
-            out
+            let mut out = b"{\"timestamp\":\"".to_vec();
+            clock.write(&mut out, now);
+            String::from_utf8(out).unwrap()
         };
-        assert_eq!(written(at), "2026-11-23T13:27:39.000005Z");
+        assert_eq!(written(at), "{\"timestamp\":\"2026-11-23T13:27:39.000005Z");
         assert_eq!(
             written(at + Duration::from_micros(999_990)),
-            "2026-11-23T13:27:39.999995Z"
+            "{\"timestamp\":\"2026-11-23T13:27:39.999995Z"
+        );
+        assert_eq!(
+            written(at + Duration::from_micros(999_990 + 61_000_000)),
+            "{\"timestamp\":\"2026-11-23T13:28:40.999995Z"
         );
         assert_eq!(
             written(at + Duration::from_secs(61)),
-            "2026-11-23T13:28:40.000005Z"
+            "{\"timestamp\":\"2026-11-23T13:28:40.000005Z",
+            "the second's text is the date and time only: last call's digits are not kept"
         );
     }
 
@@ -1253,8 +1313,11 @@ mod tests {
 
     #[test]
     fn json_escaping_covers_quotes_backslashes_and_control_characters() {
-        let mut out = String::new();
-        escape_json_into(&mut out, "a\"b\\c\u{0}\u{1f}\u{7f}\té").unwrap();
-        assert_eq!(out, "a\\\"b\\\\c\\u0000\\u001f\\u007f\\té");
+        let mut out = b"kept ".to_vec();
+        escape_json_into(&mut out, "a\"b\\c\u{0}\u{1f}\u{7f}\té");
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "kept a\\\"b\\\\c\\u0000\\u001f\\u007f\\té"
+        );
     }
 }

@@ -293,8 +293,7 @@ where
         traces::continue_trace(&span, request.headers());
         // What the access line needs that the request no longer holds at the
         // end (a reference-counted clone), kept only when that line is on.
-        let logged_uri = tracing::enabled!(target: logging::ACCESS_TARGET, tracing::Level::INFO)
-            .then(|| request.uri().clone());
+        let logged_uri = logging::AccessLine::enabled().then(|| request.uri().clone());
         let method = request.method().clone();
         // Inner layers' synchronous work (routing, auth) runs inside the span too.
         let inner = span.in_scope(|| self.inner.call(request));
@@ -375,7 +374,8 @@ where
                 upstream_status,
                 latency_us: elapsed.as_micros() as u64,
             }
-            .log();
+            // Asked as the request came in: `logged_uri` is kept only then.
+            .log_enabled();
         }
         response
             .headers_mut()
