@@ -181,10 +181,13 @@ fn benches(c: &mut Criterion) {
     let client_head: &[u8] = b"GET /api/assets?limit=20&include_tags=input,output HTTP/1.1\r\n\
         Host: gateway.internal:8080\r\nAuthorization: Bearer tg_bench_key_0123456789abcdefghijkl\r\n\
         Accept: application/json\r\nAccept-Encoding: gzip, br\r\nUser-Agent: comfy-cli/1.0\r\n\r\n";
+    // The names of the connection's last head, as a keep-alive connection
+    // has them from its second request on.
+    let mut recent = teamgate::wire::RecentNames::default();
     c.bench_function("server/parse_request", |b| {
         b.iter_batched(
             || bytes::BytesMut::from(client_head),
-            |mut buf| match teamgate::server::codec::parse_request(&mut buf) {
+            |mut buf| match teamgate::server::codec::parse_request(&mut buf, &mut recent) {
                 teamgate::server::codec::Head::Simple { request, .. } => request,
                 _ => panic!("a simple GET head"),
             },
@@ -194,7 +197,7 @@ fn benches(c: &mut Criterion) {
     c.bench_function("upstream/parse_head", |b| {
         b.iter_batched(
             || bytes::BytesMut::from(answer),
-            |mut buf| http1::parse_head(&mut buf).unwrap().unwrap(),
+            |mut buf| http1::parse_head(&mut buf, &mut recent).unwrap().unwrap(),
             criterion::BatchSize::SmallInput,
         )
     });
@@ -311,7 +314,8 @@ fn client_get_head(target: &str) -> Vec<u8> {
 /// (`server::codec`), bodiless.
 fn parse_simple(head: &[u8]) -> Request<Body> {
     use teamgate::server::codec::{self, Head};
-    match codec::parse_request(&mut bytes::BytesMut::from(head)) {
+    let mut recent = teamgate::wire::RecentNames::default();
+    match codec::parse_request(&mut bytes::BytesMut::from(head), &mut recent) {
         Head::Simple { request, .. } => request.map(|()| Body::Empty),
         other => panic!("a simple GET head, not {other:?}"),
     }

@@ -87,18 +87,94 @@ pub fn cut(head: &Bytes, (offset, length): (u32, u32)) -> Bytes {
 const ADDED_FIELDS: usize = 4;
 
 /// Builds the header map from the spans of a head that has been frozen;
-/// the values share the head's bytes. Errs with what `http` refused.
-pub fn header_map(head: &Bytes, spans: &[FieldSpan]) -> Result<HeaderMap, &'static str> {
+/// the values share the head's bytes, and each name is taken from `recent`
+/// when the connection's last head spelled the same name at the same
+/// place. Errs with what `http` refused.
+pub fn header_map(
+    head: &Bytes,
+    spans: &[FieldSpan],
+    recent: &mut RecentNames,
+) -> Result<HeaderMap, &'static str> {
     let mut headers = HeaderMap::with_capacity(spans.len() + ADDED_FIELDS);
-    for span in spans {
+    for (place, span) in spans.iter().enumerate() {
         let (at, len) = (span.name.0 as usize, span.name.1 as usize);
-        let name =
-            HeaderName::from_bytes(&head[at..at + len]).map_err(|_| "invalid header name")?;
+        let name = recent.name(place, &head[at..at + len])?;
         let value = HeaderValue::from_maybe_shared(cut(head, span.value))
             .map_err(|_| "invalid header value")?;
         headers.append(name, value);
     }
     Ok(headers)
+}
+
+/// The field names of the last head read on one connection, by place.
+/// The heads on a connection — a client's requests, an upstream's
+/// answers — name the same fields in the same order, spelled the same way,
+/// nearly every time, so a name spelled byte for byte as it was at its
+/// place last time is a clone of the name parsed then (a copy for a name
+/// `http` knows, a reference count for any other) instead of a parse: the
+/// parse lowercases and checks each byte, looks the result up among the
+/// standard names, and allocates a name it does not know (~120
+/// instructions a field; ~800 an upstream answer of eight fields). Names
+/// longer than [`RecentNames::SPELLING`] bytes, and fields past the first
+/// [`RecentNames::PLACES`], are parsed every time.
+#[derive(Debug, Default)]
+pub struct RecentNames {
+    by_place: Vec<RecentName>,
+}
+
+#[derive(Debug)]
+struct RecentName {
+    /// The raw spelling, `length` bytes of it.
+    spelling: [u8; RecentNames::SPELLING],
+    length: u8,
+    name: HeaderName,
+}
+
+impl RecentNames {
+    /// The longest spelling remembered: longer than nearly every field name
+    /// on the wire (`access-control-allow-credentials` is 32), short enough
+    /// to compare in a few words.
+    pub const SPELLING: usize = 32;
+
+    /// Places remembered: more than most heads carry; a head with more
+    /// fields parses the rest every time.
+    pub const PLACES: usize = 32;
+
+    /// The name spelled `raw`, the field at `place` of the head being read.
+    fn name(&mut self, place: usize, raw: &[u8]) -> Result<HeaderName, &'static str> {
+        if let Some(recent) = self.by_place.get(place)
+            && recent.spelling.get(..usize::from(recent.length)) == Some(raw)
+        {
+            return Ok(recent.name.clone());
+        }
+        let name = HeaderName::from_bytes(raw).map_err(|_| "invalid header name")?;
+        if place < Self::PLACES {
+            // A spelling too long to keep is kept as none at all, which no
+            // name matches (httparse reads no empty names): the places after
+            // it stay in step.
+            let mut spelling = [0; Self::SPELLING];
+            let length = match spelling.get_mut(..raw.len()) {
+                Some(kept) => {
+                    kept.copy_from_slice(raw);
+                    raw.len() as u8
+                }
+                None => 0,
+            };
+            let recent = RecentName {
+                spelling,
+                length,
+                name: name.clone(),
+            };
+            let filled = self.by_place.len();
+            match self.by_place.get_mut(place) {
+                Some(slot) => *slot = recent,
+                // Places fill in order: `place` is the next one.
+                None if place == filled => self.by_place.push(recent),
+                None => {}
+            }
+        }
+        Ok(name)
+    }
 }
 
 /// Writes every field as `name: value\r\n`; with `skip_framing`, not
@@ -200,6 +276,72 @@ pub fn chunk_size_line(length: usize, scratch: &mut [u8; 18]) -> &[u8] {
 mod tests {
     use super::*;
 
+    /// The map of `text`'s head (a response head, fields only), its names
+    /// taken from `recent` where they can be.
+    fn map_of(text: &str, recent: &mut RecentNames) -> Result<HeaderMap, &'static str> {
+        let bytes = Bytes::from(format!("HTTP/1.1 200 OK\r\n{text}\r\n"));
+        let mut slots = vec![httparse::EMPTY_HEADER; 128];
+        let mut response = httparse::Response::new(&mut slots);
+        assert!(response.parse(&bytes).unwrap().is_complete(), "{text}");
+        let spans = FieldSpans::of(&bytes, response.headers);
+        header_map(&bytes, spans.as_slice(), recent)
+    }
+
+    /// Heads read one after another on a connection give the maps they give
+    /// read alone: a name is reused only when spelled byte for byte as it
+    /// was at its place in the last head; any other is parsed (and refused
+    /// if it is no name), however the heads change.
+    #[test]
+    fn recent_names_give_the_maps_a_fresh_parse_gives() {
+        let long = "x-a-field-name-longer-than-thirty-two-bytes";
+        let many: String = (0..40).map(|at| format!("x-many-{at}: {at}\r\n")).collect();
+        let heads = [
+            "Content-Type: a\r\nX-Custom: b\r\nDate: c\r\n".to_owned(),
+            "Content-Type: a\r\nX-Custom: b\r\nDate: c\r\n".to_owned(),
+            // Other case, same names; then other names of the same lengths.
+            "content-type: a\r\nx-custom: b\r\nDATE: c\r\n".to_owned(),
+            "content-tipe: a\r\nx-kustom: b\r\ndata: c\r\n".to_owned(),
+            // Another order, a duplicate, fewer fields.
+            "Date: c\r\nDate: d\r\n".to_owned(),
+            // A name too long to keep, and the places after it.
+            format!("{long}: 1\r\nX-After: 2\r\n"),
+            format!("{long}: 1\r\nX-After: 2\r\n"),
+            format!("{long}X: 1\r\nX-After: 2\r\n"),
+            // More fields than places kept.
+            many.clone(),
+            many,
+            "Server: x\r\n".to_owned(),
+        ];
+        let mut recent = RecentNames::default();
+        for text in &heads {
+            let fresh = map_of(text, &mut RecentNames::default()).unwrap();
+            let reused = map_of(text, &mut recent).unwrap();
+            assert_eq!(
+                reused.iter().collect::<Vec<_>>(),
+                fresh.iter().collect::<Vec<_>>(),
+                "{text}"
+            );
+        }
+        assert!(recent.by_place.len() <= RecentNames::PLACES);
+        // A name that is no name, where the last head had a good one.
+        map_of("X-Good: 1\r\n", &mut recent).unwrap();
+        let bytes = Bytes::from_static(b"X-G\x7fod: 1");
+        let spans = [FieldSpan {
+            name: (0, 6),
+            value: (8, 1),
+        }];
+        assert_eq!(
+            header_map(&bytes, &spans, &mut recent).unwrap_err(),
+            "invalid header name"
+        );
+        // The long name kept its place as none: the field after it is kept.
+        let mut recent = RecentNames::default();
+        map_of(&format!("{long}: 1\r\nX-After: 2\r\n"), &mut recent).unwrap();
+        assert_eq!(recent.by_place.len(), 2);
+        assert_eq!(recent.by_place[0].length, 0);
+        assert_eq!(recent.by_place[1].name, "x-after");
+    }
+
     /// Heads with few fields (spans inline) and with more than the inline
     /// room (spans on the heap) give the same map: every field, in order,
     /// duplicates kept.
@@ -217,7 +359,7 @@ mod tests {
             assert!(response.parse(&bytes).unwrap().is_complete());
             let spans = FieldSpans::of(&bytes, response.headers);
             assert_eq!(spans.as_slice().len(), count);
-            let map = header_map(&bytes, spans.as_slice()).unwrap();
+            let map = header_map(&bytes, spans.as_slice(), &mut RecentNames::default()).unwrap();
             assert_eq!(map.len(), count);
             for at in 0..count {
                 let name = format!("x-field-{}", at % 7);
@@ -327,7 +469,7 @@ mod tests {
                 value: (17, 3),
             },
         ];
-        let headers = header_map(&head, &spans).unwrap();
+        let headers = header_map(&head, &spans, &mut RecentNames::default()).unwrap();
         assert_eq!(headers["x-one"], "1");
         assert_eq!(headers["x-two"], "two");
         let bad_name = [FieldSpan {
@@ -335,7 +477,7 @@ mod tests {
             value: (7, 1),
         }];
         assert_eq!(
-            header_map(&head, &bad_name).unwrap_err(),
+            header_map(&head, &bad_name, &mut RecentNames::default()).unwrap_err(),
             "invalid header name"
         );
     }

@@ -17,7 +17,7 @@ use http::header::{self, HeaderMap};
 use http::{Method, Request, StatusCode, Uri, Version, response};
 
 use crate::fields::{self, EncodedFields, SharedFields};
-use crate::wire::{self, FieldSpan, FieldSpans};
+use crate::wire::{self, FieldSpan, FieldSpans, RecentNames};
 
 /// The most header fields a request the loop serves may carry (hyper's default).
 const MAX_HEADERS: usize = 100;
@@ -43,7 +43,7 @@ pub enum Head {
 
 /// Parses the request head at the front of `buf` (see the module docs for
 /// which ones are served here). Header values share the head's bytes.
-pub fn parse_request(buf: &mut BytesMut) -> Head {
+pub fn parse_request(buf: &mut BytesMut, recent: &mut RecentNames) -> Head {
     // Uninitialised slots: zeroing 100 of them cost more than the parse.
     let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
     let mut parsed = httparse::Request::new(&mut []);
@@ -91,7 +91,7 @@ pub fn parse_request(buf: &mut BytesMut) -> Head {
     let target = wire::span_of(buf, path.as_bytes());
     let spans = FieldSpans::of(buf, parsed.headers);
     let head = buf.split_to(consumed).freeze();
-    match build_request(&head, method, target, spans.as_slice()) {
+    match build_request(&head, method, target, spans.as_slice(), recent) {
         Some(request) => Head::Simple {
             request,
             keep_alive,
@@ -113,9 +113,10 @@ fn build_request(
     method: Method,
     target: (u32, u32),
     spans: &[FieldSpan],
+    recent: &mut RecentNames,
 ) -> Option<Request<()>> {
     let uri = Uri::from_maybe_shared(wire::cut(head, target)).ok()?;
-    let headers = wire::header_map(head, spans).ok()?;
+    let headers = wire::header_map(head, spans, recent).ok()?;
     let mut request = Request::new(());
     *request.method_mut() = method;
     *request.uri_mut() = uri;
@@ -263,7 +264,7 @@ mod tests {
 
     fn parse(text: &str) -> (Head, BytesMut) {
         let mut buf = BytesMut::from(text);
-        let head = parse_request(&mut buf);
+        let head = parse_request(&mut buf, &mut RecentNames::default());
         (head, buf)
     }
 

@@ -43,7 +43,7 @@ use tower::Service;
 
 use crate::body::Body;
 use crate::connection::ConnectionService;
-use crate::wire;
+use crate::wire::{self, RecentNames};
 use codec::{Framing, Head};
 
 /// A partial head this long is hyper's to finish (and to refuse with 431 if
@@ -77,6 +77,7 @@ where
         io,
         buf: BytesMut::with_capacity(2 * READ_RESERVE),
         head_out: Vec::with_capacity(512),
+        recent_names: RecentNames::default(),
         header_read_timeout,
         deadline: Instant::now() + header_read_timeout,
         timer: Box::pin(tokio::time::sleep(header_read_timeout)),
@@ -117,6 +118,8 @@ struct Conn<I> {
     buf: BytesMut,
     /// The answer head being written, reused for every answer.
     head_out: Vec<u8>,
+    /// The field names of the last request read on this connection.
+    recent_names: RecentNames,
     header_read_timeout: Duration,
     /// When the head being waited for must be complete. Moving it costs a
     /// store; `timer` is only re-armed when it fires before the deadline, so
@@ -135,7 +138,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
         loop {
             self.deadline = Instant::now() + self.header_read_timeout;
             let (request, keep_alive) = loop {
-                match codec::parse_request(&mut self.buf) {
+                match codec::parse_request(&mut self.buf, &mut self.recent_names) {
                     Head::Simple {
                         request,
                         keep_alive,

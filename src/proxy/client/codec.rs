@@ -11,7 +11,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap};
 use http::{Method, StatusCode, Version, request};
 
-use crate::wire::{self, FieldSpans};
+use crate::wire::{self, FieldSpans, RecentNames};
 
 /// Why an upstream's bytes could not be read as an HTTP/1.1 answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -104,8 +104,12 @@ pub struct ResponseHead {
 }
 
 /// Parses a response head from the front of `buf` and removes it. `Ok(None)`:
-/// the head is not complete yet. Header values share the head's bytes.
-pub fn parse_head(buf: &mut BytesMut) -> Result<Option<ResponseHead>, ProtocolError> {
+/// the head is not complete yet. Header values share the head's bytes;
+/// names the connection's last answer spelled alike come from `recent`.
+pub fn parse_head(
+    buf: &mut BytesMut,
+    recent: &mut RecentNames,
+) -> Result<Option<ResponseHead>, ProtocolError> {
     // Uninitialised slots: zeroing all of them cost more than the parse.
     let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
     let mut response = httparse::Response::new(&mut []);
@@ -130,7 +134,7 @@ pub fn parse_head(buf: &mut BytesMut) -> Result<Option<ResponseHead>, ProtocolEr
     };
     let spans = FieldSpans::of(buf, response.headers);
     let head = buf.split_to(consumed).freeze();
-    let headers = wire::header_map(&head, spans.as_slice()).map_err(ProtocolError)?;
+    let headers = wire::header_map(&head, spans.as_slice(), recent).map_err(ProtocolError)?;
     Ok(Some(ResponseHead {
         status,
         version,
@@ -438,9 +442,15 @@ mod tests {
         let mut buf = BytesMut::from(
             &b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-Custom: a"[..],
         );
-        assert!(parse_head(&mut buf).unwrap().is_none());
+        assert!(
+            parse_head(&mut buf, &mut RecentNames::default())
+                .unwrap()
+                .is_none()
+        );
         buf.extend_from_slice(b"\r\nContent-Length: 2\r\n\r\n{}");
-        let mut head = parse_head(&mut buf).unwrap().unwrap();
+        let mut head = parse_head(&mut buf, &mut RecentNames::default())
+            .unwrap()
+            .unwrap();
         assert_eq!(head.status, StatusCode::OK);
         assert_eq!(head.headers["content-type"], "application/json");
         assert_eq!(head.headers["x-custom"], "a");
@@ -454,7 +464,7 @@ mod tests {
     #[test]
     fn garbage_and_oversized_heads_are_protocol_errors() {
         let mut buf = BytesMut::from(&b"NOT HTTP\r\n\r\n"[..]);
-        assert!(parse_head(&mut buf).is_err());
+        assert!(parse_head(&mut buf, &mut RecentNames::default()).is_err());
         let mut many = String::from("HTTP/1.1 200 OK\r\n");
         for index in 0..=MAX_HEADERS {
             many.push_str(&format!("x-{index}: v\r\n"));
@@ -462,7 +472,7 @@ mod tests {
         many.push_str("\r\n");
         let mut buf = BytesMut::from(many.as_bytes());
         assert_eq!(
-            parse_head(&mut buf).unwrap_err(),
+            parse_head(&mut buf, &mut RecentNames::default()).unwrap_err(),
             ProtocolError("too many headers")
         );
     }

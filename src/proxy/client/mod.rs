@@ -51,6 +51,7 @@ use super::watch::WatchedBody;
 use crate::body::{Body, BoxError};
 use crate::config::Upstream;
 use crate::telemetry::metrics::UpstreamPoolCounters;
+use crate::wire::RecentNames;
 
 /// Every read has room for this much when it can be had without a new
 /// allocation: an answer up to this size (head and body) that the upstream
@@ -136,6 +137,8 @@ struct IdleConn {
 struct Conn {
     io: Stream,
     read_buf: BytesMut,
+    /// The field names of this connection's last answer.
+    recent_names: RecentNames,
     reused: bool,
 }
 
@@ -421,6 +424,7 @@ impl Pool {
             Ok(Conn {
                 io,
                 read_buf: BytesMut::new(),
+                recent_names: RecentNames::default(),
                 reused: false,
             })
         })
@@ -762,7 +766,7 @@ impl Future for Exchange {
         loop {
             let conn = this.conn.as_mut().expect("polled after completion");
             if !conn.read_buf.is_empty() {
-                match codec::parse_head(&mut conn.read_buf) {
+                match codec::parse_head(&mut conn.read_buf, &mut conn.recent_names) {
                     Err(error) => return this.fail(error.into()),
                     // 100 Continue, 103 Early Hints: the final answer follows.
                     Ok(Some(head))
