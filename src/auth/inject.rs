@@ -18,7 +18,7 @@ use std::net::SocketAddr;
 use std::task::{Context, Poll};
 
 use futures_util::future::{Either, Ready, ready};
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, Entry, HeaderMap, HeaderName, HeaderValue};
 use http::uri::PathAndQuery;
 use http::{Request, Response, Uri, Version};
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, percent_decode_str, utf8_percent_encode};
@@ -317,19 +317,25 @@ pub fn prepare_upstream_request(
 
 /// Appends to a comma-separated list header, joining any existing values
 /// into one. Without existing values (the usual case) `item` goes in as is.
+/// One look-up of the name either way (an entry), not one to ask and
+/// another to insert.
 fn append_list(headers: &mut HeaderMap, name: &HeaderName, item: HeaderValue) {
-    if !headers.contains_key(name) {
-        headers.insert(name.clone(), item);
-        return;
-    }
+    let mut existing = match headers.entry(name) {
+        Entry::Vacant(vacant) => {
+            vacant.insert(item);
+            return;
+        }
+        Entry::Occupied(existing) => existing,
+    };
     let mut joined = Vec::new();
-    for value in headers.get_all(name) {
+    for value in existing.iter() {
         joined.extend_from_slice(value.as_bytes());
         joined.extend_from_slice(b", ");
     }
     joined.extend_from_slice(item.as_bytes());
     if let Ok(value) = HeaderValue::from_bytes(&joined) {
-        headers.insert(name.clone(), value);
+        // Replaces every value the field had with the one list.
+        existing.insert(value);
     }
 }
 
