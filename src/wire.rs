@@ -116,7 +116,8 @@ pub fn header_map(
 /// standard names, and allocates a name it does not know (~120
 /// instructions a field; ~800 an upstream answer of eight fields). Names
 /// longer than [`RecentNames::SPELLING`] bytes, and fields past the first
-/// [`RecentNames::PLACES`], are parsed every time.
+/// [`RecentNames::PLACES`], are parsed every time. A place costs ~70 bytes
+/// of the connection's memory, for as long as the connection lives.
 #[derive(Debug, Default)]
 pub struct RecentNames {
     by_place: Vec<RecentName>,
