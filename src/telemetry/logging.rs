@@ -543,9 +543,6 @@ struct SecondClock {
     text: String,
 }
 
-/// The microseconds and the zone after the second: `.uuuuuuZ`.
-const MICROS_AND_ZONE: usize = ".000000Z".len();
-
 impl SecondClock {
     /// Writes `2026-11-23T13:07:39.743223Z`, the shape `tracing_subscriber`'s timer writes.
     fn write(&mut self, out: &mut Vec<u8>, now: SystemTime) {
@@ -570,16 +567,15 @@ impl SecondClock {
                 at.second()
             );
         }
-        let start = out.len();
         out.extend_from_slice(self.text.as_bytes());
-        // The six digits in place, in the copy just written.
-        let end = out.len() - 1;
+        // The six digits in place, in the copy just written: the six bytes
+        // before its last, the `Z`.
+        let zone = out.len() - 1;
         let mut micros = since_epoch.subsec_micros();
-        for slot in out[end - (MICROS_AND_ZONE - 2)..end].iter_mut().rev() {
+        for slot in out[zone - 6..zone].iter_mut().rev() {
             *slot = b'0' + (micros % 10) as u8;
             micros /= 10;
         }
-        debug_assert!(out.len() - start == self.text.len());
     }
 }
 
